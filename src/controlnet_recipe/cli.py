@@ -1,0 +1,29 @@
+"""The one command line: ``python -m controlnet_recipe <stage> [--params params.yaml] [--gpu TIER]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError, load_config
+
+STAGES = ("data", "conditions", "captions", "base", "evaluator", "train", "evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="controlnet-recipe", description=__doc__)
+    p.add_argument("stage", choices=(*STAGES, "check"), help="pipeline stage to run, or 'check' to validate params")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--gpu", default=None, help="override the memory tier named in params")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.params, {"gpu": args.gpu} if args.gpu else None)
+        if args.stage == "check":
+            print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
+            return 0
+        importlib.import_module(f".stages.{args.stage}", __package__).main(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,230 @@
+"""The one typed configuration. Reads params.yaml, checks every key, resolves the recipe and tier.
+
+Errors are one line naming the file, the key and what was expected (:class:`ConfigError`), and
+they happen before any model is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TIER_NAMES = ("cpu", "8gb", "12gb", "16gb", "24gb", "40gb", "80gb")
+TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80gb": 80}
+
+
+class ConfigError(ValueError):
+    """A bad params file: the message is one line, naming the key and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Positive = Field(gt=0)
+
+
+class Columns(Strict):
+    image: str
+    conditioning_image: str
+    caption: str
+
+
+class DataCfg(Strict):
+    source: Literal["synthetic"]
+    resolution: int = Positive
+    num_train: int = Positive
+    num_validation: int = Positive
+    seed: int
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"expected a multiple of 8, got {v}")
+        return v
+
+
+class ConditionsCfg(Strict):
+    kind: Literal["face_segmentation"]
+    detector: Literal["ground_truth"]
+
+
+class CaptionsCfg(Strict):
+    captioner: Literal["attributes", "none"]
+    prefix: str
+    suffix: str
+
+
+class TinyBaseCfg(Strict):
+    vae_steps: int = Positive
+    vae_batch_size: int = Positive
+    vae_learning_rate: float = Positive
+    unet_steps: int = Positive
+    unet_batch_size: int = Positive
+    unet_learning_rate: float = Positive
+    seed: int
+
+
+class BaseCfg(Strict):
+    pretrained_model: str | None
+    revision: str | None
+    tiny: TinyBaseCfg
+
+
+class EvaluatorCfg(Strict):
+    kind: Literal["segmenter"]
+    steps: int = Positive
+    batch_size: int = Positive
+    learning_rate: float = Positive
+
+
+class TrainCfg(Strict):
+    seed: int
+    max_train_steps: int = Positive
+    batch_size: int = Positive
+    learning_rate: float = Positive
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+    lr_warmup_steps: int = Field(ge=0)
+    adam_beta1: float = Field(ge=0, lt=1)
+    adam_beta2: float = Field(ge=0, lt=1)
+    adam_weight_decay: float = Field(ge=0)
+    adam_epsilon: float = Positive
+    max_grad_norm: float = Positive
+    proportion_empty_prompts: float = Field(ge=0, le=1)
+
+
+class EvaluateCfg(Strict):
+    num_samples: int = Positive
+    num_inference_steps: int = Positive
+    guidance_scale: float = Field(ge=1)
+    conditioning_scale: float = Field(ge=0)
+    seed: int
+    grid_rows: int = Positive
+
+
+class Recipe(Strict):
+    columns: Columns
+    data: DataCfg
+    conditions: ConditionsCfg
+    captions: CaptionsCfg
+    base: BaseCfg
+    evaluator: EvaluatorCfg
+    train: TrainCfg
+    evaluate: EvaluateCfg
+
+
+class Tier(Strict):
+    batch_size: int = Positive
+    gradient_checkpointing: bool
+    use_8bit_adam: bool
+    set_grads_to_none: bool
+    mixed_precision: Literal["no", "fp16", "bf16"]
+    attention: Literal["sdpa", "xformers"]
+
+
+class Params(Strict):
+    recipe: str
+    gpu: str
+    tiers: dict[str, Tier]
+
+    @model_validator(mode="after")
+    def _known_tier(self) -> Params:
+        known = [t for t in TIER_NAMES if t in self.tiers]
+        if self.gpu != "auto" and self.gpu not in self.tiers:
+            raise ConfigError(f"gpu: unknown tier {self.gpu!r}, expected one of auto, {', '.join(known)}")
+        return self
+
+
+class Config(Strict):
+    """What a stage needs: the selected recipe and the tier (``None`` while ``gpu: auto``)."""
+
+    recipe_name: str
+    recipe: Recipe
+    gpu: str
+    tiers: dict[str, Tier]
+
+    @property
+    def tier(self) -> Tier:
+        return self.tiers[resolve_tier(self.gpu)]
+
+
+def detect_tier() -> str:
+    """The largest tier whose budget fits the memory of the first CUDA device; ``cpu`` without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
+    fitting = [t for t, m in TIER_MEMORY_GB.items() if m <= gb + 0.5]
+    return fitting[-1] if fitting else "8gb"
+
+
+def resolve_tier(gpu: str) -> str:
+    return detect_tier() if gpu == "auto" else gpu
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    kind = err["type"]
+    if kind == "missing":
+        what = "missing key"
+    elif kind == "extra_forbidden":
+        what = "unknown key"
+    else:
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
+        what = f"expected {msg}" if not msg.startswith("expected") else msg
+        if "input" in err and kind != "value_error":
+            what += f", got {err['input']!r}"
+    return f"{loc}: {what}" if loc else what
+
+
+def _validate(model: type[BaseModel], data: Any, where: str, prefix: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {prefix}{e}") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        if isinstance(first.get("ctx", {}).get("error"), ConfigError):
+            raise ConfigError(f"{where}: {prefix}{first['ctx']['error']}") from None
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{where}: {prefix}{_describe(first)}{more}") from None
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, str] | None = None) -> Config:
+    """Read and check ``path``. ``overrides`` replace top-level scalars (``gpu``, ``recipe``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = {**raw, **(overrides or {})}
+    for key in ("recipe", "gpu", "tiers"):
+        if key not in raw:
+            raise ConfigError(f"{path}: {key}: missing key")
+    name = raw["recipe"]
+    if not isinstance(name, str) or not isinstance(raw.get(name), dict):
+        blocks = [k for k, v in raw.items() if isinstance(v, dict) and k != "tiers"]
+        raise ConfigError(f"{path}: recipe: expected the name of a recipe block ({', '.join(blocks)}), got {name!r}")
+    params = _validate(Params, {k: raw[k] for k in ("recipe", "gpu", "tiers")}, str(path))
+    recipe = _validate(Recipe, raw[name], str(path), prefix=f"{name}.")
+    return Config(recipe_name=name, recipe=recipe, gpu=params.gpu, tiers=params.tiers)
+
+
+def accumulation_steps(effective_batch: int, micro_batch: int, num_processes: int = 1) -> tuple[int, int]:
+    """(micro-batch, accumulation) that give exactly ``effective_batch`` samples per optimizer step."""
+    micro = min(micro_batch, effective_batch // num_processes or 1)
+    per_step = micro * num_processes
+    if effective_batch % per_step:
+        raise ConfigError(
+            f"train.batch_size: expected a multiple of micro-batch {micro} x {num_processes} process(es), got {effective_batch}"
+        )
+    return micro, effective_batch // per_step

@@ -1,0 +1,1 @@
+"""What is specific to the face-landmark condition: synthetic faces, landmark geometry, drawing."""

@@ -1,0 +1,120 @@
+"""Landmarks (68 points, iBUG 300-W layout) to face parts, and face parts to a segmentation map.
+
+The same part geometry serves the synthetic renderer and the condition drawing, so a condition
+drawn from detected landmarks on a real photo looks exactly like one drawn from ground truth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# iBUG 300-W index ranges (0-based).
+JAW = list(range(0, 17))
+RIGHT_BROW = list(range(17, 22))  # the subject's right, left in the image
+LEFT_BROW = list(range(22, 27))
+NOSE_BRIDGE = list(range(27, 31))
+NOSE_LOWER = list(range(31, 36))
+RIGHT_EYE = list(range(36, 42))
+LEFT_EYE = list(range(42, 48))
+OUTER_LIP = list(range(48, 60))
+INNER_LIP = list(range(60, 68))
+NUM_LANDMARKS = 68
+
+# Segmentation classes, in drawing order after the background. Each gets its own colour.
+PARTS = (
+    "background",
+    "skin",
+    "nose",
+    "right_brow",
+    "left_brow",
+    "right_eye",
+    "left_eye",
+    "upper_lip",
+    "lower_lip",
+    "inner_mouth",
+)
+PALETTE = np.array(
+    [
+        (0, 0, 0),
+        (255, 204, 153),
+        (255, 128, 0),
+        (0, 255, 0),
+        (0, 160, 64),
+        (0, 128, 255),
+        (0, 0, 255),
+        (255, 0, 128),
+        (255, 0, 255),
+        (255, 255, 0),
+    ],
+    dtype=np.uint8,
+)
+
+
+def _pts(lm: np.ndarray, idx: list[int]) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in lm[idx]]
+
+
+def face_scale(lm: np.ndarray) -> float:
+    """Inter-ocular distance (outer eye corners), the usual landmark normaliser."""
+    return float(np.linalg.norm(lm[36] - lm[45]))
+
+
+def part_shapes(lm: np.ndarray) -> dict[str, tuple[str, list[tuple[float, float]]]]:
+    """Each part as ("polygon", points) or ("line", points), in image coordinates."""
+    lm = np.asarray(lm, dtype=np.float64)
+    brows = lm[RIGHT_BROW + LEFT_BROW]
+    # The skin region: the jaw line closed over the top by the brows, lifted by a fraction of
+    # the eye-to-brow distance so the brows sit inside the face.
+    lift = (lm[[19, 24]].mean(0) - lm[[37, 44]].mean(0)) * 0.6
+    top = (brows + lift)[::-1]
+    return {
+        "skin": ("polygon", _pts(lm, JAW) + [(float(x), float(y)) for x, y in top]),
+        "nose": ("polygon", _pts(lm, [27]) + _pts(lm, NOSE_LOWER)),
+        "right_brow": ("line", _pts(lm, RIGHT_BROW)),
+        "left_brow": ("line", _pts(lm, LEFT_BROW)),
+        "right_eye": ("polygon", _pts(lm, RIGHT_EYE)),
+        "left_eye": ("polygon", _pts(lm, LEFT_EYE)),
+        "upper_lip": ("polygon", _pts(lm, list(range(48, 55))) + _pts(lm, [64, 63, 62, 61, 60])),
+        "lower_lip": ("polygon", _pts(lm, list(range(54, 60)) + [48]) + _pts(lm, [60, 67, 66, 65, 64])),
+        "inner_mouth": ("polygon", _pts(lm, INNER_LIP)),
+    }
+
+
+def brow_width(lm: np.ndarray) -> float:
+    return max(1.0, 0.09 * face_scale(lm))
+
+
+def draw_parts(draw: ImageDraw.ImageDraw, lm: np.ndarray, fill: dict[str, object]) -> None:
+    """Draw every part named in ``fill`` with its fill value, in PARTS order."""
+    shapes = part_shapes(lm)
+    width = max(1, round(brow_width(lm)))
+    for name in PARTS[1:]:
+        if name not in fill:
+            continue
+        kind, pts = shapes[name]
+        if kind == "polygon":
+            draw.polygon(pts, fill=fill[name])
+        else:
+            draw.line(pts, fill=fill[name], width=width, joint="curve")
+
+
+def draw_label_map(landmarks: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    """Class-index map (H, W) uint8 for one or more faces."""
+    img = Image.new("L", size, 0)
+    d = ImageDraw.Draw(img)
+    for lm in landmarks:
+        draw_parts(d, lm, {name: i for i, name in enumerate(PARTS) if i > 0})
+    return np.asarray(img)
+
+
+def draw_segmentation(landmarks: list[np.ndarray], size: tuple[int, int]) -> Image.Image:
+    """The conditioning image: each face part filled with its own colour on black."""
+    return Image.fromarray(PALETTE[draw_label_map(landmarks, size)])
+
+
+def labels_from_segmentation(img: Image.Image | np.ndarray) -> np.ndarray:
+    """Invert :func:`draw_segmentation`: nearest palette colour per pixel."""
+    arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.int32)
+    dist = ((arr[:, :, None, :] - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
+    return dist.argmin(-1).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Metrics that tell whether a ControlNet follows its condition."""

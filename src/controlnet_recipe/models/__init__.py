@@ -1,0 +1,1 @@
+"""Model builders: the tiny Stable Diffusion components and the evaluator network."""

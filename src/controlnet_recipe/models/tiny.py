@@ -1,0 +1,104 @@
+"""Tiny Stable Diffusion components built from configs in code: nothing is downloaded.
+
+The pieces have the same classes as the real ones (AutoencoderKL, CLIPTextModel, CLIPTokenizer,
+UNet2DConditionModel), are saved with ``save_pretrained`` and loaded back with ``from_pretrained``,
+so every later stage runs the same code on them as on Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tokenizers import pre_tokenizers
+
+MAX_TOKENS = 32
+TEXT_DIM = 64
+LATENT_CHANNELS = 4
+# Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet hint encoder is
+# built with the matching number of downsamplings (see CONDITIONING_CHANNELS).
+VAE_CHANNELS = (16, 32, 64)
+CONDITIONING_CHANNELS = (16, 32, 64)
+
+
+def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges make each of ``words`` one token; other text falls back
+    to characters. Saved to ``folder`` and loaded back from there."""
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab)
+    for word in sorted({w.lower() for w in words if len(w) > 1}):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            merged = left + right
+            if merged not in seen:
+                merges.append((left, right))
+                vocab.append(merged)
+                seen.add(merged)
+            left = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=MAX_TOKENS)
+    tok.save_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=TEXT_DIM * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_DIM,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_vae(resolution: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        sample_size=resolution,
+    )
+
+
+def build_unet(resolution: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=resolution // 2 ** (len(VAE_CHANNELS) - 1),
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler() -> DDPMScheduler:
+    """Stable Diffusion's training noise schedule."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )

@@ -1,0 +1,155 @@
+"""base stage: resolve the frozen base model the ControlNet is trained on.
+
+With ``base.pretrained_model`` named (the real recipe), it only records the id and revision.
+With none (the embedded default), it trains a tiny VAE and a tiny text-conditioned UNet on the
+training images and captions, so that the base already draws faces, and saves them as a
+Stable Diffusion pipeline folder that later stages load with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..config import Config, TinyBaseCfg
+from ..diffusion import diffusion_loss, drop_captions, encode_images, encode_text, noisy_inputs, sample_latents
+from ..faces.synthetic import CAPTION_WORDS
+from ..models import tiny
+from ..models.base_model import BASE_FILE, BaseRef
+from ..report.grid import save_grid
+from ..storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
+
+# Words the tiny tokenizer keeps whole besides the captions' own: common prompt words.
+EXTRA_WORDS = "photo portrait of the an in man woman person close up high quality".split()
+
+
+def train_vae(vae, pixels: torch.Tensor, cfg: TinyBaseCfg, g: torch.Generator) -> list[float]:
+    """Reconstruction + a small KL term, on random half-size crops (the VAE is convolutional)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
+    crop = pixels.shape[-1] // 2
+    losses = []
+    vae.train()
+    for step in (bar := tqdm(range(cfg.vae_steps), desc="base: VAE")):
+        idx = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=g)
+        y, x = torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=g).tolist()
+        batch = pixels[idx, :, y : y + crop, x : x + crop]
+        dist = vae.encode(batch).latent_dist
+        recon = vae.decode(dist.sample(generator=g)).sample
+        kl = dist.kl().mean() / batch[0].numel()
+        loss = torch.nn.functional.mse_loss(recon, batch) + 0.5 * (recon - batch).abs().mean() + 1e-4 * kl
+        lr = cfg.vae_learning_rate * min(1.0, (step + 1) / 20) * (0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], scale: float, text: torch.Tensor, empty: torch.Tensor,
+               scheduler, cfg: TinyBaseCfg, g: torch.Generator) -> tuple[EMAModel, list[float]]:
+    """Text-conditioned denoising on cached latents, with 10% empty captions for guidance."""
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_learning_rate, weight_decay=1e-2)
+    ema = EMAModel(unet.parameters(), decay=0.995, use_ema_warmup=True, power=0.75)
+    mean, std = latents
+    losses = []
+    unet.train()
+    for step in (bar := tqdm(range(cfg.unet_steps), desc="base: UNet")):
+        idx = torch.randint(0, len(mean), (cfg.unet_batch_size,), generator=g)
+        x0 = sample_latents(mean[idx], std[idx], scale, g)
+        noisy, t, target = noisy_inputs(scheduler, x0, g)
+        cond = drop_captions(text[idx], empty, 0.1, g)
+        loss = diffusion_loss(unet(noisy, t, cond).sample, target)
+        lr = cfg.unet_learning_rate * min(1.0, (step + 1) / 50)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return ema, losses
+
+
+def train_tiny_base(cfg: Config) -> dict:
+    """Train the embedded default's VAE and UNet; save a Stable Diffusion pipeline folder."""
+    r = cfg.recipe
+    t0 = time.time()
+    seed_everything(r.base.tiny.seed)
+    g = torch.Generator().manual_seed(r.base.tiny.seed)
+    ds = load_dataset_dir(CAPTIONS_DIR)["train"]
+    pixels = images_to_tensor(ds[r.columns.image], r.data.resolution)
+    captions = ds[r.columns.caption]
+    out = fresh_dir(BASE_DIR)
+    folder = out / "pipeline"
+
+    tokenizer = tiny.build_tokenizer(CAPTION_WORDS + EXTRA_WORDS + " ".join(captions).replace(",", " ").split(), out / "_tokenizer")
+    text_encoder = tiny.build_text_encoder(len(tokenizer)).eval().requires_grad_(False)
+    vae = tiny.build_vae(r.data.resolution)
+    vae_losses = train_vae(vae, pixels, r.base.tiny, g)
+
+    mean, std = encode_images(vae, pixels)
+    scale = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scale)
+    unique = sorted(set(captions))
+    emb = encode_text(tokenizer, text_encoder, unique + [""])
+    lookup = {c: i for i, c in enumerate(unique)}
+    text = emb[[lookup[c] for c in captions]]
+    scheduler = tiny.build_scheduler()
+    unet = tiny.build_unet(r.data.resolution)
+    ema, unet_losses = train_unet(unet, (mean, std), scale, text, emb[-1:], scheduler, r.base.tiny, g)
+    ema.copy_to(unet.parameters())
+    unet.eval().requires_grad_(False)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(out / "_tokenizer")
+
+    # What the base draws from a few training captions, beside the real images.
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    n = 8
+    gen = torch.Generator().manual_seed(0)
+    fakes = pipe(captions[:n], num_inference_steps=20, guidance_scale=3.0, generator=gen,
+                 height=r.data.resolution, width=r.data.resolution).images
+    recon = vae.decode(mean[:n] * 1.0).sample
+    from ..storage import tensor_to_images
+
+    save_grid([ds[r.columns.image][:n], tensor_to_images(recon), fakes], out / "samples.png",
+              row_titles=["real", "VAE recon", "base samples"])
+    return {
+        "vae_final_loss": float(np.mean(vae_losses[-50:])),
+        "unet_final_loss": float(np.mean(unet_losses[-100:])),
+        "latent_scaling_factor": scale,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main(cfg: Config) -> None:
+    b = cfg.recipe.base
+    if b.pretrained_model:
+        out = fresh_dir(BASE_DIR)
+        ref = BaseRef(b.pretrained_model, b.revision)
+        summary = {"trained": False}
+    else:
+        summary = {"trained": True, **train_tiny_base(cfg)}
+        out = BASE_DIR
+        ref = BaseRef(str(out / "pipeline"), None)
+    write_json(out / BASE_FILE, ref.__dict__)
+    write_json(out / "summary.json", summary)
+    print(f"base: {ref.name_or_path} {summary}")

@@ -1,0 +1,72 @@
+"""evaluator stage: train the condition re-extractor that the evaluate stage scores images with.
+
+For the face-segmentation condition it is a small segmentation network trained on the training
+pairs (image -> condition map). Its score on real held-out images is the evaluation's ceiling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..faces.draw import PARTS, labels_from_segmentation
+from ..metrics.segmentation import confusion, face_miou
+from ..models.segmenter import Segmenter, degrade
+from ..storage import CONDITIONS_DIR, EVALUATOR_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
+
+WEIGHTS = "segmenter.pt"
+
+
+def labels_tensor(conditions: list, resolution: int) -> torch.Tensor:
+    """Class-index maps of condition images, at ``resolution`` (nearest, so classes stay pure)."""
+    out = [labels_from_segmentation(c.convert("RGB").resize((resolution, resolution), 0)) for c in conditions]
+    return torch.from_numpy(np.stack(out)).long()
+
+
+@torch.no_grad()
+def segment(model: Segmenter, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) predicted classes for [-1, 1] images."""
+    return np.concatenate([model(pixels[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(pixels), batch_size)])
+
+
+def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> Segmenter:
+    seed_everything(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = Segmenter(len(PARTS))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    # Small parts (eyes, lips) matter as much as skin: weight classes by inverse sqrt frequency.
+    freq = torch.bincount(labels.ravel(), minlength=len(PARTS)).float() + 1
+    weight = (freq.sum() / freq).sqrt()
+    weight = weight / weight.mean()
+    for step in (bar := tqdm(range(steps), desc="evaluator: segmenter")):
+        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
+        x = degrade(pixels[idx], g)
+        loss = F.cross_entropy(model(x), labels[idx], weight=weight)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def main(cfg: Config) -> None:
+    r = cfg.recipe
+    ds = load_dataset_dir(CONDITIONS_DIR)
+    res = r.data.resolution
+    train, val = ds["train"], ds["validation"]
+    model = train_segmenter(
+        images_to_tensor(train[r.columns.image], res),
+        labels_tensor(train[r.columns.conditioning_image], res),
+        r.evaluator.steps, r.evaluator.batch_size, r.evaluator.learning_rate, seed=r.data.seed,
+    )
+    pred = segment(model, images_to_tensor(val[r.columns.image], res))
+    miou, per_part = face_miou(confusion(pred, labels_tensor(val[r.columns.conditioning_image], res).numpy()))
+    out = fresh_dir(EVALUATOR_DIR)
+    model.save(out / WEIGHTS)
+    write_json(out / "report.json", {"kind": r.evaluator.kind, "miou_on_real_validation": miou, "per_part": per_part})
+    print(f"evaluator: segmenter mIoU on real validation images {miou:.3f} -> {out}")

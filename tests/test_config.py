@@ -1,0 +1,95 @@
+"""params.yaml is checked once, with one-line errors that name the key and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlnet_recipe.cli import main as cli_main
+from controlnet_recipe.config import ConfigError, accumulation_steps, load_config
+
+from .conftest import repo_params
+
+
+def test_repo_params_load():
+    cfg = load_config("params.yaml" if __import__("os").path.exists("params.yaml") else __file__.replace("tests/test_config.py", "params.yaml"))
+    assert cfg.recipe.data.resolution % 8 == 0
+    assert cfg.tier.batch_size > 0
+
+
+def _error(params_file, params: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(params_file(params))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _edit(path: str, value=None, delete: bool = False) -> dict:
+    p = repo_params()
+    *parents, last = path.split(".")
+    node = p
+    for k in parents:
+        node = node[p["recipe"]] if k == "$recipe" else node[k]
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return p
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("gpu", "7gb", "gpu: unknown tier '7gb', expected one of auto, cpu, 8gb"),
+        ("$recipe.data.resolution", 60, "data.resolution: expected a multiple of 8, got 60"),
+        ("$recipe.train.learning_rate", -1.0, "train.learning_rate: expected greater than 0, got -1.0"),
+        ("$recipe.train.proportion_empty_prompts", 1.5, "train.proportion_empty_prompts: expected less than or equal to 1"),
+        ("$recipe.data.source", "nope", "data.source: expected 'synthetic', got 'nope'"),
+        ("recipe", "nope", "recipe: expected the name of a recipe block"),
+        ("tiers.cpu.mixed_precision", "fp8", "tiers.cpu.mixed_precision: expected 'no', 'fp16' or 'bf16'"),
+    ],
+)
+def test_bad_values_name_the_key(params_file, path, value, expected):
+    assert expected in _error(params_file, _edit(path, value))
+
+
+def test_missing_key(params_file):
+    msg = _error(params_file, _edit("$recipe.evaluate.seed", delete=True))
+    assert msg.endswith("demo.evaluate.seed: missing key")
+
+
+def test_unknown_key(params_file):
+    p = repo_params()
+    p["demo"]["train"]["learning_rat"] = 1e-4
+    assert "demo.train.learning_rat: unknown key" in _error(params_file, p)
+
+
+def test_not_a_mapping(params_file, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+
+
+def test_cli_prints_one_line_and_exits_2(params_file, capsys):
+    code = cli_main(["check", "--params", str(params_file(_edit("gpu", "3gb")))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "unknown tier '3gb'" in err
+
+
+def test_cli_gpu_override_checked(params_file, capsys):
+    assert cli_main(["check", "--params", str(params_file(repo_params())), "--gpu", "16gb"]) == 0
+    assert cli_main(["check", "--params", str(params_file(repo_params())), "--gpu", "huge"]) == 2
+
+
+@pytest.mark.parametrize(("effective", "micro", "procs", "expected"), [(4, 1, 1, (1, 4)), (16, 16, 1, (16, 1)), (16, 2, 2, (2, 4)), (4, 8, 1, (4, 1))])
+def test_accumulation_keeps_effective_batch(effective, micro, procs, expected):
+    got = accumulation_steps(effective, micro, procs)
+    assert got == expected
+    assert got[0] * got[1] * procs == effective
+
+
+def test_accumulation_rejects_uneven_batch():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        accumulation_steps(6, 4, 1)

@@ -1,0 +1,90 @@
+"""The whole recipe at a very small size, through DVC exactly as `make demo` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, tiny_params
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
+    env.setdefault("GIT_COMMITTER_NAME", "test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
+    return env
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    p = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project (code, dvc.yaml) with tiny params, in its own git + DVC repo."""
+    work = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    _run(["git", "init", "-q"], work)
+    dvc("init", "-q", cwd=work)
+    dvc("repro", cwd=work)
+    return work
+
+
+@pytest.mark.slow
+def test_pipeline_outputs(project: Path):
+    from datasets import load_from_disk
+    from diffusers import ControlNetModel
+
+    metrics = json.loads((project / "eval/metrics.json").read_text())
+    for key in ("miou", "miou_base", "miou_ceiling"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (project / "eval/grid.png").stat().st_size > 0
+    assert (project / "models/base/samples.png").is_file()
+    ds = load_from_disk(str(project / "data/captions"))
+    assert {"image", "conditioning_image", "caption"} <= set(ds["train"].column_names)
+    assert ds["train"].features["conditioning_image"].__class__.__name__ == "Image"
+    assert len(ds["validation"]) == tiny_params()["demo"]["data"]["num_validation"]
+    cn = ControlNetModel.from_pretrained(project / "models/controlnet")
+    assert sum(p.numel() for p in cn.parameters()) > 0
+    shown = dvc("metrics", "show", cwd=project)
+    assert "miou_base" in shown
+    assert (project / "train/plots/metrics/loss.tsv").is_file()
+
+
+@pytest.mark.slow
+def test_second_repro_does_nothing(project: Path):
+    assert "up to date" in dvc("status", cwd=project)
+    out = dvc("repro", cwd=project)
+    assert "Running stage" not in out
+
+
+@pytest.mark.slow
+def test_caption_param_reruns_only_downstream(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["demo"]["captions"]["prefix"] = "photo, "
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc("status", cwd=project)
+    assert "captions:" in status and "data:" not in status and "conditions:" not in status
+    dry = dvc("repro", "--dry", cwd=project)
+    ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+    assert {"captions", "base", "train", "evaluate"} <= ran
+    assert not ran & {"data", "conditions", "evaluator"}
