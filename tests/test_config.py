@@ -7,11 +7,11 @@ import pytest
 from controlnet_recipe.cli import main as cli_main
 from controlnet_recipe.config import ConfigError, accumulation_steps, load_config
 
-from .conftest import repo_params
+from .conftest import ROOT, repo_params
 
 
 def test_repo_params_load():
-    cfg = load_config("params.yaml" if __import__("os").path.exists("params.yaml") else __file__.replace("tests/test_config.py", "params.yaml"))
+    cfg = load_config(ROOT / "params.yaml")
     assert cfg.recipe.data.resolution % 8 == 0
     assert cfg.tier.batch_size > 0
 
@@ -83,7 +83,9 @@ def test_cli_gpu_override_checked(params_file, capsys):
     assert cli_main(["check", "--params", str(params_file(repo_params())), "--gpu", "huge"]) == 2
 
 
-@pytest.mark.parametrize(("effective", "micro", "procs", "expected"), [(4, 1, 1, (1, 4)), (16, 16, 1, (16, 1)), (16, 2, 2, (2, 4)), (4, 8, 1, (4, 1))])
+@pytest.mark.parametrize(
+    ("effective", "micro", "procs", "expected"), [(4, 1, 1, (1, 4)), (16, 16, 1, (16, 1)), (16, 2, 2, (2, 4)), (4, 8, 1, (4, 1))]
+)
 def test_accumulation_keeps_effective_batch(effective, micro, procs, expected):
     got = accumulation_steps(effective, micro, procs)
     assert got == expected

@@ -33,8 +33,18 @@ def test_landmarks_layout_and_placement():
 
 
 def test_expression_attributes_change_geometry():
-    rng_attrs = dict(skin="tan", hair="black", background="blue", eye_colour="brown", smiling=False, brows_raised=False,
-                     bald=False, roll_deg=0.0, yaw=0.0, scale=0.7)
+    rng_attrs = dict(
+        skin="tan",
+        hair="black",
+        background="blue",
+        eye_colour="brown",
+        smiling=False,
+        brows_raised=False,
+        bald=False,
+        roll_deg=0.0,
+        yaw=0.0,
+        scale=0.7,
+    )
     from controlnet_recipe.faces.synthetic import canonical_landmarks
 
     closed = canonical_landmarks(np.random.default_rng(0), FaceAttributes(mouth_open=False, eyes_closed=False, **rng_attrs))

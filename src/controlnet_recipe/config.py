@@ -77,6 +77,7 @@ class BaseCfg(Strict):
 
 class EvaluatorCfg(Strict):
     kind: Literal["segmenter"]
+    width: int = Field(gt=0, multiple_of=4)
     steps: int = Positive
     batch_size: int = Positive
     learning_rate: float = Positive

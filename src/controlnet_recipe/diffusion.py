@@ -25,7 +25,9 @@ def encode_text(tokenizer, text_encoder, texts: list[str], batch_size: int = 64)
 
 
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, batch_size: int = 64, desc: str = "encode latents") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(
+    vae, pixels: torch.Tensor, batch_size: int = 64, desc: str = "encode latents"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of each image ([-1, 1] pixels), unscaled. Sampling from these each
     step is exactly what encoding each step would do, without running the encoder again."""
     device = next(vae.parameters()).device
@@ -38,7 +40,9 @@ def encode_images(vae, pixels: torch.Tensor, batch_size: int = 64, desc: str = "
     return torch.cat(means), torch.cat(stds)
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
     return (mean + std * noise) * scaling_factor
 
@@ -61,7 +65,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
-def drop_captions(embeddings: torch.Tensor, empty: torch.Tensor, proportion: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_captions(
+    embeddings: torch.Tensor, empty: torch.Tensor, proportion: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace a ``proportion`` of the batch's caption embeddings with the empty caption's."""
     if proportion <= 0:
         return embeddings

@@ -60,16 +60,24 @@ def face_scale(lm: np.ndarray) -> float:
     return float(np.linalg.norm(lm[36] - lm[45]))
 
 
+def head_top(lm: np.ndarray, n: int = 12) -> list[tuple[float, float]]:
+    """The forehead: a half-ellipse from the left temple (16) over the brows to the right (0)."""
+    centre = (lm[0] + lm[16]) / 2
+    side = (lm[16] - lm[0]) / 2
+    up = np.array([side[1], -side[0]])
+    up /= np.linalg.norm(up) + 1e-8
+    if np.dot(lm[[19, 24]].mean(0) - lm[8], up) < 0:
+        up = -up
+    height = max(np.dot(lm[[19, 24]].mean(0) - centre, up), 0.0) * 1.8 + 0.15 * np.linalg.norm(side)
+    t = np.linspace(0, np.pi, n + 2)[1:-1]
+    return [tuple(float(v) for v in centre + side * np.cos(a) + up * height * np.sin(a)) for a in t]
+
+
 def part_shapes(lm: np.ndarray) -> dict[str, tuple[str, list[tuple[float, float]]]]:
     """Each part as ("polygon", points) or ("line", points), in image coordinates."""
     lm = np.asarray(lm, dtype=np.float64)
-    brows = lm[RIGHT_BROW + LEFT_BROW]
-    # The skin region: the jaw line closed over the top by the brows, lifted by a fraction of
-    # the eye-to-brow distance so the brows sit inside the face.
-    lift = (lm[[19, 24]].mean(0) - lm[[37, 44]].mean(0)) * 0.6
-    top = (brows + lift)[::-1]
     return {
-        "skin": ("polygon", _pts(lm, JAW) + [(float(x), float(y)) for x, y in top]),
+        "skin": ("polygon", _pts(lm, JAW) + head_top(lm)),
         "nose": ("polygon", _pts(lm, [27]) + _pts(lm, NOSE_LOWER)),
         "right_brow": ("line", _pts(lm, RIGHT_BROW)),
         "left_brow": ("line", _pts(lm, LEFT_BROW)),

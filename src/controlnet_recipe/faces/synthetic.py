@@ -134,7 +134,7 @@ def random_attributes(rng: np.random.Generator) -> FaceAttributes:
         bald=bool(rng.random() < 0.1),
         roll_deg=float(rng.uniform(-25, 25)),
         yaw=float(rng.uniform(-0.5, 0.5)),
-        scale=float(rng.uniform(0.55, 0.85)),
+        scale=float(rng.uniform(0.75, 1.0)),
     )
 
 
@@ -142,10 +142,10 @@ def place(pts: np.ndarray, rng: np.random.Generator, attrs: FaceAttributes, size
     """Rotate, scale and translate canonical points into a ``size``-pixel image."""
     a = np.deg2rad(attrs.roll_deg)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    half = attrs.scale * size / 2 / 1.25  # face half-height in pixels ~ scale * size / 2
-    margin = size / 2 - half * 1.05
-    centre = size / 2 + rng.uniform(-1, 1, 2) * max(margin, 0) * 0.8
-    return (pts - [0, 0.45]) @ rot.T * half + centre
+    half = attrs.scale * size * 0.4  # pixels per canonical unit; the head spans about 2 units
+    margin = max(size / 2 - 1.05 * half, 0.0)
+    centre = size / 2 + rng.uniform(-1, 1, 2) * margin
+    return (pts - [0, 0.12]) @ rot.T * half + centre
 
 
 def _shade(colour: tuple[int, int, int], f: float) -> tuple[int, int, int]:
@@ -172,16 +172,21 @@ def render(lm: np.ndarray, attrs: FaceAttributes, size: int, rng: np.random.Gene
     chin = L[8]
     side = np.array([-up[1], up[0]])
     neck_w = width * 0.28
-    d.polygon([tuple(chin - side * neck_w - up * width * 0.1), tuple(chin + side * neck_w - up * width * 0.1),
-               tuple(chin + side * neck_w - up * width * 2), tuple(chin - side * neck_w - up * width * 2)],
-              fill=_shade(skin, 0.8))
+    d.polygon(
+        [
+            tuple(chin - side * neck_w - up * width * 0.1),
+            tuple(chin + side * neck_w - up * width * 0.1),
+            tuple(chin + side * neck_w - up * width * 2),
+            tuple(chin - side * neck_w - up * width * 2),
+        ],
+        fill=_shade(skin, 0.8),
+    )
     top = centre + up * width * 0.55
     if not attrs.bald:
         r = width * 0.62
         d.ellipse([top[0] - r, top[1] - r, top[0] + r, top[1] + r], fill=hair)
-    forehead = [tuple(centre + side * width * 0.5 * np.cos(t) + up * width * 0.55 * np.sin(t)) for t in np.linspace(0, np.pi, 12)]
-    d.polygon([tuple(p) for p in L[:17]] + forehead, fill=skin)
     shapes = part_shapes(L)
+    d.polygon(shapes["skin"][1], fill=skin)
     _, nose = shapes["nose"]
     d.polygon(nose, fill=_shade(skin, 0.88))
     for n in (31, 35):
@@ -241,5 +246,24 @@ def describe(attrs: FaceAttributes) -> str:
 # Every word :func:`describe` can write, for tokenizers that should see each as one token.
 CAPTION_WORDS = sorted(
     {*SKIN_TONES, *HAIR_COLOURS, *BACKGROUNDS, *EYE_COLOURS}
-    | set("a face with skin and hair bald smiling open mouth closed eyes raised eyebrows on background".split())
+    | set(
+        [
+            "a",
+            "face",
+            "with",
+            "skin",
+            "and",
+            "hair",
+            "bald",
+            "smiling",
+            "open",
+            "mouth",
+            "closed",
+            "eyes",
+            "raised",
+            "eyebrows",
+            "on",
+            "background",
+        ]
+    )
 )

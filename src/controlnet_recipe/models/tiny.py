@@ -7,11 +7,12 @@ so every later stage runs the same code on them as on Stable Diffusion.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from tokenizers import pre_tokenizers
 
 MAX_TOKENS = 32
 TEXT_DIM = 64
@@ -23,23 +24,22 @@ CONDITIONING_CHANNELS = (16, 32, 64)
 
 
 def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges make each of ``words`` one token; other text falls back
-    to characters. Saved to ``folder`` and loaded back from there."""
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    seen = set(vocab)
-    for word in sorted({w.lower() for w in words if len(w) > 1}):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        left = parts[0]
-        for right in parts[1:]:
-            merged = left + right
-            if merged not in seen:
-                merges.append((left, right))
-                vocab.append(merged)
-                seen.add(merged)
-            left = merged
+    """A CLIP BPE tokenizer whose merges (learned by the tokenizers library's BPE trainer on
+    ``words``) keep each of those words one token; other text falls back to bytes, never to the
+    unknown token. Saved to ``folder`` and loaded back from there."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = sorted({w.lower() for w in words if w})
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(words, trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    vocab += [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in set(vocab)]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=MAX_TOKENS)
     tok.save_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder)

@@ -26,7 +26,7 @@ from ..report.grid import save_grid
 from ..storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
 
 # Words the tiny tokenizer keeps whole besides the captions' own: common prompt words.
-EXTRA_WORDS = "photo portrait of the an in man woman person close up high quality".split()
+EXTRA_WORDS = ["photo", "portrait", "of", "the", "an", "in", "man", "woman", "person", "close", "up", "high", "quality"]
 
 
 def train_vae(vae, pixels: torch.Tensor, cfg: TinyBaseCfg, g: torch.Generator) -> list[float]:
@@ -55,8 +55,16 @@ def train_vae(vae, pixels: torch.Tensor, cfg: TinyBaseCfg, g: torch.Generator) -
     return losses
 
 
-def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], scale: float, text: torch.Tensor, empty: torch.Tensor,
-               scheduler, cfg: TinyBaseCfg, g: torch.Generator) -> tuple[EMAModel, list[float]]:
+def train_unet(
+    unet,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+    text: torch.Tensor,
+    empty: torch.Tensor,
+    scheduler,
+    cfg: TinyBaseCfg,
+    g: torch.Generator,
+) -> tuple[EMAModel, list[float]]:
     """Text-conditioned denoising on cached latents, with 10% empty captions for guidance."""
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_learning_rate, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=0.995, use_ema_warmup=True, power=0.75)
@@ -90,11 +98,13 @@ def train_tiny_base(cfg: Config) -> dict:
     g = torch.Generator().manual_seed(r.base.tiny.seed)
     ds = load_dataset_dir(CAPTIONS_DIR)["train"]
     pixels = images_to_tensor(ds[r.columns.image], r.data.resolution)
-    captions = ds[r.columns.caption]
+    captions = list(ds[r.columns.caption])
     out = fresh_dir(BASE_DIR)
     folder = out / "pipeline"
 
-    tokenizer = tiny.build_tokenizer(CAPTION_WORDS + EXTRA_WORDS + " ".join(captions).replace(",", " ").split(), out / "_tokenizer")
+    tokenizer = tiny.build_tokenizer(
+        CAPTION_WORDS + EXTRA_WORDS + " ".join(captions).replace(",", " ").split(), out / "_tokenizer"
+    )
     text_encoder = tiny.build_text_encoder(len(tokenizer)).eval().requires_grad_(False)
     vae = tiny.build_vae(r.data.resolution)
     vae_losses = train_vae(vae, pixels, r.base.tiny, g)
@@ -113,8 +123,14 @@ def train_tiny_base(cfg: Config) -> dict:
     unet.eval().requires_grad_(False)
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
     import shutil
@@ -125,13 +141,17 @@ def train_tiny_base(cfg: Config) -> dict:
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     n = 8
     gen = torch.Generator().manual_seed(0)
-    fakes = pipe(captions[:n], num_inference_steps=20, guidance_scale=3.0, generator=gen,
-                 height=r.data.resolution, width=r.data.resolution).images
+    fakes = pipe(
+        captions[:n], num_inference_steps=20, guidance_scale=3.0, generator=gen, height=r.data.resolution, width=r.data.resolution
+    ).images
     recon = vae.decode(mean[:n] * 1.0).sample
     from ..storage import tensor_to_images
 
-    save_grid([ds[r.columns.image][:n], tensor_to_images(recon), fakes], out / "samples.png",
-              row_titles=["real", "VAE recon", "base samples"])
+    save_grid(
+        [ds[r.columns.image][:n], tensor_to_images(recon), fakes],
+        out / "samples.png",
+        row_titles=["real", "VAE recon", "base samples"],
+    )
     return {
         "vae_final_loss": float(np.mean(vae_losses[-50:])),
         "unet_final_loss": float(np.mean(unet_losses[-100:])),

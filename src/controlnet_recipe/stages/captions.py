@@ -42,6 +42,9 @@ def main(cfg: Config) -> None:
     )
     out = fresh_dir(CAPTIONS_DIR)
     ds.save_to_disk(str(out))
-    examples = ds["train"][r.columns.caption][:5]
-    write_json(out / "report.json", {"captioner": r.captions.captioner, "splits": {s: len(d) for s, d in ds.items()}, "examples": examples})
+    examples = list(ds["train"].select(range(min(5, len(ds["train"]))))[r.columns.caption])
+    write_json(
+        out / "report.json",
+        {"captioner": r.captions.captioner, "splits": {s: len(d) for s, d in ds.items()}, "examples": examples},
+    )
     print(f"captions: {r.captions.captioner}, e.g. {examples[0]!r} -> {out}")

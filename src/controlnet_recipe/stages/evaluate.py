@@ -19,7 +19,16 @@ from ..metrics.segmentation import confusion, face_miou
 from ..models.base_model import BaseRef, load_base
 from ..models.segmenter import Segmenter
 from ..report.grid import save_grid
-from ..storage import CAPTIONS_DIR, CONTROLNET_DIR, EVAL_DIR, EVALUATOR_DIR, fresh_dir, images_to_tensor, load_dataset_dir, write_json
+from ..storage import (
+    CAPTIONS_DIR,
+    CONTROLNET_DIR,
+    EVAL_DIR,
+    EVALUATOR_DIR,
+    fresh_dir,
+    images_to_tensor,
+    load_dataset_dir,
+    write_json,
+)
 from .evaluator import WEIGHTS, labels_tensor, segment
 
 BATCH = 16
@@ -50,14 +59,22 @@ def main(cfg: Config) -> None:
     n = min(e.num_samples, len(val))
     val = val.select(range(n))
     conditions = [c.convert("RGB") for c in val[r.columns.conditioning_image]]
-    prompts = val[r.columns.caption]
-    real = val[r.columns.image]
+    prompts = list(val[r.columns.caption])
+    real = list(val[r.columns.image])
 
     b = load_base(BaseRef.read())
     controlnet = ControlNetModel.from_pretrained(CONTROLNET_DIR)
     scheduler = UniPCMultistepScheduler.from_config(b.noise_scheduler.config)
-    common = dict(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet, scheduler=scheduler,
-                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common = dict(
+        vae=b.vae,
+        text_encoder=b.text_encoder,
+        tokenizer=b.tokenizer,
+        unet=b.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cn_pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common).to(device)
     base_pipe = StableDiffusionPipeline(**common).to(device)
@@ -96,7 +113,12 @@ def main(cfg: Config) -> None:
             for part in PARTS[1:]:
                 w.writerow([part, label, f"{scores[name][1].get(part, float('nan')):.4f}"])
     k = min(e.grid_rows, n)
-    save_grid([[conditions[i], base_only[i], with_cn[i], real[i]] for i in range(k)], out / "grid.png",
-              col_titles=["condition", "base", "ControlNet", "ground truth"])
-    print(f"evaluate: mIoU ControlNet {miou:.3f}, base alone {miou_base:.3f} ({metrics['miou_ratio']:.1f}x), "
-          f"ceiling {ceiling:.3f} -> {out}")
+    save_grid(
+        [[conditions[i], base_only[i], with_cn[i], real[i]] for i in range(k)],
+        out / "grid.png",
+        col_titles=["condition", "base", "ControlNet", "ground truth"],
+    )
+    print(
+        f"evaluate: mIoU ControlNet {miou:.3f}, base alone {miou_base:.3f} ({metrics['miou_ratio']:.1f}x), "
+        f"ceiling {ceiling:.3f} -> {out}"
+    )

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import Config
+from ..config import Config, EvaluatorCfg
 from ..faces.draw import PARTS, labels_from_segmentation
 from ..metrics.segmentation import confusion, face_miou
 from ..models.segmenter import Segmenter, degrade
@@ -32,10 +32,11 @@ def segment(model: Segmenter, pixels: torch.Tensor, batch_size: int = 64) -> np.
     return np.concatenate([model(pixels[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(pixels), batch_size)])
 
 
-def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> Segmenter:
+def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCfg, seed: int) -> Segmenter:
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
-    model = Segmenter(len(PARTS))
+    steps, batch_size, lr = cfg.steps, cfg.batch_size, cfg.learning_rate
+    model = Segmenter(len(PARTS), width=cfg.width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     # Small parts (eyes, lips) matter as much as skin: weight classes by inverse sqrt frequency.
     freq = torch.bincount(labels.ravel(), minlength=len(PARTS)).float() + 1
@@ -62,7 +63,8 @@ def main(cfg: Config) -> None:
     model = train_segmenter(
         images_to_tensor(train[r.columns.image], res),
         labels_tensor(train[r.columns.conditioning_image], res),
-        r.evaluator.steps, r.evaluator.batch_size, r.evaluator.learning_rate, seed=r.data.seed,
+        r.evaluator,
+        seed=r.data.seed,
     )
     pred = segment(model, images_to_tensor(val[r.columns.image], res))
     miou, per_part = face_miou(confusion(pred, labels_tensor(val[r.columns.conditioning_image], res).numpy()))

@@ -19,7 +19,16 @@ from tqdm.auto import tqdm
 from ..config import Config, Tier, accumulation_steps, resolve_tier
 from ..diffusion import diffusion_loss, drop_captions, encode_images, encode_text, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
-from ..storage import CAPTIONS_DIR, CONTROLNET_DIR, TRAIN_LOG_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
+from ..storage import (
+    CAPTIONS_DIR,
+    CONTROLNET_DIR,
+    TRAIN_LOG_DIR,
+    fresh_dir,
+    images_to_tensor,
+    load_dataset_dir,
+    seed_everything,
+    write_json,
+)
 
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet hint encoder: 3 downsamplings (8x)
 
@@ -31,7 +40,12 @@ def controlnet_from_unet(unet, vae) -> ControlNetModel:
 
 
 def make_optimizer(params, tier: Tier, t) -> torch.optim.Optimizer:
-    kw = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay, "eps": t.adam_epsilon}
+    kw = {
+        "lr": t.learning_rate,
+        "betas": (t.adam_beta1, t.adam_beta2),
+        "weight_decay": t.adam_weight_decay,
+        "eps": t.adam_epsilon,
+    }
     if tier.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -78,7 +92,7 @@ def train_controlnet(cfg: Config) -> dict:
     mean, std = encode_images(base.vae, images_to_tensor(ds[r.columns.image], r.data.resolution))
     scale = base.vae.config.scaling_factor
     base.vae.to("cpu")
-    captions = ds[r.columns.caption]
+    captions = list(ds[r.columns.caption])
     unique = sorted(set(captions))
     base.text_encoder.to(device)
     emb = encode_text(base.tokenizer, base.text_encoder, unique + [""])
@@ -90,7 +104,8 @@ def train_controlnet(cfg: Config) -> dict:
     base.unet.to(device, dtype=weight_dtype)
     optimizer = make_optimizer(controlnet.parameters(), tier, t)
     lr_scheduler = get_scheduler(
-        t.lr_scheduler, optimizer=optimizer,
+        t.lr_scheduler,
+        optimizer=optimizer,
         num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=t.max_train_steps * accelerator.num_processes,
     )
@@ -114,7 +129,9 @@ def train_controlnet(cfg: Config) -> dict:
                 hint = cond[idx].to(device)
                 down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
                 pred = base.unet(
-                    noisy.to(weight_dtype), ts, encoder_hidden_states=enc.to(weight_dtype),
+                    noisy.to(weight_dtype),
+                    ts,
+                    encoder_hidden_states=enc.to(weight_dtype),
                     down_block_additional_residuals=[d.to(weight_dtype) for d in down],
                     mid_block_additional_residual=mid.to(weight_dtype),
                 ).sample
@@ -139,9 +156,13 @@ def train_controlnet(cfg: Config) -> dict:
     if accelerator.is_main_process:
         accelerator.unwrap_model(controlnet).save_pretrained(out)
     return {
-        "tier": tier_name, "micro_batch": micro, "gradient_accumulation_steps": accum,
-        "effective_batch": micro * accum * accelerator.num_processes, "steps": t.max_train_steps,
-        "final_loss": float(np.mean(losses[-50:])), "train_seconds": round(seconds, 1),
+        "tier": tier_name,
+        "micro_batch": micro,
+        "gradient_accumulation_steps": accum,
+        "effective_batch": micro * accum * accelerator.num_processes,
+        "steps": t.max_train_steps,
+        "final_loss": float(np.mean(losses[-50:])),
+        "train_seconds": round(seconds, 1),
         "steps_per_second": round(t.max_train_steps / seconds, 3),
     }
 
