@@ -103,9 +103,9 @@ def main(cfg: Config) -> None:
         "miou_ceiling": ceiling,
         "miou_ratio": miou / max(miou_base, 1e-8),
         "num_samples": n,
-        "generation": {"scheduler": "UniPCMultistepScheduler", **e.model_dump()},
     }
     write_json(out / "metrics.json", metrics)
+    write_json(out / "generation.json", {"scheduler": "UniPCMultistepScheduler", "resolution": res, **e.model_dump()})
     with open(out / "per_part.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["part", "model", "iou"])
