@@ -24,6 +24,14 @@ def encode_text(tokenizer, text_encoder, texts: list[str], batch_size: int = 64)
     return torch.cat(out)
 
 
+def caption_embeddings(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample embeddings, the empty caption's embedding), encoding each distinct caption once."""
+    unique = sorted(set(captions))
+    emb = encode_text(tokenizer, text_encoder, unique + [""])
+    row = {c: i for i, c in enumerate(unique)}
+    return emb[[row[c] for c in captions]], emb[-1:]
+
+
 @torch.no_grad()
 def encode_images(
     vae, pixels: torch.Tensor, batch_size: int = 64, desc: str = "encode latents"

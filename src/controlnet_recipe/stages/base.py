@@ -9,6 +9,7 @@ Stable Diffusion pipeline folder that later stages load with ``from_pretrained``
 from __future__ import annotations
 
 import math
+import shutil
 import time
 
 import numpy as np
@@ -18,12 +19,21 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import Config, TinyBaseCfg
-from ..diffusion import diffusion_loss, drop_captions, encode_images, encode_text, noisy_inputs, sample_latents
+from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
 from ..faces.synthetic import CAPTION_WORDS
 from ..models import tiny
 from ..models.base_model import BASE_FILE, BaseRef
 from ..report.grid import save_grid
-from ..storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
+from ..storage import (
+    BASE_DIR,
+    CAPTIONS_DIR,
+    fresh_dir,
+    images_to_tensor,
+    load_dataset_dir,
+    seed_everything,
+    tensor_to_images,
+    write_json,
+)
 
 # Words the tiny tokenizer keeps whole besides the captions' own: common prompt words.
 EXTRA_WORDS = ["photo", "portrait", "of", "the", "an", "in", "man", "woman", "person", "close", "up", "high", "quality"]
@@ -112,13 +122,10 @@ def train_tiny_base(cfg: Config) -> dict:
     mean, std = encode_images(vae, pixels)
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
-    unique = sorted(set(captions))
-    emb = encode_text(tokenizer, text_encoder, unique + [""])
-    lookup = {c: i for i, c in enumerate(unique)}
-    text = emb[[lookup[c] for c in captions]]
+    text, empty = caption_embeddings(tokenizer, text_encoder, captions)
     scheduler = tiny.build_scheduler()
     unet = tiny.build_unet(r.data.resolution)
-    ema, unet_losses = train_unet(unet, (mean, std), scale, text, emb[-1:], scheduler, r.base.tiny, g)
+    ema, unet_losses = train_unet(unet, (mean, std), scale, text, empty, scheduler, r.base.tiny, g)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
 
@@ -133,8 +140,6 @@ def train_tiny_base(cfg: Config) -> dict:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
-    import shutil
-
     shutil.rmtree(out / "_tokenizer")
 
     # What the base draws from a few training captions, beside the real images.
@@ -144,9 +149,7 @@ def train_tiny_base(cfg: Config) -> dict:
     fakes = pipe(
         captions[:n], num_inference_steps=20, guidance_scale=3.0, generator=gen, height=r.data.resolution, width=r.data.resolution
     ).images
-    recon = vae.decode(mean[:n] * 1.0).sample
-    from ..storage import tensor_to_images
-
+    recon = vae.decode(mean[:n]).sample
     save_grid(
         [ds[r.columns.image][:n], tensor_to_images(recon), fakes],
         out / "samples.png",

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..config import Config, Tier, accumulation_steps, resolve_tier
-from ..diffusion import diffusion_loss, drop_captions, encode_images, encode_text, noisy_inputs, sample_latents
+from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
 from ..storage import (
     CAPTIONS_DIR,
@@ -93,12 +93,9 @@ def train_controlnet(cfg: Config) -> dict:
     scale = base.vae.config.scaling_factor
     base.vae.to("cpu")
     captions = list(ds[r.columns.caption])
-    unique = sorted(set(captions))
     base.text_encoder.to(device)
-    emb = encode_text(base.tokenizer, base.text_encoder, unique + [""])
+    text, empty = caption_embeddings(base.tokenizer, base.text_encoder, captions)
     base.text_encoder.to("cpu")
-    lookup = {c: i for i, c in enumerate(unique)}
-    text = emb[[lookup[c] for c in captions]]
     cond = images_to_tensor(ds[r.columns.conditioning_image], r.data.resolution, normalize=False)
 
     base.unet.to(device, dtype=weight_dtype)
@@ -125,7 +122,7 @@ def train_controlnet(cfg: Config) -> dict:
             with accelerator.accumulate(controlnet):
                 x0 = sample_latents(mean[idx], std[idx], scale, g).to(device)
                 noisy, ts, target = noisy_inputs(base.noise_scheduler, x0, g)
-                enc = drop_captions(text[idx], emb[-1:], t.proportion_empty_prompts, g).to(device)
+                enc = drop_captions(text[idx], empty, t.proportion_empty_prompts, g).to(device)
                 hint = cond[idx].to(device)
                 down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
                 pred = base.unet(
