@@ -92,3 +92,25 @@ def test_caption_param_reruns_only_downstream(project: Path):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"captions", "base", "train", "evaluate"}
     assert "Stage 'data' didn't change" in out and "Stage 'conditions' didn't change" in out
+
+
+@pytest.mark.slow
+def test_memory_tier_settings_train_for_real(project: Path):
+    """A GPU tier's switches (micro-batch 1 + accumulation, gradient checkpointing, 8-bit AdamW,
+    bf16 autocast, keeping zeroed grads) run through the same train stage; on CPU here."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["tiers"]["cpu"] = {
+        "batch_size": 1,
+        "gradient_checkpointing": True,
+        "use_8bit_adam": True,
+        "set_grads_to_none": False,
+        "mixed_precision": "bf16",
+        "attention": "sdpa",
+    }
+    params["demo"]["train"]["max_train_steps"] = 2
+    (project / "tier.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "tier.yaml"], project)
+    summary = json.loads((project / "models/controlnet/training.json").read_text())
+    assert summary["micro_batch"] == 1
+    assert summary["gradient_accumulation_steps"] == params["demo"]["train"]["batch_size"]
+    assert summary["effective_batch"] == params["demo"]["train"]["batch_size"]
