@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,14 @@ TINY = {
     "data": {"num_train": 48, "num_validation": 8},
     "base": {"tiny": {"vae_steps": 3, "unet_steps": 3, "vae_batch_size": 4, "unet_batch_size": 4}},
     "evaluator": {"steps": 3, "batch_size": 4},
-    "train": {"max_train_steps": 3, "batch_size": 4, "lr_warmup_steps": 1},
+    "cache": {"batch_size": 16, "shard_size": 20},
+    "train": {
+        "max_train_steps": 3,
+        "batch_size": 4,
+        "lr_warmup_steps": 1,
+        "checkpointing_steps": 2,
+        "validation": {"steps": 2, "held_out": 2, "num_images": 1, "num_inference_steps": 2},
+    },
     "evaluate": {"num_samples": 4, "num_inference_steps": 2, "grid_rows": 2},
 }
 
@@ -56,3 +66,40 @@ def in_tmp(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     return tmp_path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    for k, v in (("NAME", "test"), ("EMAIL", "test@example.com")):
+        env.setdefault(f"GIT_AUTHOR_{k}", v)
+        env.setdefault(f"GIT_COMMITTER_{k}", v)
+    return env
+
+
+def run(args: list[str], cwd: Path) -> str:
+    p = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout + p.stderr
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project (code, dvc.yaml) with tiny params, in its own git + DVC repo, after
+    one `dvc repro` of the whole pipeline."""
+    work = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], work)
+    dvc("init", "-q", cwd=work)
+    # A project is a clone with history; DVCLive needs at least one commit to log against.
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-q", "-m", "init"], work)
+    dvc("repro", cwd=work)
+    return work

@@ -47,6 +47,11 @@ def _edit(path: str, value=None, delete: bool = False) -> dict:
         ("$recipe.data.source", "nope", "data.source: expected 'synthetic', got 'nope'"),
         ("recipe", "nope", "recipe: expected the name of a recipe block"),
         ("tiers.cpu.mixed_precision", "fp8", "tiers.cpu.mixed_precision: expected 'no', 'fp16' or 'bf16'"),
+        ("tiers.8gb-zero2.use_8bit_adam", True, "tiers.8gb-zero2: use_8bit_adam: expected false with deepspeed"),
+        ("$recipe.train.validation.prompts", ["a", "b", "c"], "demo.train.validation: expected 0, 1 or held_out=4 prompts"),
+        ("$recipe.train.num_train_epochs", 2, "demo.train: expected exactly one of max_train_steps and num_train_epochs"),
+        ("$recipe.train.push_to_hub", True, "demo.train: expected hub_model_id"),
+        ("$recipe.train.report_to", ["mlflow"], "demo.train.report_to.0: expected 'dvclive', 'tensorboard' or 'wandb'"),
     ],
 )
 def test_bad_values_name_the_key(params_file, path, value, expected):
@@ -95,3 +100,20 @@ def test_accumulation_keeps_effective_batch(effective, micro, procs, expected):
 def test_accumulation_rejects_uneven_batch():
     with pytest.raises(ConfigError, match="train.batch_size"):
         accumulation_steps(6, 4, 1)
+
+
+def test_validation_images_and_prompts_must_pair(params_file):
+    p = _edit("$recipe.train.validation.images", ["a.png", "b.png"])
+    p["demo"]["train"]["validation"]["prompts"] = ["x", "y", "z"]
+    assert "demo.train.validation: expected as many images as prompts (or one of either), got 2 images and 3 prompts" in _error(
+        params_file, p
+    )
+    for prompts in (["x"], ["x", "y"], []):  # N:1, N:N, N:0 pair
+        p["demo"]["train"]["validation"]["prompts"] = prompts
+        load_config(params_file(p))
+
+
+def test_every_tier_checked_before_anything_runs(params_file):
+    p = repo_params()
+    p["tiers"]["16gb"]["batch_size"] = 0
+    assert "tiers.16gb.batch_size: expected greater than 0" in _error(params_file, p)

@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import ROOT, tiny_params
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("GIT_AUTHOR_NAME", "test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@example.com")
-    env.setdefault("GIT_COMMITTER_NAME", "test")
-    env.setdefault("GIT_COMMITTER_EMAIL", "test@example.com")
-    return env
-
-
-def _run(args: list[str], cwd: Path) -> str:
-    p = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout + p.stderr
-
-
-def dvc(*args: str, cwd: Path) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], cwd)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project (code, dvc.yaml) with tiny params, in its own git + DVC repo."""
-    work = tmp_path_factory.mktemp("project")
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    _run(["git", "init", "-q"], work)
-    dvc("init", "-q", cwd=work)
-    # A project is a clone with history; DVCLive needs at least one commit to log against.
-    _run(["git", "add", "-A"], work)
-    _run(["git", "commit", "-q", "-m", "init"], work)
-    dvc("repro", cwd=work)
-    return work
+from .conftest import dvc, run, tiny_params
 
 
 @pytest.mark.slow
@@ -70,7 +30,9 @@ def test_pipeline_outputs(project: Path):
     assert sum(p.numel() for p in cn.parameters()) > 0
     shown = dvc("metrics", "show", cwd=project)
     assert "miou_base" in shown
-    assert (project / "train/plots/metrics/loss.tsv").is_file()
+    assert (project / "train/live/plots/metrics/loss.tsv").is_file()
+    assert (project / "train/live/plots/metrics/val/miou.tsv").is_file()  # validation scored during training
+    assert (project / "train/validation.png").is_file()
 
 
 @pytest.mark.slow
@@ -90,7 +52,7 @@ def test_caption_param_reruns_only_downstream(project: Path):
     assert "Running stage 'captions'" in dvc("repro", "--dry", cwd=project)
     out = dvc("repro", cwd=project)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"captions", "base", "train", "evaluate"}
+    assert ran == {"captions", "base", "cache", "train", "evaluate"}
     assert "Stage 'data' didn't change" in out and "Stage 'conditions' didn't change" in out
 
 
@@ -106,10 +68,11 @@ def test_memory_tier_settings_train_for_real(project: Path):
         "set_grads_to_none": False,
         "mixed_precision": "bf16",
         "attention": "sdpa",
+        "deepspeed": None,
     }
     params["demo"]["train"]["max_train_steps"] = 2
     (project / "tier.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "tier.yaml"], project)
+    run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "tier.yaml"], project)
     summary = json.loads((project / "models/controlnet/training.json").read_text())
     assert summary["micro_batch"] == 1
     assert summary["gradient_accumulation_steps"] == params["demo"]["train"]["batch_size"]

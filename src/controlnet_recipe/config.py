@@ -75,6 +75,11 @@ class BaseCfg(Strict):
     tiny: TinyBaseCfg
 
 
+class CacheCfg(Strict):
+    batch_size: int = Positive  # images per VAE / text-encoder batch
+    shard_size: int = Positive  # samples per shard (the unit of resuming)
+
+
 class EvaluatorCfg(Strict):
     kind: Literal["segmenter"]
     width: int = Field(gt=0, multiple_of=4)
@@ -83,19 +88,71 @@ class EvaluatorCfg(Strict):
     learning_rate: float = Positive
 
 
+class ValidationCfg(Strict):
+    """Images generated during training (upstream's --validation_image / --validation_prompt).
+
+    ``images`` and ``prompts`` pair as upstream's do: N:N, 1:N or N:1. With no ``images``, the
+    first ``held_out`` conditions of the validation split are used, with their captions unless
+    ``prompts`` are given."""
+
+    steps: int = Positive
+    images: list[str]
+    prompts: list[str]
+    held_out: int = Field(ge=0)
+    num_images: int = Positive  # images per (condition, prompt) pair
+    num_inference_steps: int = Positive
+    guidance_scale: float = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ValidationCfg:
+        ni, npr = len(self.images), len(self.prompts)
+        if ni and npr and ni != npr and 1 not in (ni, npr):
+            raise ConfigError(f"expected as many images as prompts (or one of either), got {ni} images and {npr} prompts")
+        if not ni and not self.held_out:
+            raise ConfigError("expected images, or held_out > 0 to use held-out conditions")
+        if not ni and npr not in (0, 1, self.held_out):
+            raise ConfigError(f"expected 0, 1 or held_out={self.held_out} prompts for held-out conditions, got {npr}")
+        return self
+
+
+Tracker = Literal["dvclive", "tensorboard", "wandb"]
+
+
 class TrainCfg(Strict):
     seed: int
-    max_train_steps: int = Positive
-    batch_size: int = Positive
+    max_train_steps: int | None = Field(gt=0)
+    num_train_epochs: int | None = Field(gt=0)
+    batch_size: int = Positive  # effective batch: micro-batch x accumulation x processes
     learning_rate: float = Positive
+    scale_lr: bool
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
     lr_warmup_steps: int = Field(ge=0)
+    lr_num_cycles: int = Positive
+    lr_power: float = Positive
     adam_beta1: float = Field(ge=0, lt=1)
     adam_beta2: float = Field(ge=0, lt=1)
     adam_weight_decay: float = Field(ge=0)
     adam_epsilon: float = Positive
     max_grad_norm: float = Positive
+    allow_tf32: bool
     proportion_empty_prompts: float = Field(ge=0, le=1)
+    dataloader_num_workers: int = Field(ge=0)
+    checkpointing_steps: int = Positive
+    checkpoints_total_limit: int | None = Field(gt=0)
+    resume_from_checkpoint: str | None  # "latest", a checkpoint folder, or null to start fresh
+    validation: ValidationCfg
+    report_to: list[Tracker]
+    tracker_project_name: str
+    push_to_hub: bool
+    hub_model_id: str | None
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainCfg:
+        if (self.max_train_steps is None) == (self.num_train_epochs is None):
+            raise ConfigError("expected exactly one of max_train_steps and num_train_epochs, the other null")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("expected hub_model_id (user/name) when push_to_hub is true")
+        return self
 
 
 class EvaluateCfg(Strict):
@@ -113,6 +170,7 @@ class Recipe(Strict):
     conditions: ConditionsCfg
     captions: CaptionsCfg
     base: BaseCfg
+    cache: CacheCfg
     evaluator: EvaluatorCfg
     train: TrainCfg
     evaluate: EvaluateCfg
@@ -125,6 +183,15 @@ class Tier(Strict):
     set_grads_to_none: bool
     mixed_precision: Literal["no", "fp16", "bf16"]
     attention: Literal["sdpa", "xformers"]
+    deepspeed: Literal["zero2"] | None  # ZeRO-2 with the optimizer offloaded to CPU
+
+    @model_validator(mode="after")
+    def _works_together(self) -> Tier:
+        if self.deepspeed and self.use_8bit_adam:
+            raise ConfigError(
+                "use_8bit_adam: expected false with deepspeed (bitsandbytes' 8-bit Adam does not run under DeepSpeed)"
+            )
+        return self
 
 
 class Params(Strict):
@@ -134,7 +201,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _known_tier(self) -> Params:
-        known = [t for t in TIER_NAMES if t in self.tiers]
+        known = list(self.tiers)
         if self.gpu != "auto" and self.gpu not in self.tiers:
             raise ConfigError(f"gpu: unknown tier {self.gpu!r}, expected one of auto, {', '.join(known)}")
         return self
@@ -191,7 +258,8 @@ def _validate(model: type[BaseModel], data: Any, where: str, prefix: str = "") -
     except ValidationError as e:
         first = e.errors()[0]
         if isinstance(first.get("ctx", {}).get("error"), ConfigError):
-            raise ConfigError(f"{where}: {prefix}{first['ctx']['error']}") from None
+            loc = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{where}: {prefix}{loc + ': ' if loc else ''}{first['ctx']['error']}") from None
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise ConfigError(f"{where}: {prefix}{_describe(first)}{more}") from None
 

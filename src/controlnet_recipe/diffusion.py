@@ -34,14 +34,14 @@ def caption_embeddings(tokenizer, text_encoder, captions: list[str]) -> tuple[to
 
 @torch.no_grad()
 def encode_images(
-    vae, pixels: torch.Tensor, batch_size: int = 64, desc: str = "encode latents"
+    vae, pixels: torch.Tensor, batch_size: int = 64, desc: str | None = "encode latents"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of each image ([-1, 1] pixels), unscaled. Sampling from these each
     step is exactly what encoding each step would do, without running the encoder again."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     means, stds = [], []
-    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False):
+    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=desc is None):
         dist = vae.encode(pixels[i : i + batch_size].to(device, dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())

@@ -16,10 +16,11 @@ from PIL import Image
 DATA_DIR = Path("data/source")
 CONDITIONS_DIR = Path("data/conditions")
 CAPTIONS_DIR = Path("data/captions")
+CACHE_DIR = Path("data/cache")
 BASE_DIR = Path("models/base")
 EVALUATOR_DIR = Path("models/evaluator")
 CONTROLNET_DIR = Path("models/controlnet")
-TRAIN_LOG_DIR = Path("train")
+TRAIN_DIR = Path("train")  # checkpoints/ and live/ (DVCLive) survive reruns, for resuming
 EVAL_DIR = Path("eval")
 
 

@@ -10,13 +10,12 @@ TITLE_WIDTH = 110
 TITLE_HEIGHT = 22
 
 
-def save_grid(
+def make_grid(
     rows: list[list[Image.Image]],
-    path: Path,
     row_titles: list[str] | None = None,
     col_titles: list[str] | None = None,
     cell: int = 128,
-) -> Path:
+) -> Image.Image:
     """One row per list; each image scaled to ``cell`` pixels (nearest, so pixels stay honest)."""
     cols = max(len(r) for r in rows)
     left = TITLE_WIDTH if row_titles else 0
@@ -30,6 +29,11 @@ def save_grid(
             draw.text((6, top + i * cell + cell // 2 - 6), row_titles[i], fill=(0, 0, 0))
         for j, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
+    return grid
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path, **kw) -> Path:
+    """:func:`make_grid`, saved as a PNG at ``path``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    make_grid(rows, **kw).save(path)
     return Path(path)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, EvaluateCfg
 from ..faces.draw import PARTS
-from ..metrics.segmentation import confusion, face_miou
+from ..metrics.segmentation import condition_miou
 from ..models.base_model import BaseRef, load_base
 from ..models.segmenter import Segmenter
 from ..report.grid import save_grid
@@ -25,11 +25,10 @@ from ..storage import (
     EVAL_DIR,
     EVALUATOR_DIR,
     fresh_dir,
-    images_to_tensor,
     load_dataset_dir,
     write_json,
 )
-from .evaluator import WEIGHTS, labels_tensor, segment
+from .evaluator import WEIGHTS
 
 BATCH = 16
 
@@ -85,11 +84,10 @@ def main(cfg: Config) -> None:
     base_only = generate(base_pipe, prompts, None, e, res)
 
     segmenter = Segmenter.load(EVALUATOR_DIR / WEIGHTS)
-    target = labels_tensor(conditions, res).numpy()
-    scores = {}
-    for name, imgs in (("controlnet", with_cn), ("base", base_only), ("real", real)):
-        pred = segment(segmenter, images_to_tensor(imgs, res))
-        scores[name] = face_miou(confusion(pred, target))
+    scores = {
+        name: condition_miou(segmenter, imgs, conditions, res)
+        for name, imgs in (("controlnet", with_cn), ("base", base_only), ("real", real))
+    }
 
     out = fresh_dir(EVAL_DIR)
     for name, imgs in (("controlnet", with_cn), ("base", base_only)):

@@ -12,24 +12,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import Config, EvaluatorCfg
-from ..faces.draw import PARTS, labels_from_segmentation
-from ..metrics.segmentation import confusion, face_miou
+from ..faces.draw import PARTS
+from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
 from ..models.segmenter import Segmenter, degrade
 from ..storage import CONDITIONS_DIR, EVALUATOR_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
 
 WEIGHTS = "segmenter.pt"
-
-
-def labels_tensor(conditions: list, resolution: int) -> torch.Tensor:
-    """Class-index maps of condition images, at ``resolution`` (nearest, so classes stay pure)."""
-    out = [labels_from_segmentation(c.convert("RGB").resize((resolution, resolution), 0)) for c in conditions]
-    return torch.from_numpy(np.stack(out)).long()
-
-
-@torch.no_grad()
-def segment(model: Segmenter, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) predicted classes for [-1, 1] images."""
-    return np.concatenate([model(pixels[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(pixels), batch_size)])
 
 
 def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCfg, seed: int) -> Segmenter:

@@ -1,36 +1,61 @@
 """train stage: a ControlNet initialised from the base UNet, base frozen, trained through accelerate
-with the tier's memory settings. Saved in diffusers format (``ControlNetModel.from_pretrained``).
+with the tier's memory settings on the latent cache. Saved in diffusers format
+(``ControlNetModel.from_pretrained``).
 
-Latents and text embeddings are encoded once before the loop (upstream encodes them every step);
-each step samples from the cached posterior, which is what per-step encoding computes.
+Checkpoints every ``checkpointing_steps`` (the newest ``checkpoints_total_limit`` kept) hold the
+model, optimizer, LR scheduler, RNG states and the position in the data; each micro-batch draws its
+noise from a generator seeded by its position, so a resumed run continues exactly where the
+interrupted one was. Validation images and their condition fidelity are logged every
+``validation.steps``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..config import Config, Tier, accumulation_steps, resolve_tier
-from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
+from ..config import Config, accumulation_steps, resolve_tier
+from ..diffusion import diffusion_loss, drop_captions, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
 from ..storage import (
     CAPTIONS_DIR,
     CONTROLNET_DIR,
-    TRAIN_LOG_DIR,
+    EVALUATOR_DIR,
+    TRAIN_DIR,
     fresh_dir,
-    images_to_tensor,
     load_dataset_dir,
     seed_everything,
     write_json,
 )
+from ..training.batches import CachedPairs, ResumableBatches, batch_stream, step_generator
+from ..training.checkpoints import clean_partial, find_resume, read_state, save_checkpoint
+from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer
+from ..training.tracking import Trackers
+from ..training.validation import load_segmenter, run_validation, validation_pairs
+from .cache import LatentCache, current_fingerprint
 
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet hint encoder: 3 downsamplings (8x)
+CHECKPOINTS = TRAIN_DIR / "checkpoints"
+# Settings that do not change what a run computes: a checkpoint stays resumable across them.
+NOT_IN_RUN_FINGERPRINT = {
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "validation",
+    "report_to",
+    "tracker_project_name",
+    "push_to_hub",
+    "hub_model_id",
+    "dataloader_num_workers",
+}
 
 
 def controlnet_from_unet(unet, vae) -> ControlNetModel:
@@ -39,100 +64,130 @@ def controlnet_from_unet(unet, vae) -> ControlNetModel:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
 
 
-def make_optimizer(params, tier: Tier, t) -> torch.optim.Optimizer:
-    kw = {
-        "lr": t.learning_rate,
-        "betas": (t.adam_beta1, t.adam_beta2),
-        "weight_decay": t.adam_weight_decay,
-        "eps": t.adam_epsilon,
-    }
-    if tier.use_8bit_adam:
-        import bitsandbytes as bnb
+def controlnet_loss(controlnet, unet, scheduler, batch: dict, empty, scale: float, p_empty: float, g, device, dtype):
+    """Upstream's objective: noise the (sampled) latents, run ControlNet + frozen UNet, MSE."""
+    x0 = sample_latents(batch["latent_mean"], batch["latent_std"], scale, g).to(device)
+    noisy, ts, target = noisy_inputs(scheduler, x0, g)
+    enc = drop_captions(batch["text_embedding"], empty, p_empty, g).to(device)
+    hint = batch["conditioning"].to(device)
+    down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
+    pred = unet(
+        noisy.to(dtype),
+        ts,
+        encoder_hidden_states=enc.to(dtype),
+        down_block_additional_residuals=[d.to(dtype) for d in down],
+        mid_block_additional_residual=mid.to(dtype),
+    ).sample
+    return diffusion_loss(pred, target)
 
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
 
-
-def epoch_batches(n: int, micro: int, seed: int):
-    """Endless deterministic stream of index batches: a fresh permutation every epoch."""
-    epoch = 0
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for i in range(0, n - micro + 1, micro):
-            yield perm[i : i + micro]
-        epoch += 1
+def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
+    kept = {k: v for k, v in cfg.recipe.train.model_dump().items() if k not in NOT_IN_RUN_FINGERPRINT}
+    return hashlib.sha256(json.dumps([kept, cache_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_controlnet(cfg: Config) -> dict:
     r, t = cfg.recipe, cfg.recipe.train
     tier_name = resolve_tier(cfg.gpu)
     tier = cfg.tiers[tier_name]
-    accelerator = Accelerator(mixed_precision=tier.mixed_precision, cpu=not torch.cuda.is_available())
-    micro, accum = accumulation_steps(t.batch_size, tier.batch_size, accelerator.num_processes)
-    accelerator.gradient_accumulation_steps = accum
-    seed_everything(t.seed)
-    g = torch.Generator().manual_seed(t.seed)
+    cpu = not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
+    micro, accum = accumulation_steps(t.batch_size, tier.batch_size, world)
+    accelerator = Accelerator(
+        mixed_precision=tier.mixed_precision,
+        gradient_accumulation_steps=accum,
+        deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
+        cpu=cpu,
+    )
+    rank, main = accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
+    if t.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(t.seed)
 
-    base = load_base(BaseRef.read())
+    cache = LatentCache.load(current_fingerprint(cfg))
+    dataset = load_dataset_dir(CAPTIONS_DIR)
+    data = CachedPairs(cache.rows, dataset["train"], r.columns.conditioning_image, r.data.resolution)
+    micro_per_epoch = len(data) // (micro * world)
+    max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
+
+    base = load_base(BaseRef.read())  # the VAE and text encoder stay on the CPU (validation only)
     for m in (base.vae, base.text_encoder, base.unet):
         m.requires_grad_(False).eval()
     controlnet = controlnet_from_unet(base.unet, base.vae)
-    if tier.attention == "xformers":
-        base.unet.enable_xformers_memory_efficient_attention()
-        controlnet.enable_xformers_memory_efficient_attention()
-    if tier.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        base.unet.enable_gradient_checkpointing()
+    base.unet.to(device, dtype=weight_dtype)
+    apply_model_settings(base.unet, controlnet, tier)
     controlnet.train()
 
-    ds = load_dataset_dir(CAPTIONS_DIR)["train"]
-    base.vae.to(device)
-    mean, std = encode_images(base.vae, images_to_tensor(ds[r.columns.image], r.data.resolution))
-    scale = base.vae.config.scaling_factor
-    base.vae.to("cpu")
-    captions = list(ds[r.columns.caption])
-    base.text_encoder.to(device)
-    text, empty = caption_embeddings(base.tokenizer, base.text_encoder, captions)
-    base.text_encoder.to("cpu")
-    cond = images_to_tensor(ds[r.columns.conditioning_image], r.data.resolution, normalize=False)
-
-    base.unet.to(device, dtype=weight_dtype)
-    optimizer = make_optimizer(controlnet.parameters(), tier, t)
+    lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
+    optimizer = make_optimizer(controlnet.parameters(), tier, t, lr)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=t.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=t.lr_warmup_steps * world,
+        num_training_steps=max_steps * world,
+        num_cycles=t.lr_num_cycles,
+        power=t.lr_power,
     )
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
 
-    from dvclive import Live
+    run_fp = run_fingerprint(cfg, cache.fingerprint)
+    if main:
+        for name in clean_partial(CHECKPOINTS):
+            print(f"train: removed {name}, left by an interrupted save")
+    resume, why = find_resume(CHECKPOINTS, t.resume_from_checkpoint, run_fp)
+    accelerator.print(f"train: {why}")
+    start = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        start = read_state(resume)["step"]
+    elif main:
+        fresh_dir(TRAIN_DIR)
+    accelerator.wait_for_everyone()
 
-    log_dir = fresh_dir(TRAIN_LOG_DIR)
-    live = Live(dir=str(log_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    batches = epoch_batches(len(mean), micro, t.seed)
+    sampler = ResumableBatches(len(data), micro, t.seed, start=start * accum, rank=rank, world=world)
+    stream = batch_stream(data, sampler, t.dataloader_num_workers)
+    pairs = validation_pairs(
+        t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
+    )
+    segmenter = load_segmenter(EVALUATOR_DIR)
+    run_config = {"recipe": cfg.recipe_name, "tier": tier_name, **tier.model_dump(), **t.model_dump(exclude={"validation"})}
+    trackers = Trackers(t.report_to, TRAIN_DIR, t.tracker_project_name, run_config, resume=start > 0) if main else None
+    empty, scale = cache.empty_prompt, cache.scaling_factor
+
+    def validate(step: int) -> dict[str, float]:
+        grid, metrics = run_validation(
+            base, accelerator.unwrap_model(controlnet), pairs, t.validation, r.data.resolution, t.seed, segmenter
+        )
+        grid.save(TRAIN_DIR / "validation.png")
+        trackers.log_image("validation", grid, step)
+        trackers.log(metrics, step)
+        return metrics
+
     losses: list[float] = []
-    t0 = time.time()
-    for step in (bar := tqdm(range(t.max_train_steps), desc="train: ControlNet", disable=not accelerator.is_main_process)):
+    last_val: dict[str, float] = {}
+    t0, steps_run = time.time(), 0
+    bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train: ControlNet", disable=not main)
+    for step in bar:
         step_loss = 0.0
-        for _ in range(accum):
-            idx = next(batches)
+        for m in range(accum):
+            batch = next(stream)
+            g = step_generator(t.seed, step, m, rank)
             with accelerator.accumulate(controlnet):
-                x0 = sample_latents(mean[idx], std[idx], scale, g).to(device)
-                noisy, ts, target = noisy_inputs(base.noise_scheduler, x0, g)
-                enc = drop_captions(text[idx], empty, t.proportion_empty_prompts, g).to(device)
-                hint = cond[idx].to(device)
-                down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
-                pred = base.unet(
-                    noisy.to(weight_dtype),
-                    ts,
-                    encoder_hidden_states=enc.to(weight_dtype),
-                    down_block_additional_residuals=[d.to(weight_dtype) for d in down],
-                    mid_block_additional_residual=mid.to(weight_dtype),
-                ).sample
-                loss = diffusion_loss(pred, target)
+                loss = controlnet_loss(
+                    controlnet,
+                    base.unet,
+                    base.noise_scheduler,
+                    batch,
+                    empty,
+                    scale,
+                    t.proportion_empty_prompts,
+                    g,
+                    device,
+                    weight_dtype,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(controlnet.parameters(), t.max_grad_norm)
@@ -140,31 +195,52 @@ def train_controlnet(cfg: Config) -> dict:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=tier.set_grads_to_none)
             step_loss += loss.item() / accum
+        done, steps_run = step + 1, steps_run + 1
         losses.append(step_loss)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % 10 == 0 or step + 1 == t.max_train_steps:
-            live.step = step + 1
-            live.log_metric("loss", float(np.mean(losses[-10:])))
-            live.log_metric("lr", lr_scheduler.get_last_lr()[0])
-    live.end()
+        if main and (done % 10 == 0 or done == max_steps):
+            trackers.log({"loss": float(np.mean(losses[-10:])), "lr": lr_scheduler.get_last_lr()[0]}, done)
+        if done % t.checkpointing_steps == 0 or done == max_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(
+                    CHECKPOINTS,
+                    done,
+                    accelerator.save_state,
+                    {"fingerprint": run_fp, "micro_batches_read": done * accum, "tier": tier_name},
+                    t.checkpoints_total_limit,
+                )
+            accelerator.wait_for_everyone()
+        if main and (done % t.validation.steps == 0 or done == max_steps):
+            last_val = validate(done)
     seconds = time.time() - t0
     accelerator.wait_for_everyone()
-    out = fresh_dir(CONTROLNET_DIR)
-    if accelerator.is_main_process:
+    if main:
+        trackers.close()
+        out = fresh_dir(CONTROLNET_DIR)
         accelerator.unwrap_model(controlnet).save_pretrained(out)
     return {
         "tier": tier_name,
         "micro_batch": micro,
         "gradient_accumulation_steps": accum,
-        "effective_batch": micro * accum * accelerator.num_processes,
-        "steps": t.max_train_steps,
-        "final_loss": float(np.mean(losses[-50:])),
+        "processes": world,
+        "effective_batch": micro * accum * world,
+        "steps": max_steps,
+        "resumed_from_step": start,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        **last_val,
         "train_seconds": round(seconds, 1),
-        "steps_per_second": round(t.max_train_steps / seconds, 3),
+        "steps_per_second": round(steps_run / seconds, 3) if steps_run else None,
     }
 
 
 def main(cfg: Config) -> None:
     summary = train_controlnet(cfg)
-    write_json(CONTROLNET_DIR / "training.json", summary)
-    print(f"train: {summary} -> {CONTROLNET_DIR}")
+    if PartialState().is_main_process:
+        write_json(CONTROLNET_DIR / "training.json", summary)
+        write_json(TRAIN_DIR / "metrics.json", summary)
+        if cfg.recipe.train.push_to_hub:
+            from ..publish import push_to_hub
+
+            push_to_hub(cfg)
+        print(f"train: {summary} -> {CONTROLNET_DIR}")

@@ -1,0 +1,31 @@
+"""Full-size Stable Diffusion architectures (SD 1.5, SD 2.1-base) built from the configs shipped in
+``configs/architectures``, with random weights: benchmarks measure the real shapes, no download.
+
+SDXL is not shipped: its UNet takes extra conditioning (pooled text, sizes) that this recipe's
+ControlNet path does not feed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+ARCHITECTURES = Path(__file__).resolve().parents[1] / "configs" / "architectures"
+
+
+def names() -> list[str]:
+    return sorted(p.name for p in ARCHITECTURES.iterdir() if p.is_dir())
+
+
+def build(name: str):
+    """(unet, vae, text_encoder, noise_scheduler) of architecture ``name``, randomly initialised."""
+    folder = ARCHITECTURES / name
+    if not folder.is_dir():
+        raise ValueError(f"architecture {name!r}: expected one of {', '.join(names())}")
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
+    return unet, vae, text_encoder, scheduler

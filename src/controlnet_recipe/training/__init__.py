@@ -1,0 +1,1 @@
+"""The training engine: batches, checkpoints, trackers, validation, memory settings."""

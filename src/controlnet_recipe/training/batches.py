@@ -1,0 +1,86 @@
+"""What the training loop reads: cached latents and text embeddings with their conditioning images,
+in an order fixed by the seed, that can start at any position (exact resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..storage import images_to_tensor
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Row i of the latent cache with the conditioning image of row i of the captions dataset."""
+
+    def __init__(self, cache_rows, conditions, column: str, resolution: int):
+        if len(cache_rows) != len(conditions):
+            raise ValueError(f"latent cache has {len(cache_rows)} rows, the dataset {len(conditions)}; run the cache stage again")
+        self.cache, self.conditions, self.column, self.resolution = cache_rows, conditions, column, resolution
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.cache[idx]
+        cond = images_to_tensor(self.conditions[idx][self.column], self.resolution, normalize=False)
+        return {
+            "latent_mean": rows["latent_mean"].float(),
+            "latent_std": rows["latent_std"].float(),
+            "text_embedding": rows["text_embedding"].float(),
+            "conditioning": cond,
+        }
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """Micro-batches of indices for one process: a fresh permutation of the data every epoch
+    (seeded by ``seed`` and the epoch), each global micro-batch split across the processes, the
+    last incomplete one dropped. ``start`` skips that many global micro-batches, so a resumed run
+    reads exactly what the interrupted one would have read next."""
+
+    def __init__(self, n: int, micro: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.micro, self.seed, self.start, self.rank, self.world = n, micro, seed, start, rank, world
+        self.per_epoch = n // (micro * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset of {n} samples is smaller than one global micro-batch ({micro} x {world})")
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start
+        while True:
+            epoch, pos = divmod(k, self.per_epoch)
+            perm = self.permutation(epoch)
+            for j in range(pos, self.per_epoch):
+                lo = (j * self.world + self.rank) * self.micro
+                yield perm[lo : lo + self.micro].tolist()
+            k = (epoch + 1) * self.per_epoch
+
+
+def _already_collated(batch: dict) -> dict:
+    return batch
+
+
+def batch_stream(dataset: CachedPairs, sampler: ResumableBatches, workers: int) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless iterator of micro-batches (the sampler never ends; the loop counts steps)."""
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_already_collated,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The random stream of one micro-batch (noise, timesteps, latent samples, caption dropout),
+    a function of its position alone: a resumed run draws the same numbers."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 101 + rank)

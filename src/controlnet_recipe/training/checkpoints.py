@@ -1,0 +1,98 @@
+"""Training checkpoints that a kill can never leave half-written.
+
+A checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, flushed to disk, and renamed
+to ``checkpoint-N`` only when complete; ``latest`` only ever sees renamed folders, and leftovers
+of an interrupted save are removed on the next start. Each checkpoint records a fingerprint of
+what the run's trajectory depends on, so a run never resumes from another run's state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from ..storage import read_json, write_json
+
+STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def clean_partial(root: Path) -> list[str]:
+    """Remove what interrupted saves left behind; return their names."""
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in root.iterdir():
+        if p.name.startswith(".checkpoint-") or (_NAME.match(p.name) and not (p / STATE).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], state: dict, keep: int | None) -> Path:
+    """``write(folder)`` saves the model, optimizer, scheduler and RNG states; ``state`` (the step,
+    the data position, the fingerprint) goes in last. Keeps the newest ``keep`` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    write_json(tmp / STATE, {"step": step, **state})
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def find_resume(root: Path, resume: str | None, fingerprint: str) -> tuple[Path | None, str]:
+    """The checkpoint to resume from (or None) and why, for the log. ``resume`` is ``latest``, a
+    checkpoint folder, or None (start fresh)."""
+    if resume is None:
+        return None, "resume_from_checkpoint is null: starting fresh"
+    if resume == "latest":
+        found = list_checkpoints(root)
+        if not found:
+            return None, f"no checkpoint in {root}: starting fresh"
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / STATE).is_file():
+            raise FileNotFoundError(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
+    saved = read_json(path / STATE).get("fingerprint")
+    if saved != fingerprint:
+        if resume == "latest":
+            return None, f"{path} belongs to a run with other data or settings: starting fresh"
+        raise ValueError(f"train.resume_from_checkpoint: {path} belongs to a run with other data or settings")
+    return path, f"resuming from {path}"
+
+
+def read_state(checkpoint: Path) -> dict:
+    return read_json(checkpoint / STATE)

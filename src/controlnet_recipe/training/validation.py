@@ -1,0 +1,114 @@
+"""Validation during training: images from fixed conditions, prompts and seeds, scored with the
+same condition-fidelity metric as the evaluate stage, so the curves show when control appears."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from PIL import Image, UnidentifiedImageError
+
+from ..config import ValidationCfg
+from ..metrics.segmentation import condition_miou
+from ..report.grid import make_grid
+from ..storage import images_to_tensor, tensor_to_images
+
+
+@dataclass
+class ValidationPairs:
+    conditions: list[Image.Image]
+    prompts: list[str]
+
+
+def _load_condition(path: str, resolution: int) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            # RGBA and palette images are flattened to RGB (upstream fails on them, diffusers #2908).
+            cond = images_to_tensor([img], resolution, normalize=False)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"train.validation.images: {path}: cannot read ({e.__class__.__name__})") from None
+    return tensor_to_images(cond * 2 - 1)[0]
+
+
+def validation_pairs(v: ValidationCfg, held_out, condition_column: str, caption_column: str, resolution: int) -> ValidationPairs:
+    """Upstream's pairing of validation images and prompts (N:N, 1:N, N:1), or the first
+    ``held_out`` conditions of the validation split with their captions."""
+    if v.images:
+        conds = [_load_condition(p, resolution) for p in v.images]
+        prompts = list(v.prompts) or [""]
+    else:
+        rows = held_out.select(range(min(v.held_out, len(held_out))))
+        conds = [c.convert("RGB").resize((resolution, resolution), Image.NEAREST) for c in rows[condition_column]]
+        prompts = list(v.prompts) or list(rows[caption_column])
+    n = max(len(conds), len(prompts))
+    conds = conds * n if len(conds) == 1 else conds
+    prompts = prompts * n if len(prompts) == 1 else prompts
+    return ValidationPairs(conds, prompts)
+
+
+@torch.no_grad()
+def run_validation(
+    base, controlnet, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, segmenter=None
+) -> tuple[Image.Image, dict[str, float]]:
+    """Generate ``v.num_images`` images per pair (seeds fixed across validations); return a grid
+    (condition | images) and, with an evaluator, the images' condition mIoU."""
+    device = next(base.unet.parameters()).device
+    train_dtype = next(base.unet.parameters()).dtype
+    # CPU autocast leaves group_norm in mixed dtypes: validate in fp32 there (the round trip of the
+    # frozen UNet through fp32 is lossless).
+    dtype = torch.float32 if device.type == "cpu" else train_dtype
+    base.unet.to(dtype=dtype)
+    base.vae.to(device, dtype)
+    base.text_encoder.to(device, dtype)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        controlnet=controlnet,
+        scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = controlnet.training
+    controlnet.eval()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    rows, images, conds = [], [], []
+    with autocast:
+        for i, (cond, prompt) in enumerate(zip(pairs.conditions, pairs.prompts)):
+            gens = [torch.Generator().manual_seed(seed + 1000 * i + k) for k in range(v.num_images)]
+            out = pipe(
+                [prompt] * v.num_images,
+                image=[cond] * v.num_images,
+                num_inference_steps=v.num_inference_steps,
+                guidance_scale=v.guidance_scale,
+                generator=gens,
+                height=resolution,
+                width=resolution,
+            ).images
+            rows.append([cond, *out])
+            images += out
+            conds += [cond] * len(out)
+    controlnet.train(was_training)
+    base.unet.to(dtype=train_dtype)
+    base.vae.to("cpu")
+    base.text_encoder.to("cpu")
+    metrics = {}
+    if segmenter is not None:
+        metrics["val/miou"] = condition_miou(segmenter, images, conds, resolution)[0]
+    titles = ["condition"] + [f"seed {k}" for k in range(v.num_images)]
+    return make_grid(rows, col_titles=titles), metrics
+
+
+def load_segmenter(folder: Path):
+    """The evaluator stage's re-extractor, if that stage has run; validation then scores images."""
+    from ..models.segmenter import Segmenter
+    from ..stages.evaluator import WEIGHTS
+
+    return Segmenter.load(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else None
