@@ -42,26 +42,22 @@ def child(spec: dict) -> dict:
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
     torch.manual_seed(0)
-    if spec["arch"] == "tiny":
-        unet, vae, text_encoder, scheduler = (
-            tiny.build_unet(res),
-            tiny.build_vae(res),
-            tiny.build_text_encoder(1000),
-            tiny.build_scheduler(),
-        )
-    else:
-        unet, vae, text_encoder, scheduler = architectures.build(spec["arch"])
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval()
-    controlnet = controlnet_from_unet(unet, vae)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
-    unet.to(device, dtype)
     per_step = spec["mode"] == "per-step encoding"
-    if per_step:  # upstream: VAE and text encoder on the GPU, run every step
-        vae.to(device, dtype)
-        text_encoder.to(device, dtype)
+    # With the cache, the VAE and the text encoder are never built: training does not need them.
+    if spec["arch"] == "tiny":
+        unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
+        vae, text_encoder = (tiny.build_vae(res), tiny.build_text_encoder(1000)) if per_step else (None, None)
     else:
-        del vae, text_encoder
+        parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", "text_encoder") if per_step else ())))
+        unet, scheduler, vae_cfg = parts["unet"], parts["scheduler"], architectures.vae_config(spec["arch"])
+        vae, text_encoder = parts.get("vae"), parts.get("text_encoder")
+    unet.requires_grad_(False).eval()
+    controlnet = controlnet_from_unet(unet, vae_cfg)
+    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # the VAE's downsampling
+    unet.to(device, dtype)
+    if per_step:  # upstream: VAE and text encoder on the GPU, run every step
+        for m in (vae, text_encoder):
+            m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
     controlnet.train()
     optimizer = make_optimizer(controlnet.parameters(), tier, t, 1e-5)

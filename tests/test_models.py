@@ -43,7 +43,7 @@ def test_components_round_trip_and_shapes(tmp_path):
 
 def test_controlnet_hint_encoder_matches_vae(tmp_path):
     vae, unet = tiny.build_vae(64), tiny.build_unet(64)
-    cn = controlnet_from_unet(unet, vae)
+    cn = controlnet_from_unet(unet, vae.config)
     cn.save_pretrained(tmp_path / "cn")
     cn = ControlNetModel.from_pretrained(tmp_path / "cn")
     lat = torch.randn(2, 4, 16, 16)

@@ -13,7 +13,11 @@ STAGES = ("data", "conditions", "captions", "base", "cache", "evaluator", "train
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="controlnet-recipe", description=__doc__)
-    p.add_argument("stage", choices=(*STAGES, "check"), help="pipeline stage to run, or 'check' to validate params")
+    p.add_argument(
+        "stage",
+        choices=(*STAGES, "check", "publish"),
+        help="pipeline stage to run, 'check' to validate params, 'publish' to push to the Hub",
+    )
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
     args = p.parse_args(argv)
@@ -22,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "check":
             print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
             return 0
-        importlib.import_module(f".stages.{args.stage}", __package__).main(cfg)
+        module = ".publish" if args.stage == "publish" else f".stages.{args.stage}"
+        importlib.import_module(module, __package__).main(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

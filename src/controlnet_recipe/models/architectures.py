@@ -19,13 +19,20 @@ def names() -> list[str]:
     return sorted(p.name for p in ARCHITECTURES.iterdir() if p.is_dir())
 
 
-def build(name: str):
-    """(unet, vae, text_encoder, noise_scheduler) of architecture ``name``, randomly initialised."""
+def build(name: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "scheduler")) -> dict:
+    """The named ``parts`` of architecture ``name``, randomly initialised."""
     folder = ARCHITECTURES / name
     if not folder.is_dir():
         raise ValueError(f"architecture {name!r}: expected one of {', '.join(names())}")
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"))
-    return unet, vae, text_encoder, scheduler
+    builders = {
+        "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        "scheduler": lambda: DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler")),
+    }
+    return {p: builders[p]() for p in parts}
+
+
+def vae_config(name: str) -> dict:
+    """The VAE's config alone (its downsampling sets the ControlNet's hint encoder)."""
+    return AutoencoderKL.load_config(ARCHITECTURES / name / "vae")

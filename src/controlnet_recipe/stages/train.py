@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 
 import numpy as np
@@ -37,6 +38,7 @@ from ..storage import (
 )
 from ..training.batches import CachedPairs, ResumableBatches, batch_stream, step_generator
 from ..training.checkpoints import clean_partial, find_resume, read_state, save_checkpoint
+from ..training.launch import relaunch
 from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer
 from ..training.tracking import Trackers
 from ..training.validation import load_segmenter, run_validation, validation_pairs
@@ -58,9 +60,9 @@ NOT_IN_RUN_FINGERPRINT = {
 }
 
 
-def controlnet_from_unet(unet, vae) -> ControlNetModel:
+def controlnet_from_unet(unet, vae_config) -> ControlNetModel:
     """Copy the UNet's encoder; the hint encoder downsamples as much as the VAE does."""
-    downs = len(vae.config.block_out_channels) - 1
+    downs = len(vae_config["block_out_channels"]) - 1
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
 
 
@@ -116,7 +118,7 @@ def train_controlnet(cfg: Config) -> dict:
     base = load_base(BaseRef.read())  # the VAE and text encoder stay on the CPU (validation only)
     for m in (base.vae, base.text_encoder, base.unet):
         m.requires_grad_(False).eval()
-    controlnet = controlnet_from_unet(base.unet, base.vae)
+    controlnet = controlnet_from_unet(base.unet, base.vae.config)
     base.unet.to(device, dtype=weight_dtype)
     apply_model_settings(base.unet, controlnet, tier)
     controlnet.train()
@@ -235,6 +237,8 @@ def train_controlnet(cfg: Config) -> dict:
 
 
 def main(cfg: Config) -> None:
+    if relaunch(cfg.tier, sys.argv[1:]):  # several GPUs or machines, or DeepSpeed: under accelerate launch
+        return
     summary = train_controlnet(cfg)
     if PartialState().is_main_process:
         write_json(CONTROLNET_DIR / "training.json", summary)

@@ -1,0 +1,103 @@
+"""Publish the trained ControlNet to the Hugging Face Hub: its weights and config, a model card
+(base model, dataset, params, metrics) and the sample grids. Never checkpoints, optimizer state
+or tokens: only the files listed by :func:`stage_files` are uploaded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .config import Config
+from .models.base_model import BaseRef
+from .storage import CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
+
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json")
+IMAGES = {"validation.png": TRAIN_DIR / "validation.png", "evaluation_grid.png": EVAL_DIR / "grid.png"}
+
+
+def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
+    r = cfg.recipe
+    front = {
+        "library_name": "diffusers",
+        "base_model": base.name_or_path,
+        "tags": ["controlnet", "stable-diffusion", "diffusers", "controlnet-recipe", r.conditions.kind],
+        "pipeline_tag": "text-to-image",
+    }
+    images = "\n".join(f"![{name}](./{name})" for name, src in IMAGES.items() if src.is_file())
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+
+# ControlNet ({r.conditions.kind}) for {base.name_or_path}
+
+Trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
+Condition: `{r.conditions.kind}` from `{r.conditions.detector}`; captions: `{r.captions.captioner}`.
+
+```python
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+controlnet = ControlNetModel.from_pretrained("{r.train.hub_model_id}")
+pipe = StableDiffusionControlNetPipeline.from_pretrained("{base.name_or_path}", controlnet=controlnet)
+```
+
+## Data
+```yaml
+{yaml.safe_dump(r.data.model_dump(), sort_keys=False).strip()}
+```
+
+## Training parameters
+```yaml
+{yaml.safe_dump(r.train.model_dump(exclude={"hub_model_id", "push_to_hub"}), sort_keys=False).strip()}
+```
+
+## Metrics
+```json
+{json.dumps(metrics, indent=2)}
+```
+
+{images}
+"""
+
+
+def stage_files(cfg: Config, folder: Path) -> list[str]:
+    """Copy what is published into ``folder``; return the file names."""
+    missing = [f for f in MODEL_FILES[:2] if not (CONTROLNET_DIR / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{CONTROLNET_DIR}: {', '.join(missing)} missing; run the train stage first")
+    for f in MODEL_FILES:
+        if (CONTROLNET_DIR / f).is_file():
+            shutil.copy(CONTROLNET_DIR / f, folder / f)
+    for name, src in IMAGES.items():
+        if src.is_file():
+            shutil.copy(src, folder / name)
+    metrics = {}
+    for src in (CONTROLNET_DIR / "training.json", EVAL_DIR / "metrics.json"):
+        if src.is_file():
+            metrics[src.parent.name] = json.loads(src.read_text())
+    (folder / "README.md").write_text(model_card(cfg, BaseRef.read(), metrics))
+    return sorted(p.name for p in folder.iterdir())
+
+
+def push_to_hub(cfg: Config, api=None) -> list[str]:
+    """Upload to ``train.hub_model_id`` (created if absent); the token comes from the environment
+    or ``huggingface-cli login``, never from params. Returns the uploaded file names."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    repo = cfg.recipe.train.hub_model_id
+    if not repo:
+        raise ValueError("train.hub_model_id: expected a repo id (user/name) to push to")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = stage_files(cfg, Path(tmp))
+        api.create_repo(repo_id=repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=tmp, commit_message="Upload ControlNet (controlnet-recipe)")
+    print(f"publish: {', '.join(files)} -> https://huggingface.co/{repo}")
+    return files
+
+
+def main(cfg: Config) -> None:
+    push_to_hub(cfg)
