@@ -44,7 +44,17 @@ def _edit(path: str, value=None, delete: bool = False) -> dict:
         ("$recipe.data.resolution", 60, "data.resolution: expected a multiple of 8, got 60"),
         ("$recipe.train.learning_rate", -1.0, "train.learning_rate: expected greater than 0, got -1.0"),
         ("$recipe.train.proportion_empty_prompts", 1.5, "train.proportion_empty_prompts: expected less than or equal to 1"),
-        ("$recipe.data.source", "nope", "data.source: expected 'synthetic', got 'nope'"),
+        (
+            "$recipe.data.source",
+            "nope",
+            "data.source: expected 'synthetic', 'facesynthetics', 'hub', 'imagefolder' or 'parquet', got 'nope'",
+        ),
+        (
+            "$recipe.captions.captioner",
+            "blip2",
+            "captions.captioner: expected 'attributes', 'blip', 'template', 'given' or 'none'",
+        ),
+        ("$recipe.conditions.detector", "dlib", None),
         ("recipe", "nope", "recipe: expected the name of a recipe block"),
         ("tiers.cpu.mixed_precision", "fp8", "tiers.cpu.mixed_precision: expected 'no', 'fp16' or 'bf16'"),
         ("tiers.8gb-zero2.use_8bit_adam", True, "tiers.8gb-zero2: use_8bit_adam: expected false with deepspeed"),
@@ -55,7 +65,33 @@ def _edit(path: str, value=None, delete: bool = False) -> dict:
     ],
 )
 def test_bad_values_name_the_key(params_file, path, value, expected):
+    if expected is None:  # a good value
+        load_config(params_file(_edit(path, value)))
+        return
     assert expected in _error(params_file, _edit(path, value))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"data.source": "imagefolder", "data.location": "x", "captions.captioner": "none"},
+            "conditions.detector: ground_truth needs landmarks",
+        ),
+        ({"conditions.kind": "given"}, "conditions.kind: given needs conditioning images from the source"),
+        (
+            {"data.source": "hub", "data.location": "x", "conditions.detector": "dlib"},
+            "captions.captioner: attributes only exist for the synthetic",
+        ),
+        ({"data.source": "parquet"}, "data: location: expected a URL, file, folder or id for source 'parquet'"),
+    ],
+)
+def test_stages_must_fit_the_source(params_file, changes, expected):
+    p = repo_params()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        p["demo"][section][name] = value
+    assert expected in _error(params_file, p)
 
 
 def test_missing_key(params_file):

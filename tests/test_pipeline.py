@@ -14,15 +14,16 @@ from .conftest import dvc, run, tiny_params
 
 @pytest.mark.slow
 def test_pipeline_outputs(project: Path):
-    from datasets import load_from_disk
     from diffusers import ControlNetModel
+
+    from controlnet_recipe.storage import load_dataset_dir
 
     metrics = json.loads((project / "eval/metrics.json").read_text())
     for key in ("miou", "miou_base", "miou_ceiling"):
         assert 0.0 <= metrics[key] <= 1.0
     assert (project / "eval/grid.png").stat().st_size > 0
     assert (project / "models/base/samples.png").is_file()
-    ds = load_from_disk(str(project / "data/captions"))
+    ds = load_dataset_dir(project / "data/captions")
     assert {"image", "conditioning_image", "caption"} <= set(ds["train"].column_names)
     assert ds["train"].features["conditioning_image"].__class__.__name__ == "Image"
     assert len(ds["validation"]) == tiny_params()["demo"]["data"]["num_validation"]

@@ -8,7 +8,7 @@ import sys
 
 from .config import ConfigError, load_config
 
-STAGES = ("data", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
+STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

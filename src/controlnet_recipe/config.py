@@ -34,11 +34,22 @@ class Columns(Strict):
 
 
 class DataCfg(Strict):
-    source: Literal["synthetic"]
+    """Where the images come from. ``synthetic`` renders faces; the others read real data:
+    ``facesynthetics`` (archive URL, zip or folder), ``hub`` (a dataset id or a local folder in the
+    hub's layout), ``imagefolder`` (side captions, optional conditioning folder), ``parquet``."""
+
+    source: Literal["synthetic", "facesynthetics", "hub", "imagefolder", "parquet"]
+    location: str | None  # URL, file, folder, glob or hub id; null for synthetic
+    revision: str | None  # hub revision
+    sha256: str | None  # checksum of a downloaded archive
+    source_columns: dict[str, str]  # source column -> image | conditioning_image | caption (hub, parquet)
+    conditioning_folder: str | None  # imagefolder: a parallel folder of conditioning images
     resolution: int = Positive
-    num_train: int = Positive
-    num_validation: int = Positive
+    num_train: int | None = Field(gt=0)  # max training samples (synthetic: how many to render); null: all
+    num_validation: int = Positive  # held-out samples, chosen by a seeded hash of each sample's id
     seed: int
+    shard_size: int = Positive  # samples per shard: the unit of resuming
+    min_size: int = Positive  # images smaller than this (either side) are skipped
 
     @field_validator("resolution")
     @classmethod
@@ -47,16 +58,54 @@ class DataCfg(Strict):
             raise ValueError(f"expected a multiple of 8, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _located(self) -> DataCfg:
+        if self.source == "synthetic" and not self.num_train:
+            raise ConfigError("num_train: expected how many faces to render for the synthetic source")
+        if self.source != "synthetic" and not self.location:
+            raise ConfigError(f"location: expected a URL, file, folder or id for source {self.source!r}")
+        bad = {v for v in self.source_columns.values()} - {"image", "conditioning_image", "caption"}
+        if bad:
+            raise ConfigError(f"source_columns: expected values among image, conditioning_image, caption, got {sorted(bad)}")
+        return self
+
 
 class ConditionsCfg(Strict):
-    kind: Literal["face_segmentation"]
-    detector: Literal["ground_truth"]
+    """``face_segmentation``: landmarks (``detector``: the source's ground truth, dlib or SPIGA)
+    drawn into the face-part map; ``canny``: OpenCV edges; ``given``: the source's own images."""
+
+    kind: Literal["face_segmentation", "canny", "given"]
+    detector: Literal["ground_truth", "dlib", "spiga"]
+    canny_low: int = Field(ge=0, le=255)
+    canny_high: int = Field(ge=0, le=255)
+    num_proc: int | None = Field(gt=0)  # worker processes; null: every core
 
 
 class CaptionsCfg(Strict):
-    captioner: Literal["attributes", "none"]
+    """``attributes`` (synthetic faces), ``blip``, ``template``, ``given`` (the source's), ``none``."""
+
+    captioner: Literal["attributes", "blip", "template", "given", "none"]
+    model: str  # blip: a hub id or a local folder
+    revision: str | None
+    batch_size: int = Positive
+    template: str
     prefix: str
     suffix: str
+
+
+class PhotorealCfg(Strict):
+    """The source recipe's next step: img2img every image through Stable Diffusion before the
+    conditions are drawn, so synthetic renders look photographic. Off by default."""
+
+    enabled: bool
+    model: str
+    revision: str | None
+    prompt: str
+    strength: float = Field(gt=0, le=1)
+    num_inference_steps: int = Positive
+    guidance_scale: float = Field(ge=1)
+    batch_size: int = Positive
+    seed: int
 
 
 class TinyBaseCfg(Strict):
@@ -82,6 +131,7 @@ class CacheCfg(Strict):
 
 class EvaluatorCfg(Strict):
     kind: Literal["segmenter"]
+    num_samples: int = Positive  # training pairs it learns from
     width: int = Field(gt=0, multiple_of=4)
     steps: int = Positive
     batch_size: int = Positive
@@ -167,6 +217,7 @@ class EvaluateCfg(Strict):
 class Recipe(Strict):
     columns: Columns
     data: DataCfg
+    photoreal: PhotorealCfg
     conditions: ConditionsCfg
     captions: CaptionsCfg
     base: BaseCfg
@@ -174,6 +225,33 @@ class Recipe(Strict):
     evaluator: EvaluatorCfg
     train: TrainCfg
     evaluate: EvaluateCfg
+
+    @model_validator(mode="after")
+    def _stages_fit_the_source(self) -> Recipe:
+        src, given = self.data.source, set(self.data.source_columns.values())
+        if self.data.conditioning_folder:
+            given.add("conditioning_image")
+        if (
+            self.conditions.kind == "face_segmentation"
+            and self.conditions.detector == "ground_truth"
+            and src
+            not in (
+                "synthetic",
+                "facesynthetics",
+            )
+        ):
+            raise ConfigError(
+                f"conditions.detector: ground_truth needs landmarks from the source, {src!r} has none (use dlib or spiga)"
+            )
+        if self.conditions.kind == "given" and "conditioning_image" not in given:
+            raise ConfigError(
+                "conditions.kind: given needs conditioning images from the source (data.source_columns or conditioning_folder)"
+            )
+        if self.captions.captioner == "given" and "caption" not in given and src != "imagefolder":
+            raise ConfigError("captions.captioner: given needs captions from the source (data.source_columns)")
+        if self.captions.captioner == "attributes" and src != "synthetic":
+            raise ConfigError(f"captions.captioner: attributes only exist for the synthetic source, not {src!r}")
+        return self
 
 
 class Tier(Strict):

@@ -14,6 +14,7 @@ from PIL import Image
 
 # Every stage's output folder, relative to the project root. dvc.yaml names the same paths.
 DATA_DIR = Path("data/source")
+PHOTOREAL_DIR = Path("data/photoreal")
 CONDITIONS_DIR = Path("data/conditions")
 CAPTIONS_DIR = Path("data/captions")
 CACHE_DIR = Path("data/cache")
@@ -44,15 +45,99 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+SPLITS_FILE = "splits.json"  # written last: lists each split's shards; its presence marks a finished stage
+RUN_FILE = ".run.json"
+
+
+def resolve_dataset_dir(path: Path) -> Path:
+    """A stage folder may hold only ``passthrough.json``, naming the folder it passes on unchanged."""
+    p = path / "passthrough.json"
+    return Path(read_json(p)["dataset"]) if p.is_file() else path
+
+
 def load_dataset_dir(path: Path):
-    """A stage's dataset (a ``DatasetDict`` saved with ``save_to_disk``), with a clear error if absent."""
-    from datasets import disable_caching, load_from_disk
+    """A stage's dataset: a ``DatasetDict`` of its splits, each the concatenation of its shards
+    (memory-mapped Arrow, nothing copied), with a clear error if the stage has not finished."""
+    from datasets import DatasetDict, concatenate_datasets, disable_caching, load_from_disk
 
     # map() would otherwise write cache files into the *input* stage's folder, which DVC owns.
     disable_caching()
-    if not (path / "dataset_dict.json").is_file():
+    path = resolve_dataset_dir(path)
+    if not (path / SPLITS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no dataset here; run the stage that writes it first (dvc repro)")
-    return load_from_disk(str(path))
+    splits = read_json(path / SPLITS_FILE)  # a split with no sample at all is left out
+    return DatasetDict(
+        {
+            split: concatenate_datasets([load_from_disk(str(path / split / s)) for s in shards])
+            for split, shards in splits.items()
+            if shards
+        }
+    )
+
+
+class ShardedOutput:
+    """A stage's output written shard by shard: ``<root>/<split>/shard-NNNNN`` (each a saved
+    Dataset, renamed into place when complete), then ``splits.json``. A rerun with the same ``key``
+    (a digest of the stage's inputs and params) keeps finished shards: an interrupted stage resumes
+    where it stopped; another key starts afresh."""
+
+    def __init__(self, root: Path, key: str):
+        self.root = root
+        run = root / RUN_FILE
+        if not (run.is_file() and read_json(run).get("key") == key):
+            fresh_dir(root)
+            write_json(run, {"key": key})
+        (root / SPLITS_FILE).unlink(missing_ok=True)
+        self.shards: dict[str, set[str]] = {}
+
+    def done(self, split: str, index: int) -> bool:
+        """True if the shard is finished (by an earlier run too); finished shards are recorded."""
+        path = shard_path(self.root, split, index)
+        if (path / "state.json").is_file():
+            self.shards.setdefault(split, set()).add(path.name)
+            return True
+        return False
+
+    def write(self, split: str, index: int, ds) -> None:
+        """Save a finished shard (an empty one is not saved: it is cheap to find empty again)."""
+        self.shards.setdefault(split, set())
+        if len(ds):
+            write_shard(self.root, split, index, ds)
+            self.shards[split].add(shard_path(self.root, split, index).name)
+
+    def finish(self) -> None:
+        """Write splits.json: the stage is complete. Every split is listed, even when empty."""
+        write_json(self.root / SPLITS_FILE, {split: sorted(names) for split, names in self.shards.items()})
+
+
+def shard_path(root: Path, split: str, index: int) -> Path:
+    return root / split / f"shard-{index:05d}"
+
+
+def write_shard(root: Path, split: str, index: int, ds) -> None:
+    """Save one shard: into a temporary folder, renamed into place when complete."""
+    final = shard_path(root, split, index)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    os.replace(tmp, final)
+
+
+def digest(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts (params, upstream fingerprints)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dataset_key(path: Path) -> str:
+    """What a downstream stage's resume key depends on: the upstream stage's shard list and run key."""
+    path = resolve_dataset_dir(path)
+    return digest(read_json(path / SPLITS_FILE), read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else None)
+
+
+def num_workers(requested: int | None = None) -> int:
+    return requested or max(1, os.cpu_count() or 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,50 +1,104 @@
 """captions stage: add a caption to each sample.
 
-Captioners are a registry chosen by ``captions.captioner``: ``attributes`` (from the synthetic
-generator's known attributes) and ``none`` (empty captions). Each takes a batch and returns texts.
+Captioners are chosen by ``captions.captioner``: ``attributes`` (from the synthetic generator's
+known attributes), ``blip`` (BLIP, batched, fp16 on GPU; with several GPUs, one process per GPU
+takes every n-th shard), ``template`` (one fixed text), ``given`` (the source's own captions) and
+``none`` (empty captions; caption dropout at training time is ``train.proportion_empty_prompts``).
+``prefix`` and ``suffix`` wrap every non-empty caption. Shards already written are kept on rerun.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import multiprocessing as mp
 
 from ..config import CaptionsCfg, Config
 from ..faces.synthetic import FaceAttributes, describe
-from ..storage import CAPTIONS_DIR, CONDITIONS_DIR, fresh_dir, load_dataset_dir, write_json
+from ..storage import CAPTIONS_DIR, CONDITIONS_DIR, ShardedOutput, dataset_key, digest, load_dataset_dir, write_json, write_shard
 
 
-def attributes_captioner(batch: dict, image_column: str) -> list[str]:
-    return [describe(FaceAttributes(**json.loads(a))) for a in batch["attributes"]]
+def simple_captions(batch: dict, c: CaptionsCfg, image_column: str, caption_column: str) -> list[str]:
+    """The captioners that need no model."""
+    n = len(batch[image_column])
+    if c.captioner == "attributes":
+        return [describe(FaceAttributes(**json.loads(a))) for a in batch["attributes"]]
+    if c.captioner == "template":
+        return [c.template] * n
+    if c.captioner == "given":
+        return [t or "" for t in batch[caption_column]]
+    return [""] * n
 
 
-def none_captioner(batch: dict, image_column: str) -> list[str]:
-    return [""] * len(batch[image_column])
+def wrap(texts: list[str], c: CaptionsCfg) -> list[str]:
+    return [f"{c.prefix}{t}{c.suffix}" if t else t for t in texts]
 
 
-CAPTIONERS: dict[str, Callable[[dict, str], list[str]]] = {"attributes": attributes_captioner, "none": none_captioner}
+def caption_shard(part, c: CaptionsCfg, image_column: str, caption_column: str, blip=None):
+    """The shard with its caption column filled."""
+    if c.captioner == "blip":
+        texts = []
+        for lo in range(0, len(part), c.batch_size):
+            texts += blip.caption(part[lo : lo + c.batch_size][image_column])
+    else:
+        texts = simple_captions(part[:], c, image_column, caption_column) if len(part) else []
+    return part.remove_columns(caption_column).add_column(caption_column, wrap(texts, c))
 
 
-def caption_batch(batch: dict, cfg: CaptionsCfg, image_column: str, out_column: str) -> dict:
-    texts = CAPTIONERS[cfg.captioner](batch, image_column)
-    return {out_column: [f"{cfg.prefix}{t}{cfg.suffix}" if t else t for t in texts]}
+def _caption_worker(rank: int, world: int, todo: list[tuple[str, int, int, int]], cfg: Config) -> None:
+    """One process: captions the shards ``todo[rank::world]`` (on GPU ``rank`` when there are GPUs)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    r, c = cfg.recipe, cfg.recipe.captions
+    blip = None
+    if c.captioner == "blip":
+        from ..captioning import BlipCaptioner
+
+        device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+        blip = BlipCaptioner(c.model, revision=c.revision, device=device, batch_size=c.batch_size)
+    ds = load_dataset_dir(CONDITIONS_DIR)
+    for split, i, lo, hi in tqdm(todo[rank::world], desc=f"captions ({c.captioner}, process {rank})", disable=rank > 0):
+        part = caption_shard(ds[split].select(range(lo, hi)), c, r.columns.image, r.columns.caption, blip)
+        if len(part):
+            write_shard(CAPTIONS_DIR, split, i, part)
+
+
+def build_captions(cfg: Config) -> dict:
+    r, c = cfg.recipe, cfg.recipe.captions
+    ds = load_dataset_dir(CONDITIONS_DIR)
+    out = ShardedOutput(CAPTIONS_DIR, digest(c.model_dump(), r.columns.caption, dataset_key(CONDITIONS_DIR)))
+    shard = r.data.shard_size
+    plan = [
+        (split, i, lo, min(lo + shard, len(data)))
+        for split, data in ds.items()
+        for i, lo in enumerate(range(0, max(len(data), 1), shard))
+    ]
+    todo = [p for p in plan if not out.done(p[0], p[1])]
+    import torch
+
+    world = torch.cuda.device_count() if c.captioner == "blip" and torch.cuda.device_count() > 1 else 1
+    if world > 1:
+        # spawn, not fork: CUDA cannot be initialised in a forked process.
+        procs = [mp.get_context("spawn").Process(target=_caption_worker, args=(k, world, todo, cfg)) for k in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+            if p.exitcode:
+                raise RuntimeError(f"captions: a captioning process failed (exit code {p.exitcode}); rerun to resume")
+    elif todo:
+        _caption_worker(0, 1, todo, cfg)
+    for split, i, lo, hi in todo:
+        if not out.done(split, i) and hi > lo:
+            raise RuntimeError(f"captions: shard {i} of {split} was not written")
+        out.shards.setdefault(split, set())
+    out.finish()
+    ds = load_dataset_dir(CAPTIONS_DIR)
+    examples = list(ds["train"].select(range(min(5, len(ds["train"]))))[r.columns.caption])
+    return {"captioner": c.captioner, "splits": {s: len(d) for s, d in ds.items()}, "examples": examples, "processes": world}
 
 
 def main(cfg: Config) -> None:
-    r = cfg.recipe
-    ds = load_dataset_dir(CONDITIONS_DIR)
-    ds = ds.map(
-        caption_batch,
-        batched=True,
-        batch_size=256,
-        fn_kwargs={"cfg": r.captions, "image_column": r.columns.image, "out_column": r.columns.caption},
-        desc="captions",
-    )
-    out = fresh_dir(CAPTIONS_DIR)
-    ds.save_to_disk(str(out))
-    examples = list(ds["train"].select(range(min(5, len(ds["train"]))))[r.columns.caption])
-    write_json(
-        out / "report.json",
-        {"captioner": r.captions.captioner, "splits": {s: len(d) for s, d in ds.items()}, "examples": examples},
-    )
-    print(f"captions: {r.captions.captioner}, e.g. {examples[0]!r} -> {out}")
+    report = build_captions(cfg)
+    write_json(CAPTIONS_DIR / "report.json", report)
+    print(f"captions: {report['captioner']}, e.g. {report['examples'][:1]} -> {CAPTIONS_DIR}")

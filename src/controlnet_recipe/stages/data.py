@@ -1,71 +1,178 @@
-"""data stage: produce the source images (with landmarks and attributes where known).
+"""data stage: the source images (with landmarks, captions or conditioning images where the source
+has them), split into train and validation, written in shards.
 
-Sources are a small registry chosen by ``data.source``. ``synthetic`` is the embedded default:
-rendered faces with ground-truth landmarks, deterministic from the seed.
+Sources are chosen by ``data.source``: ``synthetic`` renders faces from seeds (the embedded
+default); ``facesynthetics``, ``hub``, ``imagefolder`` and ``parquet`` read real data. Rows stream
+through worker processes that decode (or render) them, so memory stays flat whatever the size of
+the dataset; a bad file is skipped and counted by reason, never fatal. A held-out sample is chosen
+by a seeded hash of its id, so the split does not depend on the order or the number of rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
+import numpy as np
+from datasets import Dataset, Features, Image, Sequence, Value
+from tqdm.auto import tqdm
 
 from ..config import Config, DataCfg
 from ..faces.synthetic import make_face
-from ..storage import DATA_DIR, fresh_dir, write_json
+from ..report.grid import save_grid
+from ..storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
 
-FEATURES = Features(
-    {
-        "image": Image(),
-        "landmarks": Sequence(Sequence(Sequence(Value("float32")))),  # faces x 68 x (x, y)
-        "attributes": Value("string"),  # JSON of what the generator chose
-    }
-)
-SPLIT_SEED_STRIDE = 10_000_000  # validation seeds never collide with training seeds
+SPLIT_SEED_STRIDE = 10_000_000  # synthetic validation seeds never collide with training seeds
+VALIDATION_RATE = 0.1  # share of rows offered to validation (by hash) until it is full
 
 
-def _synthetic_rows(seeds: list[int], size: int) -> Iterator[dict]:
-    for seed in seeds:
-        img, lm, attrs = make_face(seed, size)
-        yield {"image": img, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict())}
+@dataclass(frozen=True)
+class SyntheticSeed:
+    seed: int
+    size: int
 
 
-def synthetic(cfg: DataCfg, image_column: str, cache_dir: str) -> DatasetDict:
-    """Synthetic faces: ``num_train`` + ``num_validation`` samples rendered at ``resolution``."""
-    procs = max(1, min(os.cpu_count() or 1, 8))
-    features = Features({image_column if k == "image" else k: v for k, v in FEATURES.items()})
-    splits = {}
-    for i, (split, n) in enumerate((("train", cfg.num_train), ("validation", cfg.num_validation))):
-        seeds = [cfg.seed * 1000 + i * SPLIT_SEED_STRIDE + j for j in range(n)]
-        # datasets splits list-valued gen_kwargs into one contiguous shard per process.
-        splits[split] = Dataset.from_generator(
-            _rows_renamed,
-            gen_kwargs={"seeds": seeds, "size": cfg.resolution, "image_column": image_column},
-            features=features,
-            num_proc=min(procs, n) if n >= 64 else None,
-            split=split,
-            cache_dir=cache_dir,
-        )
-    return DatasetDict(splits)
+def features(image: str, conditioning_image: str, caption: str) -> Features:
+    return Features(
+        {
+            "id": Value("string"),
+            image: Image(),
+            conditioning_image: Image(),
+            caption: Value("string"),
+            "landmarks": Sequence(Sequence(Sequence(Value("float32")))),  # faces x 68 x (x, y)
+            "attributes": Value("string"),  # JSON of what a generator chose ("" for real data)
+            "problem": Value("string"),  # e.g. bad_landmarks: kept, but not usable as ground truth
+        }
+    )
 
 
-def _rows_renamed(seeds: list[int], size: int, image_column: str) -> Iterator[dict]:
-    for row in _synthetic_rows(seeds, size):
-        row[image_column] = row.pop("image")
-        yield row
+def _png(img) -> dict:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
 
 
-SOURCES: dict[str, Callable[[DataCfg, str, str], DatasetDict]] = {"synthetic": synthetic}
+def materialize(item) -> tuple[dict | None, str | None, str | None]:
+    """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row.
+    Runs in worker processes; never raises for bad data."""
+    from ..images import decode_image
+
+    if isinstance(item, SyntheticSeed):
+        img, lm, attrs = make_face(item.seed, item.size)
+        row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
+        return {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}, None, None
+    decoded = decode_image(item.image, min_size=item_min_size)
+    if decoded.image is None:
+        return None, decoded.reason, None
+    cond = None
+    problem = item.problem
+    if item.conditioning_image is not None:
+        c = decode_image(item.conditioning_image, min_size=item_min_size)
+        cond = _png(c.image) if c.image is not None else None
+        problem = problem or (None if c.image is not None else f"conditioning_{c.reason}")
+    landmarks = [np.asarray(item.landmarks, dtype=np.float32).tolist()] if item.landmarks is not None else []
+    row = {"id": item.id, "image": _png(decoded.image), "conditioning_image": cond, "caption": item.caption}
+    return {**row, "landmarks": landmarks, "attributes": "", "problem": problem}, None, decoded.converted
+
+
+item_min_size = 8  # set in each worker by _init_worker
+
+
+def _init_worker(min_size: int) -> None:
+    global item_min_size
+    item_min_size = min_size
+
+
+def in_validation(sample_id: str, seed: int) -> bool:
+    h = int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16)
+    return h / 2**32 < VALIDATION_RATE
+
+
+def routed_rows(d: DataCfg, cache_dir) -> Iterator[tuple[str, object]]:
+    """(split, raw item) in a deterministic order; stops once both splits are full."""
+    if d.source == "synthetic":
+        for j in range(d.num_train):
+            yield "train", SyntheticSeed(d.seed * 1000 + j, d.resolution)
+        for j in range(d.num_validation):
+            yield "validation", SyntheticSeed(d.seed * 1000 + SPLIT_SEED_STRIDE + j, d.resolution)
+        return
+    from ..sources import SOURCES, SourceSpec
+
+    columns = dict(d.source_columns)
+    if d.conditioning_folder:
+        columns["conditioning_folder"] = d.conditioning_folder
+    spec = SourceSpec(location=d.location, revision=d.revision, sha256=d.sha256, columns=columns, cache_dir=cache_dir)
+    counts = Counter()
+    for row in SOURCES[d.source](spec):
+        split = "validation" if counts["validation"] < d.num_validation and in_validation(row.id, d.seed) else "train"
+        if split == "train" and d.num_train and counts["train"] >= d.num_train:
+            if counts["validation"] >= d.num_validation:
+                return
+            continue
+        counts[split] += 1
+        yield split, row
+
+
+def build_data(cfg: Config, cache_dir) -> dict:
+    r, d = cfg.recipe, cfg.recipe.data
+    cols = r.columns
+    feats = features(cols.image, cols.conditioning_image, cols.caption)
+    out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()))
+    report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter()}
+    buffers: dict[str, list] = {"train": [], "validation": []}
+    index = Counter()
+    samples: list = []
+    ctx = mp.get_context("fork")
+    with ctx.Pool(num_workers(), initializer=_init_worker, initargs=(d.min_size,)) as pool:
+
+        def flush(split: str) -> None:
+            items, buffers[split] = buffers[split], []
+            i = index[split]
+            index[split] += 1
+            if not items or out.done(split, i):
+                return
+            rows = []
+            for row, reason, converted in pool.imap(materialize, items, chunksize=8):
+                if row is None:
+                    report["skipped"][reason] += 1
+                    continue
+                if converted:
+                    report["converted"][converted] += 1
+                rows.append(
+                    {k if k not in ("image", "conditioning_image", "caption") else getattr(cols, k): v for k, v in row.items()}
+                )
+            ds = Dataset.from_list(rows, features=feats) if rows else Dataset.from_dict({k: [] for k in feats}, features=feats)
+            out.write(split, i, ds)
+            if split == "train" and len(samples) < 8:
+                samples.extend(ds.select(range(min(8 - len(samples), len(ds))))[cols.image])
+
+        bar = tqdm(desc=f"data: {d.source}", unit=" samples")
+        for split, item in routed_rows(d, cache_dir):
+            buffers[split].append(item)
+            bar.update()
+            if len(buffers[split]) >= d.shard_size:
+                flush(split)
+        for split in ("train", "validation"):
+            flush(split)
+        bar.close()
+    out.finish()
+    from ..storage import load_dataset_dir
+
+    ds = load_dataset_dir(DATA_DIR)
+    report["splits"] = {s: len(v) for s, v in ds.items()}
+    if samples:
+        save_grid([samples], DATA_DIR / "samples.png", cell=96)
+    report["skipped"], report["converted"] = dict(report["skipped"]), dict(report["converted"])
+    return report
 
 
 def main(cfg: Config) -> None:
-    r = cfg.recipe
-    out = fresh_dir(DATA_DIR)
-    with tempfile.TemporaryDirectory(dir=out.parent) as cache:
-        ds = SOURCES[r.data.source](r.data, r.columns.image, cache)
-        ds.save_to_disk(str(out))
-    write_json(out / "report.json", {"source": r.data.source, **{s: len(d) for s, d in ds.items()}})
-    print(f"data: {', '.join(f'{len(d)} {s}' for s, d in ds.items())} -> {out}")
+    report = build_data(cfg, cache_dir=DATA_DIR.parent / "downloads")
+    write_json(DATA_DIR / "report.json", report)
+    skipped, converted = report["skipped"] or "none", report["converted"] or "none"
+    print(f"data: {report['splits']}, skipped {skipped}, converted {converted} -> {DATA_DIR}")

@@ -48,6 +48,7 @@ def main(cfg: Config) -> None:
     ds = load_dataset_dir(CONDITIONS_DIR)
     res = r.data.resolution
     train, val = ds["train"], ds["validation"]
+    train = train.select(range(min(r.evaluator.num_samples, len(train))))
     model = train_segmenter(
         images_to_tensor(train[r.columns.image], res),
         labels_tensor(train[r.columns.conditioning_image], res),

@@ -1,0 +1,1 @@
+"""Conditions other than faces (Canny edges, ...), behind the same image-in, condition-image-out interface."""

@@ -1,0 +1,113 @@
+"""Robust image decoding: any input (bytes, path, PIL image) to an 8-bit RGB image, or a reason why not.
+
+Real datasets hold broken files: cut-short downloads, empty files, text saved as ``.png``, 1x1
+tracking pixels, CMYK JPEGs, 16-bit PNGs. :func:`decode_image` never raises; it names the problem
+with one of :data:`REASONS`, so that a stage can skip bad files and count them by reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .storage import to_rgb
+
+REASONS = ("missing_file", "empty_file", "not_an_image", "truncated", "too_small", "unreadable")
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The result of :func:`decode_image`: an RGB image, or ``None`` and the reason it was skipped."""
+
+    image: Image.Image | None
+    reason: str | None = None  # why skipped: one of REASONS
+    converted: str | None = None  # the original mode when it was converted to RGB
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+def _read(path: str | os.PathLike) -> bytes | Decoded:
+    try:
+        if not os.path.isfile(path):
+            return Decoded(None, "missing_file")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return Decoded(None, "unreadable")
+
+
+SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _cut_short(data: bytes) -> bool:
+    """True when the bytes start like a PNG or JPEG but lack its end marker (an interrupted write or download)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" not in data[-32:]
+    if data.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" not in data[-1024:]
+    return False
+
+
+def _from_pil(img: Image.Image, min_size: int) -> Decoded:
+    if min(img.size) < min_size:
+        return Decoded(None, "too_small")
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation != 1:  # as datasets' Image feature does: phone photos are stored sideways
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return Decoded(img)
+    return Decoded(to_rgb(img), converted=img.mode)
+
+
+def decode_image(data: bytes | str | os.PathLike | Image.Image, min_size: int = 8) -> Decoded:
+    """Decode ``data`` fully into an RGB image; never raises. Non-RGB modes are converted with
+    :func:`storage.to_rgb` and ``converted`` names the original mode."""
+    if isinstance(data, Image.Image):
+        try:
+            data.load()
+            return _from_pil(data, min_size)
+        except Exception as e:
+            return Decoded(None, "truncated" if "truncated" in str(e).lower() else "unreadable")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data)
+    else:
+        data = _read(data)
+        if isinstance(data, Decoded):
+            return data
+    if not data:
+        return Decoded(None, "empty_file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if min(img.size) < min_size:
+                return Decoded(None, "too_small")
+            img.load()  # decode every pixel now: a truncated file fails here, not later in a worker
+        return _from_pil(img, min_size)
+    except UnidentifiedImageError:
+        if _cut_short(data):
+            return Decoded(None, "truncated")
+        return Decoded(None, "unreadable" if _looks_like_image(data) else "not_an_image")  # a corrupt header
+    except (OSError, EOFError, SyntaxError, ValueError) as e:
+        truncated = _cut_short(data) or isinstance(e, EOFError) or "truncated" in str(e).lower()
+        return Decoded(None, "truncated" if truncated else "unreadable")
+    except Exception:  # DecompressionBombError/Warning, plugin bugs, ...
+        return Decoded(None, "unreadable")
+
+
+def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
+    """PNG bytes of ``img`` (lossless; fast compression by default)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -1,0 +1,125 @@
+"""A folder of images (searched recursively), with captions and optional conditioning images.
+
+- Captions: a side file with the image's stem and ``.txt``, else ``metadata.jsonl`` (or ``metadata.csv``)
+  in the image's folder or any folder above it, as datasets' imagefolder: ``file_name`` relative to that
+  metadata file, plus ``text`` or ``caption`` (or a field that ``spec.columns`` maps to ``caption``).
+- Conditioning images: a parallel folder, ``spec.columns["conditioning_folder"]``, holding the same
+  relative file names (any image extension), or a metadata field ``conditioning_image_file_name`` (or one
+  that ``spec.columns`` maps to ``conditioning_image``). This is the "two image columns" case that
+  upstream's imagefolder loader cannot hold (diffusers #2772, #6077). A missing one gives
+  ``problem="missing_conditioning"``.
+
+Rows carry file paths, not bytes; ids are the relative paths (posix), in sorted order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import SourceRow, SourceSpec
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_FIELDS = ("text", "caption")
+CONDITIONING_FIELDS = ("conditioning_image_file_name", "conditioning_file_name")
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _records(path: Path) -> Iterator[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not JSON: {e.msg}") from None
+
+
+def _metadata(root: Path, spec: SourceSpec) -> dict[str, dict[str, str]]:
+    """Relative image path -> {"caption": ..., "conditioning_image": absolute path} from all metadata files."""
+    caption_fields = [k for k, v in spec.columns.items() if v == "caption"] + list(CAPTION_FIELDS)
+    cond_fields = [k for k, v in spec.columns.items() if v == "conditioning_image"] + list(CONDITIONING_FIELDS)
+    out: dict[str, dict[str, str]] = {}
+    for meta in sorted(p for name in METADATA_FILES for p in root.rglob(name)):
+        base = meta.parent
+        for rec in _records(meta):
+            if "file_name" not in rec:
+                raise ValueError(f"{meta}: a record without 'file_name'")
+            entry = {}
+            caption = next((rec[k] for k in caption_fields if rec.get(k) is not None), None)
+            if caption is not None:
+                entry["caption"] = str(caption)
+            cond = next((rec[k] for k in cond_fields if rec.get(k)), None)
+            if cond is not None:
+                entry["conditioning_image"] = str(base / cond)
+            rel = (base / rec["file_name"]).relative_to(root).as_posix()
+            out[rel] = entry
+    return out
+
+
+def _conditioning_folder(spec: SourceSpec, root: Path) -> Path | None:
+    value = spec.columns.get("conditioning_folder")
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir() and not folder.is_absolute() and (root / folder).is_dir():
+        folder = root / folder  # relative to the image folder rather than the working directory
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{value}: conditioning folder not found")
+    return folder
+
+
+def _find_conditioning(folder: Path, rel: Path) -> Path | None:
+    """The same relative name, or the same stem with another image extension."""
+    same = folder / rel
+    if same.is_file():
+        return same
+    for ext in IMAGE_EXTENSIONS:
+        for cand in (same.with_suffix(ext), same.with_suffix(ext.upper())):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def read(spec: SourceSpec) -> Iterator[SourceRow]:
+    """Image paths under ``spec.location`` in sorted order, with captions and conditioning paths."""
+    root = Path(spec.location).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no image folder here")
+    cond_folder = _conditioning_folder(spec, root)
+    skip = cond_folder.resolve() if cond_folder is not None else None
+    metadata = _metadata(root, spec)
+    cond_files = {str(Path(m["conditioning_image"]).resolve()) for m in metadata.values() if "conditioning_image" in m}
+    uses_conditioning = cond_folder is not None or bool(cond_files)
+
+    def is_target(p: Path) -> bool:  # an image, and not a conditioning image kept inside the folder
+        if not (_is_image(p) and p.is_file()):
+            return False
+        resolved = p.resolve()
+        return str(resolved) not in cond_files and not (skip is not None and skip in resolved.parents)
+
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if is_target(p))
+    for rel in rels:
+        path = root / rel
+        meta = metadata.get(rel, {})
+        side = path.with_suffix(".txt")
+        caption = side.read_text(encoding="utf-8").strip() if side.is_file() else meta.get("caption")
+        row = SourceRow(id=rel, image=str(path), caption=caption)
+        if uses_conditioning:
+            cond = meta.get("conditioning_image")
+            cond_path = Path(cond) if cond else _find_conditioning(cond_folder, Path(rel)) if cond_folder else None
+            if cond_path is not None and cond_path.is_file():
+                row.conditioning_image = str(cond_path)
+            else:
+                row.problem = "missing_conditioning"
+        yield row

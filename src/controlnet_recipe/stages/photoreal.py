@@ -1,0 +1,76 @@
+"""photoreal stage (optional, off by default): the source recipe's stated next step. Every image
+goes through Stable Diffusion img2img before the conditions are drawn, so that synthetic renders
+look photographic and the ControlNet stops drawing "uncanny" 3D faces. A low ``strength`` keeps
+the pose, so ground-truth landmarks still fit.
+
+Disabled, it writes only ``passthrough.json`` naming ``data/source``: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Config, PhotorealCfg
+from ..report.grid import save_grid
+from ..storage import DATA_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, fresh_dir, load_dataset_dir, write_json
+
+
+def load_img2img(p: PhotorealCfg):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        p.model, revision=p.revision, torch_dtype=torch.float16 if cuda else torch.float32, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cuda" if cuda else "cpu")
+
+
+def photoreal_batch(pipe, images: list, p: PhotorealCfg, seeds: list[int]) -> list:
+    """img2img at the images' own size, one seed per image (reproducible whatever the batching)."""
+    size = images[0].size
+    out = pipe(
+        prompt=[p.prompt] * len(images),
+        image=[im.convert("RGB") for im in images],
+        strength=p.strength,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+    ).images
+    return [im.resize(size) for im in out]
+
+
+def build_photoreal(cfg: Config) -> dict:
+    r, p = cfg.recipe, cfg.recipe.photoreal
+    if not p.enabled:
+        fresh_dir(PHOTOREAL_DIR)
+        write_json(PHOTOREAL_DIR / "passthrough.json", {"dataset": str(DATA_DIR)})
+        return {"enabled": False}
+    ds = load_dataset_dir(DATA_DIR)
+    out = ShardedOutput(PHOTOREAL_DIR, digest(p.model_dump(), dataset_key(DATA_DIR)))
+    pipe = load_img2img(p)
+    col, shard = r.columns.image, r.data.shard_size
+    before_after = []
+    for split, data in ds.items():
+        for i, lo in enumerate(range(0, max(len(data), 1), shard)):
+            if out.done(split, i):
+                continue
+            part = data.select(range(lo, min(lo + shard, len(data))))
+            new = []
+            for b in tqdm(range(0, len(part), p.batch_size), desc=f"photoreal ({split}, shard {i})"):
+                imgs = part[b : b + p.batch_size][col]
+                new += photoreal_batch(pipe, imgs, p, [p.seed + lo + b + k for k in range(len(imgs))])
+            if len(before_after) < 4:
+                before_after += [[a, b] for a, b in zip(part[col][: 4 - len(before_after)], new)]
+            out.write(split, i, part.remove_columns(col).add_column(col, new, feature=part.features[col]))
+    out.finish()
+    if before_after:
+        save_grid(before_after, PHOTOREAL_DIR / "samples.png", col_titles=["render", "img2img"])
+    return {"enabled": True, "model": p.model, "strength": p.strength}
+
+
+def main(cfg: Config) -> None:
+    report = build_photoreal(cfg)
+    write_json(PHOTOREAL_DIR / "report.json", report)
+    print(f"photoreal: {report} -> {PHOTOREAL_DIR}")

@@ -1,0 +1,191 @@
+"""The data, conditions and captions stages on real-format data that the tests make: an image folder
+full of bad files, a FaceSynthetics folder, a dataset in the hub's layout, a real photo with two
+detections (scikit-image's astronaut), a tiny BLIP; and resuming an interrupted stage."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from controlnet_recipe.config import load_config
+from controlnet_recipe.faces.synthetic import make_face
+from controlnet_recipe.stages.captions import build_captions
+from controlnet_recipe.stages.conditions import build_conditions
+from controlnet_recipe.stages.data import build_data
+from controlnet_recipe.stages.photoreal import build_photoreal
+from controlnet_recipe.storage import CAPTIONS_DIR, CONDITIONS_DIR, DATA_DIR, load_dataset_dir
+
+from .conftest import repo_params
+
+
+def _cfg(tmp: Path, data: dict, conditions: dict | None = None, captions: dict | None = None):
+    p = repo_params()
+    r = p["demo"]
+    r["data"].update({"num_train": None, "num_validation": 1, "shard_size": 4, "min_size": 8, **data})
+    r["conditions"].update(conditions or {})
+    r["captions"].update(captions or {"captioner": "none"})
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    return load_config(path)
+
+
+def _run(cfg) -> tuple[dict, dict, dict]:
+    data = build_data(cfg, cache_dir=Path("downloads"))
+    build_photoreal(cfg)
+    return data, build_conditions(cfg), build_captions(cfg)
+
+
+def _face(seed: int, size: int = 48) -> Image.Image:
+    return make_face(seed, size)[0]
+
+
+@pytest.fixture
+def bad_folder(tmp_path: Path, monkeypatch) -> Path:
+    """An image folder with side captions and every kind of bad file."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        _face(i).save(folder / f"good{i}.png")
+        (folder / f"good{i}.txt").write_text(f"face number {i}")
+    good = io.BytesIO()
+    _face(9).save(good, format="PNG")
+    (folder / "truncated.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image at all")
+    Image.new("RGB", (1, 1)).save(folder / "tiny.png")
+    _face(10).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.asarray(_face(11).convert("L"), dtype=np.uint16) * 257).save(folder / "deep16.png")
+    _face(12).convert("L").save(folder / "gray.png")
+    _face(13).convert("RGBA").save(folder / "rgba.png")
+    return folder
+
+
+def test_bad_files_are_skipped_or_converted_and_counted(bad_folder: Path):
+    cfg = _cfg(
+        bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"}, {"captioner": "given"}
+    )
+    data, conditions, captions = _run(cfg)
+    assert data["skipped"] == {"truncated": 1, "empty_file": 1, "not_an_image": 1, "too_small": 1}
+    assert data["converted"] == {"CMYK": 1, "I;16": 1, "L": 1, "RGBA": 1}
+    assert sum(data["splits"].values()) == 10  # 6 good + 4 converted
+    assert sum(s["kept"] for s in conditions["splits"].values()) == 10
+    ds = load_dataset_dir(CAPTIONS_DIR)
+    rows = {i: c for part in ds.values() for i, c in zip(part["id"], part["caption"])}
+    assert rows["good0.png"] == "face number 0" and rows["gray.png"] == ""
+    assert all(img.mode == "RGB" for part in ds.values() for img in part["conditioning_image"])
+    assert (DATA_DIR / "samples.png").is_file() and (CONDITIONS_DIR / "samples.png").is_file()
+
+
+def test_facesynthetics_ground_truth_drops_bad_landmarks(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    for i in range(5):
+        img, lm, _ = make_face(i, 64)
+        img.save(folder / f"{i:06d}.png")
+        pts = np.vstack([lm, lm[36:42].mean(0), lm[42:48].mean(0)])  # 68 + two pupils
+        lines = pts[:50] if i == 3 else pts  # sample 3: a landmark file with the wrong number of points
+        (folder / f"{i:06d}_ldmks.txt").write_text("\n".join(f"{x} {y}" for x, y in lines))
+    cfg = _cfg(
+        tmp_path, {"source": "facesynthetics", "location": str(folder)}, {"kind": "face_segmentation", "detector": "ground_truth"}
+    )
+    data, conditions, _ = _run(cfg)
+    assert sum(data["splits"].values()) == 5
+    dropped = {k: v for s in conditions["splits"].values() for k, v in s["dropped"].items()}
+    assert dropped == {"bad_landmarks": 1}
+    ds = load_dataset_dir(CONDITIONS_DIR)
+    assert "000003" not in [i for part in ds.values() for i in part["id"]]
+
+
+def test_dlib_on_a_real_photo_two_detections_and_no_face(tmp_path: Path, monkeypatch):
+    from skimage.data import astronaut
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(astronaut()).save(folder / "astronaut.png")
+    Image.new("RGB", (128, 128), (90, 120, 200)).save(folder / "sky.png")
+    cfg = _cfg(tmp_path, {"source": "imagefolder", "location": str(folder)}, {"kind": "face_segmentation", "detector": "dlib"})
+    _, conditions, _ = _run(cfg)
+    dropped = {k: v for s in conditions["splits"].values() for k, v in s["dropped"].items()}
+    assert dropped == {"no_face": 1}
+    (row,) = [r for part in load_dataset_dir(CONDITIONS_DIR).values() for r in part]
+    # dlib finds two: the astronaut's face and the round mission patch on her suit (a false positive).
+    assert len(row["landmarks"]) == 2 and all(np.asarray(f).shape == (68, 2) for f in row["landmarks"])
+    seg = np.asarray(row["conditioning_image"])
+    assert seg.shape == (512, 512, 3) and (seg[76:166, 175:265].sum(-1) > 0).mean() > 0.5
+
+
+def test_hub_layout_with_given_conditions_and_captions(tmp_path: Path, monkeypatch):
+    """The source recipe's ready-made dataset layout: image, spiga_seg, image_caption."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    monkeypatch.chdir(tmp_path)
+    faces = [make_face(i, 48) for i in range(6)]
+    from controlnet_recipe.faces.draw import draw_segmentation
+
+    ds = Dataset.from_dict(
+        {
+            "image": [f[0] for f in faces],
+            "spiga_seg": [draw_segmentation([f[1]], (48, 48)) for f in faces],
+            "image_caption": [f"caption {i}" for i in range(6)],
+        }
+    ).cast_column("image", ImageFeature())
+    ds = ds.cast_column("spiga_seg", ImageFeature())
+    (tmp_path / "hub/data").mkdir(parents=True)
+    ds.to_parquet(tmp_path / "hub/data/train-00000-of-00001.parquet")
+    mapping = {"image": "image", "spiga_seg": "conditioning_image", "image_caption": "caption"}
+    cfg = _cfg(
+        tmp_path,
+        {"source": "hub", "location": str(tmp_path / "hub"), "source_columns": mapping},
+        {"kind": "given"},
+        {"captioner": "given", "prefix": "photo: "},
+    )
+    _run(cfg)
+    out = load_dataset_dir(CAPTIONS_DIR)
+    rows = [r for part in out.values() for r in part]
+    assert len(rows) == 6 and all(r["caption"].startswith("photo: caption ") for r in rows)
+    assert all(np.asarray(r["conditioning_image"]).max() > 0 for r in rows)
+
+
+def test_blip_captions_through_the_stage(bad_folder: Path, tiny_blip: Path):
+    cfg = _cfg(
+        bad_folder.parent,
+        {"source": "imagefolder", "location": str(bad_folder)},
+        {"kind": "canny"},
+        {"captioner": "blip", "model": str(tiny_blip), "batch_size": 3, "suffix": "!"},
+    )
+    _, _, captions = _run(cfg)
+    assert captions["captioner"] == "blip" and sum(captions["splits"].values()) == 10
+    texts = [t for part in load_dataset_dir(CAPTIONS_DIR).values() for t in part["caption"]]
+    assert all(isinstance(t, str) for t in texts)
+
+
+def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path):
+    cfg = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"})
+    build_data(cfg, cache_dir=Path("downloads"))
+    shards = sorted((DATA_DIR / "train").iterdir())
+    assert len(shards) >= 2
+    first_mtime = shards[0].stat().st_mtime_ns
+    # A crash before the end: the last shard and the completion marker are gone.
+    shutil.rmtree(shards[-1])
+    (DATA_DIR / "splits.json").unlink()
+    with pytest.raises(FileNotFoundError, match="run the stage that writes it first"):
+        load_dataset_dir(DATA_DIR)
+    report = build_data(cfg, cache_dir=Path("downloads"))
+    assert shards[0].stat().st_mtime_ns == first_mtime and shards[-1].is_dir()
+    assert sum(report["splits"].values()) == 10
+    # Other params: everything is redone.
+    cfg2 = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder), "min_size": 40}, {"kind": "canny"})
+    report = build_data(cfg2, cache_dir=Path("downloads"))
+    assert report["skipped"]["too_small"] >= 1 and shards[0].stat().st_mtime_ns != first_mtime
+    assert json.loads((DATA_DIR / "splits.json").read_text())
