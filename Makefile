@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 GPU ?=
+RECIPE ?=
 # Stages run with the project's environment first on PATH; DVC's analytics stay off (no network).
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -15,7 +16,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: GPU=auto|cpu|8gb|12gb|16gb|24gb|40gb|80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|faces, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +40,11 @@ demo: env ## run the whole pipeline on the embedded default (CPU, offline, ~10 m
 repro: env ## rerun only the stages whose code, params or inputs changed
 	$(BIN)/dvc repro
 
-train: env ## train the ControlNet (and what it needs) on a memory tier: make train GPU=16gb
+train: env ## train the ControlNet (and what it needs): make train [RECIPE=faces] [GPU=16gb]
+	@if [ -n "$(RECIPE)" ]; then \
+	  $(BIN)/python -m controlnet_recipe check --recipe "$(RECIPE)" && \
+	  sed -i -E 's/^recipe:[[:space:]]*[^[:space:]#]+/recipe: $(RECIPE)/' params.yaml && echo "params.yaml: recipe: $(RECIPE)"; \
+	fi
 	@if [ -n "$(GPU)" ]; then \
 	  $(BIN)/python -m controlnet_recipe check --gpu "$(GPU)" && \
 	  sed -i -E 's/^gpu:[[:space:]]*[^[:space:]#]+/gpu: $(GPU)/' params.yaml && echo "params.yaml: gpu: $(GPU)"; \
@@ -62,4 +67,4 @@ lock: env ## rewrite requirements.lock from the current environment
 	mv requirements.lock.new requirements.lock
 
 clean: ## remove pipeline outputs (not the environment)
-	rm -rf data/source data/conditions data/captions models eval train
+	rm -rf data/source data/photoreal data/conditions data/captions data/cache models eval train

@@ -16,6 +16,16 @@ def test_repo_params_load():
     assert cfg.tier.batch_size > 0
 
 
+def test_source_recipe_block_is_valid():
+    """The real recipe (FaceSynthetics, BLIP, SD 2.1-base) has every key and the blog's settings."""
+    cfg = load_config(ROOT / "params.yaml", {"recipe": "faces"})
+    r = cfg.recipe
+    assert (r.data.source, r.data.resolution, r.captions.captioner) == ("facesynthetics", 512, "blip")
+    assert r.base.pretrained_model == "stabilityai/stable-diffusion-2-1-base"
+    assert (r.train.learning_rate, r.train.batch_size, r.train.num_train_epochs) == (1e-5, 4, 1)
+    assert cfg.tiers["16gb"].batch_size == 1 and cfg.tiers["16gb"].use_8bit_adam
+
+
 def _error(params_file, params: dict) -> str:
     with pytest.raises(ConfigError) as e:
         load_config(params_file(params))

@@ -20,9 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
+    p.add_argument("--recipe", default=None, help="override the recipe block named in params")
     args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("gpu", args.gpu), ("recipe", args.recipe)) if v}
     try:
-        cfg = load_config(args.params, {"gpu": args.gpu} if args.gpu else None)
+        cfg = load_config(args.params, overrides)
         if args.stage == "check":
             print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
             return 0

@@ -24,23 +24,24 @@ def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCf
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed)
     steps, batch_size, lr = cfg.steps, cfg.batch_size, cfg.learning_rate
-    model = Segmenter(len(PARTS), width=cfg.width)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Segmenter(len(PARTS), width=cfg.width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     # Small parts (eyes, lips) matter as much as skin: weight classes by inverse sqrt frequency.
     freq = torch.bincount(labels.ravel(), minlength=len(PARTS)).float() + 1
     weight = (freq.sum() / freq).sqrt()
-    weight = weight / weight.mean()
+    weight = (weight / weight.mean()).to(device)
     for step in (bar := tqdm(range(steps), desc="evaluator: segmenter")):
         idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        x = degrade(pixels[idx], g)
-        loss = F.cross_entropy(model(x), labels[idx], weight=weight)
+        x = degrade(pixels[idx], g).to(device)
+        loss = F.cross_entropy(model(x), labels[idx].to(device), weight=weight)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def main(cfg: Config) -> None:
