@@ -47,3 +47,20 @@ def load_base(ref: BaseRef) -> BaseComponents:
         unet=UNet2DConditionModel.from_pretrained(ref.name_or_path, subfolder="unet", **kw),
         noise_scheduler=DDPMScheduler.from_pretrained(ref.name_or_path, subfolder="scheduler", **kw),
     )
+
+
+def pipeline_components(b: BaseComponents, scheduler=None) -> dict:
+    """Keyword arguments for a Stable Diffusion pipeline (plain or ControlNet) made of the base's
+    components: UniPC for sampling unless ``scheduler`` is given, no safety checker."""
+    from diffusers import UniPCMultistepScheduler
+
+    return dict(
+        vae=b.vae,
+        text_encoder=b.text_encoder,
+        tokenizer=b.tokenizer,
+        unet=b.unet,
+        scheduler=scheduler or UniPCMultistepScheduler.from_config(b.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from ..config import Config, EvaluateCfg
 from ..faces.draw import PARTS
 from ..metrics.segmentation import condition_miou
-from ..models.base_model import BaseRef, load_base
+from ..models.base_model import BaseRef, load_base, pipeline_components
 from ..models.segmenter import Segmenter
 from ..report.grid import save_grid
 from ..storage import (
@@ -63,17 +63,7 @@ def main(cfg: Config) -> None:
 
     b = load_base(BaseRef.read())
     controlnet = ControlNetModel.from_pretrained(CONTROLNET_DIR)
-    scheduler = UniPCMultistepScheduler.from_config(b.noise_scheduler.config)
-    common = dict(
-        vae=b.vae,
-        text_encoder=b.text_encoder,
-        tokenizer=b.tokenizer,
-        unet=b.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    common = pipeline_components(b)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cn_pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **common).to(device)
     base_pipe = StableDiffusionPipeline(**common).to(device)
@@ -103,7 +93,7 @@ def main(cfg: Config) -> None:
         "num_samples": n,
     }
     write_json(out / "metrics.json", metrics)
-    write_json(out / "generation.json", {"scheduler": "UniPCMultistepScheduler", "resolution": res, **e.model_dump()})
+    write_json(out / "generation.json", {"scheduler": type(cn_pipe.scheduler).__name__, "resolution": res, **e.model_dump()})
     with open(out / "per_part.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["part", "model", "iou"])

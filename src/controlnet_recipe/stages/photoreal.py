@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, PhotorealCfg
+from ..images import encode_png
 from ..report.grid import save_grid
 from ..storage import DATA_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, fresh_dir, load_dataset_dir, write_json
 
@@ -63,7 +64,8 @@ def build_photoreal(cfg: Config) -> dict:
                 new += photoreal_batch(pipe, imgs, p, [p.seed + lo + b + k for k in range(len(imgs))])
             if len(before_after) < 4:
                 before_after += [[a, b] for a, b in zip(part[col][: 4 - len(before_after)], new)]
-            out.write(split, i, part.remove_columns(col).add_column(col, new, feature=part.features[col]))
+            encoded = [{"bytes": encode_png(im), "path": None} for im in new]
+            out.write(split, i, part.remove_columns(col).add_column(col, encoded, feature=part.features[col]))
     out.finish()
     if before_after:
         save_grid(before_after, PHOTOREAL_DIR / "samples.png", col_titles=["render", "img2img"])

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ValidationCfg
 from ..metrics.segmentation import condition_miou
+from ..models.base_model import pipeline_components
 from ..report.grid import make_grid
 from ..storage import images_to_tensor, tensor_to_images
 
@@ -64,17 +65,7 @@ def run_validation(
     base.unet.to(dtype=dtype)
     base.vae.to(device, dtype)
     base.text_encoder.to(device, dtype)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        controlnet=controlnet,
-        scheduler=UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **pipeline_components(base))
     pipe.set_progress_bar_config(disable=True)
     was_training = controlnet.training
     controlnet.eval()

@@ -1,0 +1,41 @@
+"""The photoreal stage (img2img before conditions) runs for real on the tiny Stable Diffusion pipeline
+that the base stage saved, loaded through the same from_pretrained path as a hub model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from controlnet_recipe.config import load_config
+from controlnet_recipe.stages.photoreal import build_photoreal
+from controlnet_recipe.storage import PHOTOREAL_DIR, load_dataset_dir
+
+
+@pytest.mark.slow
+def test_img2img_changes_images_and_keeps_everything_else(project: Path, tmp_path: Path, monkeypatch):
+    work = tmp_path / "p"
+    shutil.copytree(project, work, symlinks=True)
+    monkeypatch.chdir(work)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["demo"]["photoreal"].update(
+        enabled=True, model="models/base/pipeline", strength=0.6, num_inference_steps=4, guidance_scale=2.0, batch_size=4
+    )
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cfg = load_config("params.yaml")
+    assert build_photoreal(cfg)["enabled"] is True
+    before, after = load_dataset_dir(Path("data/source")), load_dataset_dir(PHOTOREAL_DIR)
+    assert {s: len(d) for s, d in before.items()} == {s: len(d) for s, d in after.items()}
+    a, b = before["train"][0], after["train"][0]
+    assert a["id"] == b["id"] and a["landmarks"] == b["landmarks"]
+    assert a["image"].size == b["image"].size and not np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert (PHOTOREAL_DIR / "samples.png").is_file()
+    # Turned off again: a pointer to data/source, nothing copied.
+    params["demo"]["photoreal"]["enabled"] = False
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    build_photoreal(load_config("params.yaml"))
+    assert sorted(p.name for p in PHOTOREAL_DIR.iterdir()) == ["passthrough.json"]
+    assert len(load_dataset_dir(PHOTOREAL_DIR)["train"]) == len(before["train"])
