@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+from PIL import Image
 
 from ..config import ConditionsCfg, Config
 from ..faces.draw import draw_segmentation
+from ..images import encode_png
 from ..report.grid import save_grid
 from ..storage import CONDITIONS_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, load_dataset_dir, num_workers, write_json
 
@@ -51,7 +53,8 @@ def condition_batch(batch: dict, c: ConditionsCfg, image_column: str, out_column
             cond = canny(img, c.canny_low, c.canny_high)
         else:
             cond, reason = (given, None) if given is not None else (None, problem or "no_conditioning_image")
-        conds.append(cond)
+        # Encoded here, in the worker, with fast PNG compression (the maps are flat colours).
+        conds.append({"bytes": encode_png(cond), "path": None} if isinstance(cond, Image.Image) else cond)
         reasons.append(reason)
         landmarks.append(found)
     return {out_column: conds, "drop_reason": reasons, "landmarks": landmarks}

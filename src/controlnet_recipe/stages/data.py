@@ -11,7 +11,6 @@ by a seeded hash of its id, so the split does not depend on the order or the num
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 from collections import Counter
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, DataCfg
 from ..faces.synthetic import make_face
+from ..images import decode_image, encode_png
 from ..report.grid import save_grid
 from ..storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
 
@@ -52,16 +52,13 @@ def features(image: str, conditioning_image: str, caption: str) -> Features:
 
 
 def _png(img) -> dict:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
+    """An ``Image`` feature value, encoded here (in the worker) with fast PNG compression."""
+    return {"bytes": encode_png(img), "path": None}
 
 
 def materialize(item) -> tuple[dict | None, str | None, str | None]:
     """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row.
     Runs in worker processes; never raises for bad data."""
-    from ..images import decode_image
-
     if isinstance(item, SyntheticSeed):
         img, lm, attrs = make_face(item.seed, item.size)
         row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
