@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from controlnet_recipe import storage
 from controlnet_recipe.config import load_config
 from controlnet_recipe.faces.synthetic import make_face
 from controlnet_recipe.stages.captions import build_captions
@@ -170,7 +171,7 @@ def test_blip_captions_through_the_stage(bad_folder: Path, tiny_blip: Path):
     assert all(isinstance(t, str) for t in texts)
 
 
-def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path):
+def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path, monkeypatch):
     cfg = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"})
     build_data(cfg, cache_dir=Path("downloads"))
     shards = sorted((DATA_DIR / "train").iterdir())
@@ -189,3 +190,10 @@ def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path):
     report = build_data(cfg2, cache_dir=Path("downloads"))
     assert report["skipped"]["too_small"] >= 1 and shards[0].stat().st_mtime_ns != first_mtime
     assert json.loads((DATA_DIR / "splits.json").read_text())
+    # Same params, other code (DVC reruns a stage whose code changed): redone too, never resumed.
+    second_mtime = shards[0].stat().st_mtime_ns
+    build_data(cfg2, cache_dir=Path("downloads"))
+    assert shards[0].stat().st_mtime_ns == second_mtime
+    monkeypatch.setattr(storage, "code_digest", lambda: "edited code")
+    build_data(cfg2, cache_dir=Path("downloads"))
+    assert shards[0].stat().st_mtime_ns != second_mtime

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
 from ..models.base_model import BaseRef, load_base
-from ..storage import CACHE_DIR, CAPTIONS_DIR, images_to_tensor, load_dataset_dir, read_json, write_json
+from ..storage import CACHE_DIR, CAPTIONS_DIR, code_digest, images_to_tensor, load_dataset_dir, read_json, write_json
 
 META = "cache.json"
 EMPTY = "empty_prompt.safetensors"
@@ -101,7 +101,11 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         if other.is_dir() and other.name != fp:
             shutil.rmtree(other)
     folder = root / fp
+    code = folder / ".code"  # shards are kept only for the code that wrote them
+    if folder.is_dir() and not (code.is_file() and code.read_text() == code_digest()):
+        shutil.rmtree(folder)
     folder.mkdir(exist_ok=True)
+    code.write_text(code_digest())
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base(ref)
