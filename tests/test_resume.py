@@ -89,6 +89,12 @@ def test_sigkill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path):
     assert got.keys() == expected.keys()
     diffs = {k: (got[k] - expected[k]).abs().max().item() for k in got}
     assert all(torch.equal(got[k], expected[k]) for k in got), f"largest difference {max(diffs.values())}"
+    # Run again after the end (DVC reruns train when its code changes): it resumes at the last step,
+    # trains nothing, and still writes every output.
+    (work / "train/validation.png").unlink()
+    assert f"resuming from train/checkpoints/checkpoint-{STEPS}" in run(_train_cmd(), work)
+    assert (work / "train/validation.png").is_file()
+    assert all(torch.equal(v, expected[k]) for k, v in load_file(work / WEIGHTS).items())
 
 
 def test_interrupted_save_is_never_resumed(tmp_path: Path):

@@ -216,6 +216,8 @@ def train_controlnet(cfg: Config) -> dict:
         if main and (done % t.validation.steps == 0 or done == max_steps):
             last_val = validate(done)
     seconds = time.time() - t0
+    if main and not last_val:  # resumed at the last step: the final validation still belongs to the outputs
+        last_val = validate(max_steps)
     accelerator.wait_for_everyone()
     if main:
         trackers.close()
