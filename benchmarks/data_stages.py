@@ -41,31 +41,13 @@ def _params(folder: Path, data: dict, conditions: dict, captions: dict) -> Path:
 def blip_large_random(folder: Path) -> Path:
     """Salesforce/blip-image-captioning-large's architecture (ViT-L/16 at 384 px, BERT-base text
     decoder), random weights, with a placeholder vocabulary of the same size."""
-    import torch
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-        BlipTextConfig,
-        BlipVisionConfig,
-    )
+    from controlnet_recipe.captioning import BLIP_SPECIAL_TOKENS, save_random_blip
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + [f"w{i}" for i in range(30524 - 6)]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizer(vocab=str(folder / "vocab.txt"), bos_token="[DEC]")
-    text = BlipTextConfig(
-        vocab_size=len(vocab), encoder_hidden_size=1024, pad_token_id=0, bos_token_id=5, eos_token_id=3, sep_token_id=3
-    )
-    vision = BlipVisionConfig(
+    words = [f"w{i}" for i in range(30524 - len(BLIP_SPECIAL_TOKENS))]
+    vision = dict(
         image_size=384, patch_size=16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
     )
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())).save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tok).save_pretrained(folder)
-    return folder
+    return save_random_blip(folder, words, text=dict(encoder_hidden_size=1024), vision=vision)
 
 
 class AnonPeak:

@@ -14,52 +14,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ["a", "photography", "of", "face", "woman", "man", "with", "red", "blue", "hair", "smiling", "on", "the", "background"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP's decoder starts from [DEC]
 PROMPT = "a photography of"
 
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     """A tiny BLIP captioner built from configs and saved with save_pretrained (no download)."""
-    import torch
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-        BlipTextConfig,
-        BlipVisionConfig,
-    )
+    from transformers import AutoTokenizer
 
-    path = tmp_path_factory.mktemp("tiny-blip")
-    vocab = SPECIAL + WORDS
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    # transformers 5: the argument is `vocab` (a file or a dict); `vocab_file=` is silently ignored.
-    tokenizer = BertTokenizer(vocab=str(path / "vocab.txt"), bos_token="[DEC]", model_max_length=32)
+    from controlnet_recipe.captioning import BLIP_SPECIAL_TOKENS, save_random_blip
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    path = save_random_blip(
+        tmp_path_factory.mktemp("tiny-blip"),
+        WORDS,
+        text=dict(encoder_hidden_size=32, max_position_embeddings=32, **small),
+        vision=dict(image_size=32, patch_size=8, **small),
+        max_length=32,
+    )
+    vocab = BLIP_SPECIAL_TOKENS + WORDS
+    tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer(PROMPT).input_ids == [vocab.index(t) for t in ["[CLS]", *PROMPT.split(), "[SEP]"]]
-    ids = {t: vocab.index(t) for t in SPECIAL}
-    text = BlipTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        encoder_hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=ids["[PAD]"],
-        bos_token_id=ids["[DEC]"],
-        eos_token_id=ids["[SEP]"],
-        sep_token_id=ids["[SEP]"],
-    )
-    vision = BlipVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
-    )
-    torch.manual_seed(0)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
-    model.save_pretrained(path)
-    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
-    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return path
 
 

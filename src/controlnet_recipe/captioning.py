@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PIL import Image
 
 from .storage import to_rgb
@@ -62,3 +64,48 @@ class BlipCaptioner:
         for i in range(0, len(images), self.batch_size):
             captions.extend(self._batch(images[i : i + self.batch_size]))
         return captions
+
+
+BLIP_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]  # BLIP's decoder starts from [DEC]
+
+
+def save_random_blip(folder: Path, words: list[str], text: dict, vision: dict, seed: int = 0, max_length: int = 512) -> Path:
+    """A BLIP captioner with random weights, built from configs (``text`` and ``vision`` are
+    BlipTextConfig / BlipVisionConfig arguments) with a word-level vocabulary, saved with
+    ``save_pretrained`` so that :class:`BlipCaptioner` loads it like a hub checkpoint. For tests
+    and benchmarks: nothing is downloaded."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = BLIP_SPECIAL_TOKENS + list(words)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # transformers 5: the argument is `vocab` (a file or a dict); `vocab_file=` is silently ignored.
+    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"), bos_token="[DEC]", model_max_length=max_length)
+    ids = {t: vocab.index(t) for t in BLIP_SPECIAL_TOKENS}
+    text_cfg = BlipTextConfig(
+        vocab_size=len(vocab),
+        pad_token_id=ids["[PAD]"],
+        bos_token_id=ids["[DEC]"],
+        eos_token_id=ids["[SEP]"],
+        sep_token_id=ids["[SEP]"],
+        **text,
+    )
+    vision_cfg = BlipVisionConfig(**vision)
+    torch.manual_seed(seed)
+    BlipForConditionalGeneration(BlipConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict())).save_pretrained(
+        folder
+    )
+    size = vision_cfg.image_size
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}), tokenizer=tokenizer).save_pretrained(
+        folder
+    )
+    return folder

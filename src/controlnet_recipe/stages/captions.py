@@ -17,16 +17,15 @@ from ..faces.synthetic import FaceAttributes, describe
 from ..storage import CAPTIONS_DIR, CONDITIONS_DIR, ShardedOutput, dataset_key, digest, load_dataset_dir, write_json, write_shard
 
 
-def simple_captions(batch: dict, c: CaptionsCfg, image_column: str, caption_column: str) -> list[str]:
-    """The captioners that need no model."""
-    n = len(batch[image_column])
+def simple_captions(part, c: CaptionsCfg, caption_column: str) -> list[str]:
+    """The captioners that need no model. Reads only the column it needs (no image is decoded)."""
     if c.captioner == "attributes":
-        return [describe(FaceAttributes(**json.loads(a))) for a in batch["attributes"]]
+        return [describe(FaceAttributes(**json.loads(a))) for a in part["attributes"]]
     if c.captioner == "template":
-        return [c.template] * n
+        return [c.template] * len(part)
     if c.captioner == "given":
-        return [t or "" for t in batch[caption_column]]
-    return [""] * n
+        return [t or "" for t in part[caption_column]]
+    return [""] * len(part)
 
 
 def wrap(texts: list[str], c: CaptionsCfg) -> list[str]:
@@ -36,11 +35,12 @@ def wrap(texts: list[str], c: CaptionsCfg) -> list[str]:
 def caption_shard(part, c: CaptionsCfg, image_column: str, caption_column: str, blip=None):
     """The shard with its caption column filled."""
     if c.captioner == "blip":
+        images = part.select_columns([image_column])  # decode only the images BLIP reads
         texts = []
         for lo in range(0, len(part), c.batch_size):
-            texts += blip.caption(part[lo : lo + c.batch_size][image_column])
+            texts += blip.caption(images[lo : lo + c.batch_size][image_column])
     else:
-        texts = simple_captions(part[:], c, image_column, caption_column) if len(part) else []
+        texts = simple_captions(part, c, caption_column)
     return part.remove_columns(caption_column).add_column(caption_column, wrap(texts, c))
 
 

@@ -10,6 +10,7 @@ by a seeded hash of its id, so the split does not depend on the order or the num
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -56,33 +57,25 @@ def _png(img) -> dict:
     return {"bytes": encode_png(img), "path": None}
 
 
-def materialize(item) -> tuple[dict | None, str | None, str | None]:
+def materialize(item, min_size: int) -> tuple[dict | None, str | None, str | None]:
     """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row.
     Runs in worker processes; never raises for bad data."""
     if isinstance(item, SyntheticSeed):
         img, lm, attrs = make_face(item.seed, item.size)
         row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
         return {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}, None, None
-    decoded = decode_image(item.image, min_size=item_min_size)
+    decoded = decode_image(item.image, min_size=min_size)
     if decoded.image is None:
         return None, decoded.reason, None
     cond = None
     problem = item.problem
     if item.conditioning_image is not None:
-        c = decode_image(item.conditioning_image, min_size=item_min_size)
+        c = decode_image(item.conditioning_image, min_size=min_size)
         cond = _png(c.image) if c.image is not None else None
         problem = problem or (None if c.image is not None else f"conditioning_{c.reason}")
     landmarks = [np.asarray(item.landmarks, dtype=np.float32).tolist()] if item.landmarks is not None else []
     row = {"id": item.id, "image": _png(decoded.image), "conditioning_image": cond, "caption": item.caption}
     return {**row, "landmarks": landmarks, "attributes": "", "problem": problem}, None, decoded.converted
-
-
-item_min_size = 8  # set in each worker by _init_worker
-
-
-def _init_worker(min_size: int) -> None:
-    global item_min_size
-    item_min_size = min_size
 
 
 def in_validation(sample_id: str, seed: int) -> bool:
@@ -125,7 +118,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
     index = Counter()
     samples: list = []
     ctx = mp.get_context("fork")
-    with ctx.Pool(num_workers(), initializer=_init_worker, initargs=(d.min_size,)) as pool:
+    with ctx.Pool(num_workers()) as pool:
 
         def flush(split: str) -> None:
             items, buffers[split] = buffers[split], []
@@ -134,7 +127,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
             if not items or out.done(split, i):
                 return
             rows = []
-            for row, reason, converted in pool.imap(materialize, items, chunksize=8):
+            for row, reason, converted in pool.imap(functools.partial(materialize, min_size=d.min_size), items, chunksize=8):
                 if row is None:
                     report["skipped"][reason] += 1
                     continue
