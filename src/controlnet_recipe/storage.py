@@ -21,7 +21,8 @@ CAPTIONS_DIR = Path("data/captions")
 CACHE_DIR = Path("data/cache")
 BASE_DIR = Path("models/base")
 EVALUATOR_DIR = Path("models/evaluator")
-CONTROLNET_DIR = Path("models/controlnet")
+CONTROLNET_DIR = Path("models/controlnet")  # the last step of training
+BEST_DIR = Path("models/best")  # the checkpoint the evaluate stage chose (what generate, the web demo and publish use)
 TRAIN_DIR = Path("train")  # checkpoints/ and live/ (DVCLive) survive reruns, for resuming
 EVAL_DIR = Path("eval")
 
