@@ -149,13 +149,14 @@ class Generator:
     :class:`Settings` in, images out. The CLI and the web demo both call :meth:`__call__`."""
 
     def __init__(self, cfg: Config, model: str | Path | None = None):
+        self.cfg = cfg
+        self.resolution = cfg.recipe.data.resolution
+        self.model = check_model(model)  # before the slow imports
+
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
         from .models.base_model import BaseRef, load_base, pipeline_components
 
-        self.cfg = cfg
-        self.resolution = cfg.recipe.data.resolution
-        self.model = check_model(model)
         try:
             base = load_base(BaseRef.read())
         except FileNotFoundError:
