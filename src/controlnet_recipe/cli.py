@@ -14,11 +14,13 @@ COMMANDS = ("generate", "web")  # try a trained model; their own options: <comma
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["doctor"]:  # checks the machine (GPU, bitsandbytes, xformers); needs no params.yaml
+        return importlib.import_module(".doctor", __package__).main(argv[1:])
     own_help = bool(argv) and argv[0] in COMMANDS  # `generate --help` shows generate's options
     p = argparse.ArgumentParser(prog="controlnet-recipe", description=__doc__, add_help=not own_help)
     p.add_argument(
         "stage",
-        choices=(*STAGES, "check", "publish", *COMMANDS),
+        choices=(*STAGES, "check", "publish", *COMMANDS, "doctor"),
         help="pipeline stage to run, 'check' to validate params, 'publish' to push to the Hub, "
         "'generate' or 'web' to try a trained model",
     )
