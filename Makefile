@@ -5,6 +5,13 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 GPU ?=
 RECIPE ?=
+# make generate / make web: the input, the prompt, a ControlNet folder (default: models/best, else models/controlnet)
+PHOTO ?=
+CONDITION ?=
+PROMPT ?=
+MODEL ?=
+HOST ?= 127.0.0.1
+PORT ?= 7860
 # Stages run with the project's environment first on PATH; DVC's analytics stay off (no network).
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -12,7 +19,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help env demo repro train test lint format check lock clean
+.PHONY: help env demo repro train generate web test lint format check lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +57,16 @@ train: env ## train the ControlNet (and what it needs): make train [RECIPE=faces
 	  sed -i -E 's/^gpu:[[:space:]]*[^[:space:]#]+/gpu: $(GPU)/' params.yaml && echo "params.yaml: gpu: $(GPU)"; \
 	fi
 	$(BIN)/dvc repro train
+
+generate: env ## generate faces: make generate PHOTO=face.jpg PROMPT="..." (or CONDITION=map.png) [MODEL=dir]
+	@if [ -z "$(PROMPT)" ] || [ -z "$(PHOTO)$(CONDITION)" ]; then \
+	  echo 'usage: make generate PHOTO=face.jpg PROMPT="a photo of a smiling woman"  (or CONDITION=map.png instead of PHOTO)' >&2; exit 2; \
+	fi
+	$(BIN)/python -m controlnet_recipe generate $(if $(PHOTO),--photo "$(PHOTO)") $(if $(CONDITION),--condition "$(CONDITION)") \
+	  --prompt "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)")
+
+web: env ## the web demo on http://127.0.0.1:7860: make web [MODEL=dir] [HOST=0.0.0.0] [PORT=7860]
+	$(BIN)/python -m controlnet_recipe web --host "$(HOST)" --port "$(PORT)" $(if $(MODEL),--model "$(MODEL)")
 
 test: env ## the test suite (fast tests plus one whole pipeline at a very small size)
 	$(BIN)/python -m pytest -q
