@@ -22,7 +22,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 .PHONY: help env demo repro train generate web test lint format check lock clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: RECIPE=demo|faces, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -85,3 +85,30 @@ lock: env ## rewrite requirements.lock from the current environment
 
 clean: ## remove pipeline outputs (not the environment)
 	rm -rf data/source data/photoreal data/conditions data/captions data/cache models eval train
+
+# The image, with docker or (no Docker engine) podman. README: "Train on a rented GPU with Docker".
+IMAGE ?= controlnet-recipe
+BASE ?=
+GPU_EXTRAS ?= 1
+DOCKER ?= $(shell if docker info >/dev/null 2>&1; then echo docker; elif command -v podman >/dev/null 2>&1; then echo podman; else echo docker; fi)
+DOCKER_BUILD_FLAGS ?=
+DOCKER_GPU_FLAGS ?= --gpus all
+DOCKER_USER ?= $(shell id -u):$(shell id -g)
+DOCKER_RUN_FLAGS ?=
+HF_CACHE ?= $(HOME)/.cache/huggingface
+DATA ?= $(CURDIR)/data
+# The repository at /work, the Hugging Face cache and the data folder (DATA= a bigger disk) mounted,
+# run as the owner of those folders; --ipc=host for the dataloaders' shared memory.
+DOCKER_RUN = mkdir -p "$(HF_CACHE)" "$(DATA)" && $(DOCKER) run --rm $(DOCKER_GPU_FLAGS) --ipc=host --user $(DOCKER_USER) \
+  -v "$(CURDIR)":/work -v "$(abspath $(HF_CACHE))":/home/recipe/.cache/huggingface -v "$(abspath $(DATA))":/work/data \
+  -e HF_TOKEN -e WANDB_API_KEY $(DOCKER_RUN_FLAGS) $(IMAGE)
+.PHONY: docker-build docker-smoke docker-train
+
+docker-build: ## build the image: make docker-build [BASE=image] [GPU_EXTRAS=0] [IMAGE=name]
+	$(DOCKER) build $(if $(BASE),--build-arg BASE=$(BASE)) --build-arg GPU_EXTRAS=$(GPU_EXTRAS) $(DOCKER_BUILD_FLAGS) -t $(IMAGE) .
+
+docker-smoke: ## check the image: GPU, bitsandbytes, xformers (DOCKER_GPU_FLAGS= where there is no GPU)
+	$(DOCKER_RUN) python -m controlnet_recipe doctor $(if $(strip $(DOCKER_GPU_FLAGS)),--require-gpu)
+
+docker-train: ## the whole pipeline in the image: make docker-train GPU=24gb [RECIPE=faces]
+	$(DOCKER_RUN) make train repro $(if $(GPU),GPU=$(GPU)) $(if $(RECIPE),RECIPE=$(RECIPE))
