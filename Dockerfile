@@ -11,8 +11,8 @@
 # NVIDIA runtime refuse to start on a driver too old for CUDA 13 instead of failing inside torch.
 # Any Debian/Ubuntu image with python3 works as well (CI builds on a local Debian bookworm).
 # GPU_EXTRAS=1 adds docker/requirements-gpu.txt (xformers, torch's CUDA wheels pinned); 0 for CPU.
-# TORCH_WHEELS: a folder of local wheels mounted into the build (CI: the CPU torch wheel), read
-# before PyPI; the lock's torch==2.13.0 then resolves to 2.13.0+cpu, as on the host.
+# TORCH_WHEELS: a folder of local wheels mounted into the build (CI: the CPU torch wheel), looked at
+# beside PyPI; 2.13.0+cpu sorts above PyPI's 2.13.0, so the lock's torch==2.13.0 takes it, as on the host.
 ARG BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
 FROM ${BASE}
 
@@ -31,9 +31,9 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/home/recipe/.cache/huggingface \
     PYTHONPATH=/work/src \
     VENV=/opt/venv \
-    MAKEFLAGS="-o /opt/venv/.installed"
-# VENV and MAKEFLAGS: the Makefile's targets (make train, make repro, make test) use /opt/venv and
-# never try to create an environment of their own inside the mounted repository.
+    VENV_READY=1
+# VENV and VENV_READY: the Makefile's targets (make train, make repro, make test) use /opt/venv as
+# it is and never try to create or update an environment.
 ENV PATH=/opt/venv/bin:$PATH
 
 # Distribution packages float with the base image (Ubuntu and Debian versions differ); every Python

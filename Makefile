@@ -25,7 +25,8 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 	@echo "  variables: RECIPE=demo|faces, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+# VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
+$(VENV)/.installed: $(if $(VENV_READY),,requirements.lock pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
