@@ -42,7 +42,7 @@ def tiny_blip(tmp_path_factory) -> Path:
 TINY = {
     "data": {"num_train": 48, "num_validation": 8},
     "base": {"tiny": {"vae_steps": 3, "unet_steps": 3, "vae_batch_size": 4, "unet_batch_size": 4}},
-    "evaluator": {"steps": 3, "batch_size": 4},
+    "evaluator": {"steps": 3, "batch_size": 4, "landmark_steps": 3, "clip_steps": 3},
     "cache": {"batch_size": 16, "shard_size": 20},
     "train": {
         "max_train_steps": 3,
@@ -51,7 +51,14 @@ TINY = {
         "checkpointing_steps": 2,
         "validation": {"steps": 2, "held_out": 2, "num_images": 1, "num_inference_steps": 2},
     },
-    "evaluate": {"num_samples": 4, "num_inference_steps": 2, "grid_rows": 2},
+    "evaluate": {
+        "num_samples": 4,
+        "num_inference_steps": 2,
+        "grid_rows": 2,
+        "probe_conditions": 1,
+        "sweep": {"num_samples": 2, "tolerance": 0.05, "max_forgetting": 0.25},
+        "bootstrap": 100,
+    },
 }
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -19,8 +20,23 @@ def test_pipeline_outputs(project: Path):
     from controlnet_recipe.storage import load_dataset_dir
 
     metrics = json.loads((project / "eval/metrics.json").read_text())
-    for key in ("miou", "miou_base", "miou_ceiling"):
+    for key in ("miou", "miou_base", "miou_ceiling", "concept_survival", "concept_survival_base", "face_rate_probes"):
         assert 0.0 <= metrics[key] <= 1.0
+    for key in ("nme", "nme_base", "nme_ceiling", "fid", "fid_base", "kid", "clip_score", "clip_score_base"):
+        assert metrics[key] is None or np.isfinite(metrics[key]), key
+    assert metrics["fidelity_metric"] == "miou"
+    assert metrics["fidelity_gain_low"] <= metrics["fidelity_gain"] <= metrics["fidelity_gain_high"]
+    # The sweep: checkpoints at steps 2 and the final model at step 3; the chosen one is exported.
+    sweep = (project / "eval/sweep.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in sweep[1:]] == ["2", "3"]
+    chosen = json.loads((project / "models/best/chosen.json").read_text())
+    assert chosen["step"] == metrics["chosen_step"] in (2, 3)
+    ControlNetModel.from_pretrained(project / "models/best")
+    report = (project / "eval/report.html").read_text()
+    for part in ("grid.png", "sweep.png", "probes.png", "Forgetting probes", "FID"):
+        assert part in report
+    n = tiny_params()["demo"]["evaluate"]["num_samples"]
+    assert len(list((project / "eval/images/controlnet").glob("*.png"))) == n
     assert (project / "eval/grid.png").stat().st_size > 0
     assert (project / "models/base/samples.png").is_file()
     ds = load_dataset_dir(project / "data/captions")
@@ -30,7 +46,7 @@ def test_pipeline_outputs(project: Path):
     cn = ControlNetModel.from_pretrained(project / "models/controlnet")
     assert sum(p.numel() for p in cn.parameters()) > 0
     shown = dvc("metrics", "show", cwd=project)
-    assert "miou_base" in shown
+    assert "miou_base" in shown and "concept_survival" in shown
     assert (project / "train/live/plots/metrics/loss.tsv").is_file()
     assert (project / "train/live/plots/metrics/val/miou.tsv").is_file()  # validation scored during training
     assert (project / "train/validation.png").is_file()
@@ -53,7 +69,7 @@ def test_caption_param_reruns_only_downstream(project: Path):
     assert "Running stage 'captions'" in dvc("repro", "--dry", cwd=project)
     out = dvc("repro", cwd=project)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"captions", "base", "cache", "train", "evaluate"}
+    assert ran == {"captions", "base", "cache", "evaluator", "train", "evaluate"}
     assert "Stage 'data' didn't change" in out and "Stage 'conditions' didn't change" in out
 
 

@@ -130,12 +130,24 @@ class CacheCfg(Strict):
 
 
 class EvaluatorCfg(Strict):
+    """The models the evaluation scores images with. A segmenter (validation's val/miou) is always
+    trained on the training pairs; landmarks are re-detected by a heatmap network trained the same
+    way (``learned``) or by dlib; CLIP (prompt adherence, zero-shot probes, FID/KID features) is a
+    pretrained model pinned by revision and sha256, or (``clip_model: null``) a small CLIP trained
+    on the (image, caption) pairs."""
+
     kind: Literal["segmenter"]
     num_samples: int = Positive  # training pairs it learns from
     width: int = Field(gt=0, multiple_of=4)
     steps: int = Positive
     batch_size: int = Positive
     learning_rate: float = Positive
+    landmarks: Literal["learned", "dlib"]
+    landmark_steps: int = Positive
+    clip_model: str | None  # hub id or folder; null: train a small CLIP here
+    clip_revision: str | None
+    clip_sha256: str | None  # sha256 of the CLIP weights file; checked after download
+    clip_steps: int = Positive
 
 
 class ValidationCfg(Strict):
@@ -195,6 +207,7 @@ class TrainCfg(Strict):
     tracker_project_name: str
     push_to_hub: bool
     hub_model_id: str | None
+    shuffle_conditions: bool  # a planted failure: each image gets another sample's condition
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainCfg:
@@ -205,6 +218,23 @@ class TrainCfg(Strict):
         return self
 
 
+class Probe(Strict):
+    """An off-domain prompt for the forgetting check; ``concept`` is its CLIP zero-shot label
+    (the prompt itself when null)."""
+
+    prompt: str
+    concept: str | None = None
+
+
+class SweepCfg(Strict):
+    """Every saved checkpoint on a cheaper subset; the chosen one is the earliest whose fidelity is
+    within ``tolerance`` (relative) of the best and whose forgetting is at most ``max_forgetting``."""
+
+    num_samples: int = Positive
+    tolerance: float = Field(ge=0, lt=1)
+    max_forgetting: float = Field(ge=0, le=1)
+
+
 class EvaluateCfg(Strict):
     num_samples: int = Positive
     num_inference_steps: int = Positive
@@ -212,6 +242,10 @@ class EvaluateCfg(Strict):
     conditioning_scale: float = Field(ge=0)
     seed: int
     grid_rows: int = Positive
+    probes: list[Probe]
+    probe_conditions: int = Positive  # held-out conditions each probe prompt is generated with
+    sweep: SweepCfg
+    bootstrap: int = Field(ge=100)  # resamples for the confidence intervals
 
 
 class Recipe(Strict):

@@ -1,6 +1,7 @@
-"""Publish the trained ControlNet to the Hugging Face Hub: its weights and config, a model card
-(base model, dataset, params, metrics) and the sample grids. Never checkpoints, optimizer state
-or tokens: only the files listed by :func:`stage_files` are uploaded."""
+"""Publish the ControlNet the evaluate stage chose (``models/best``; the last training step in
+``models/controlnet`` if evaluate has not run) to the Hugging Face Hub: its weights and config, a
+model card (base model, dataset, params, metrics, the chosen step) and the sample grids and curves.
+Never checkpoints, optimizer state or tokens: only the files listed by :func:`stage_files` are uploaded."""
 
 from __future__ import annotations
 
@@ -13,10 +14,20 @@ import yaml
 
 from .config import Config
 from .models.base_model import BaseRef
-from .storage import CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
+from .storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
 
-MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json")
-IMAGES = {"validation.png": TRAIN_DIR / "validation.png", "evaluation_grid.png": EVAL_DIR / "grid.png"}
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json")
+IMAGES = {
+    "validation.png": TRAIN_DIR / "validation.png",
+    "evaluation_grid.png": EVAL_DIR / "grid.png",
+    "checkpoint_sweep.png": EVAL_DIR / "sweep.png",
+    "forgetting_probes.png": EVAL_DIR / "probes.png",
+}
+
+
+def model_dir() -> Path:
+    """The evaluated choice if there is one, else the last training step."""
+    return BEST_DIR if (BEST_DIR / MODEL_FILES[1]).is_file() else CONTROLNET_DIR
 
 
 def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
@@ -64,19 +75,20 @@ pipe = StableDiffusionControlNetPipeline.from_pretrained("{base.name_or_path}", 
 
 def stage_files(cfg: Config, folder: Path) -> list[str]:
     """Copy what is published into ``folder``; return the file names."""
-    missing = [f for f in MODEL_FILES[:2] if not (CONTROLNET_DIR / f).is_file()]
+    src_dir = model_dir()
+    missing = [f for f in MODEL_FILES[:2] if not (src_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{CONTROLNET_DIR}: {', '.join(missing)} missing; run the train stage first")
+        raise FileNotFoundError(f"{src_dir}: {', '.join(missing)} missing; run the train stage first")
     for f in MODEL_FILES:
-        if (CONTROLNET_DIR / f).is_file():
-            shutil.copy(CONTROLNET_DIR / f, folder / f)
+        if (src_dir / f).is_file():
+            shutil.copy(src_dir / f, folder / f)
     for name, src in IMAGES.items():
         if src.is_file():
             shutil.copy(src, folder / name)
     metrics = {}
-    for src in (CONTROLNET_DIR / "training.json", EVAL_DIR / "metrics.json"):
+    for key, src in (("training", src_dir / "training.json"), ("evaluation", EVAL_DIR / "metrics.json")):
         if src.is_file():
-            metrics[src.parent.name] = json.loads(src.read_text())
+            metrics[key] = json.loads(src.read_text())
     (folder / "README.md").write_text(model_card(cfg, BaseRef.read(), metrics))
     return sorted(p.name for p in folder.iterdir())
 

@@ -111,7 +111,11 @@ def train_controlnet(cfg: Config) -> dict:
 
     cache = LatentCache.load(current_fingerprint(cfg))
     dataset = load_dataset_dir(CAPTIONS_DIR)
-    data = CachedPairs(cache.rows, dataset["train"], r.columns.conditioning_image, r.data.resolution)
+    data = CachedPairs(
+        cache.rows, dataset["train"], r.columns.conditioning_image, r.data.resolution, t.seed if t.shuffle_conditions else None
+    )
+    if t.shuffle_conditions:
+        print("train: shuffle_conditions is on: every image is paired with another sample's condition (a planted failure)")
     micro_per_epoch = len(data) // (micro * world)
     max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
 
@@ -245,8 +249,4 @@ def main(cfg: Config) -> None:
     if PartialState().is_main_process:
         write_json(CONTROLNET_DIR / "training.json", summary)
         write_json(TRAIN_DIR / "metrics.json", summary)
-        if cfg.recipe.train.push_to_hub:
-            from ..publish import push_to_hub
-
-            push_to_hub(cfg)
         print(f"train: {summary} -> {CONTROLNET_DIR}")

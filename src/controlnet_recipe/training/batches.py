@@ -15,17 +15,20 @@ from ..storage import images_to_tensor
 class CachedPairs(torch.utils.data.Dataset):
     """Row i of the latent cache with the conditioning image of row i of the captions dataset."""
 
-    def __init__(self, cache_rows, conditions, column: str, resolution: int):
+    def __init__(self, cache_rows, conditions, column: str, resolution: int, shuffle_seed: int | None = None):
         if len(cache_rows) != len(conditions):
             raise ValueError(f"latent cache has {len(cache_rows)} rows, the dataset {len(conditions)}; run the cache stage again")
         self.cache, self.conditions, self.column, self.resolution = cache_rows, conditions, column, resolution
+        # The planted failure (train.shuffle_conditions): row i gets the condition of another row.
+        self.condition_row = None if shuffle_seed is None else derangement(len(conditions), shuffle_seed)
 
     def __len__(self) -> int:
         return len(self.cache)
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
         rows = self.cache[idx]
-        cond = images_to_tensor(self.conditions[idx][self.column], self.resolution, normalize=False)
+        cond_idx = idx if self.condition_row is None else self.condition_row[idx].tolist()
+        cond = images_to_tensor(self.conditions[cond_idx][self.column], self.resolution, normalize=False)
         return {
             "latent_mean": rows["latent_mean"].float(),
             "latent_std": rows["latent_std"].float(),
@@ -35,6 +38,18 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation with no fixed point (a random cyclic shift of a random order)."""
+    if n < 2:
+        raise ValueError(f"cannot pair {n} sample(s) with another sample's condition")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    shift = int(torch.randint(1, n, (1,), generator=g))
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = order.roll(shift)
+    return out
 
 
 class ResumableBatches(Sampler[list[int]]):

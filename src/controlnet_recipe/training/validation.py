@@ -99,7 +99,7 @@ def run_validation(
 
 def load_segmenter(folder: Path):
     """The evaluator stage's re-extractor, if that stage has run; validation then scores images."""
+    from ..evaluation.scorer import SEGMENTER as WEIGHTS
     from ..models.segmenter import Segmenter
-    from ..stages.evaluator import WEIGHTS
 
     return Segmenter.load(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else None

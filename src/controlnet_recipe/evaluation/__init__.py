@@ -1,0 +1,1 @@
+"""The evaluate stage's parts: sampling, scoring, statistics, probes, the checkpoint sweep."""

@@ -1,0 +1,52 @@
+"""The checkpoint sweep: every saved checkpoint's ControlNet, and the rule that picks one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..training.checkpoints import list_checkpoints, read_state
+
+WEIGHTS = "model.safetensors"  # what accelerate's save_state writes for the (unwrapped) ControlNet
+
+
+@dataclass
+class Candidate:
+    step: int
+    path: Path  # a checkpoint folder, or the final model folder
+
+
+def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidate]:
+    """Complete checkpoints holding ControlNet weights, oldest first, and the final model if no
+    checkpoint has its step. (DeepSpeed checkpoints keep sharded state instead, and are skipped.)"""
+    found = [Candidate(read_state(p)["step"], p) for p in list_checkpoints(checkpoints) if (p / WEIGHTS).is_file()]
+    if not any(c.step == final_step for c in found):
+        found.append(Candidate(final_step, final))
+    return found
+
+
+def load_controlnet(c: Candidate, final: Path):
+    """The candidate's ControlNet, with the final model's config."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    if c.path == final:
+        return ControlNetModel.from_pretrained(final)
+    model = ControlNetModel.from_config(ControlNetModel.load_config(final))
+    model.load_state_dict(load_file(c.path / WEIGHTS))
+    return model.eval()
+
+
+def choose(rows: list[dict], fidelity: str, tolerance: float, max_forgetting: float) -> tuple[dict, str]:
+    """The earliest checkpoint whose ``fidelity`` (higher is better) is within ``tolerance``
+    (relative) of the best, among those whose ``forgetting`` is at most ``max_forgetting``; if none
+    forgets that little, among all (and the reason says so)."""
+    ok = [r for r in rows if r["forgetting"] <= max_forgetting]
+    pool = ok or rows
+    best = max(r[fidelity] for r in pool)
+    bar = best - tolerance * abs(best)
+    chosen = min((r for r in pool if r[fidelity] >= bar), key=lambda r: r["step"])
+    why = f"earliest step with {fidelity} >= {bar:.4f} ({1 - tolerance:.0%} of the best, {best:.4f})" + (
+        f" and forgetting <= {max_forgetting}" if ok else f"; no checkpoint had forgetting <= {max_forgetting}"
+    )
+    return chosen, why
