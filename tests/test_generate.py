@@ -71,7 +71,7 @@ def test_generate_from_condition(in_project: Path, tmp_path: Path, capsys):
     assert str(out) in printed and "grid.png" in printed
     check_outputs(out, 3, with_photo=False)
     info = json.loads((out / "generation.json").read_text())
-    assert info["seed"] == 5 and info["model"] == str(CONTROLNET_DIR)  # no models/best in the tiny pipeline
+    assert info["seed"] == 5 and info["model"] == str(BEST_DIR)  # the checkpoint the evaluate stage chose
     assert info["steps"] == tiny_params()["demo"]["evaluate"]["num_inference_steps"]  # the evaluate block's default
     assert np.array_equal(np.asarray(Image.open(out / "condition.png")), np.asarray(cond.convert("RGB")))
 

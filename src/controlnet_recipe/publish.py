@@ -20,7 +20,7 @@ MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.j
 IMAGES = {
     "validation.png": TRAIN_DIR / "validation.png",
     "evaluation_grid.png": EVAL_DIR / "grid.png",
-    "checkpoint_sweep.png": EVAL_DIR / "sweep.png",
+    "evaluation_sweep.png": EVAL_DIR / "sweep.png",
     "forgetting_probes.png": EVAL_DIR / "probes.png",
 }
 
