@@ -140,3 +140,36 @@ def test_fid_and_kid_through_torchmetrics(tiny_clip):
     other = fid_kid(squares("red", 40), squares("blue", 40), feats)
     assert other["fid"] > 10 * max(same["fid"], 1e-3)
     assert other["kid"] > same["kid"]
+
+
+def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
+    """The faces recipe's evaluator (dlib landmarks, a CLIP named in clip.json with its sha256)
+    scores a real photo: the face is found, its landmarks redraw a segmentation, a blank image
+    counts as a detection failure."""
+    from skimage import data as skimage_data
+
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.evaluation.scorer import CLIP_REF, Scorer
+    from controlnet_recipe.faces.draw import draw_segmentation
+    from controlnet_recipe.storage import write_json
+
+    from .conftest import ROOT
+
+    clip, _ = tiny_clip
+    folder = tmp_path / "evaluator"
+    folder.mkdir()
+    write_json(folder / CLIP_REF, {"name_or_path": clip.model.name_or_path, "revision": None, "sha256": clip.sha256})
+    cfg = load_config(ROOT / "params.yaml", {"recipe": "faces"})
+    assert cfg.recipe.evaluator.landmarks == "dlib"
+    scorer = Scorer(cfg.recipe, folder)
+    photo = Image.fromarray(skimage_data.astronaut()).resize((cfg.recipe.data.resolution,) * 2)
+    blank = Image.new("RGB", photo.size, (128, 128, 128))
+    found = scorer.detect([photo, blank])
+    assert found[0] is not None and found[0].shape == (68, 2) and found[1] is None
+    condition = draw_segmentation([found[0]], photo.size)
+    scores = scorer.fidelity([photo, blank], [condition, condition], [found[0], found[0]])
+    assert scores["nme"][0] == pytest.approx(0.0, abs=1e-6) and scores["miou"][0] == 1.0
+    assert scores["found"].tolist() == [1.0, 0.0] and np.isnan(scores["nme"][1]) and scores["miou"][1] == 0.0
+    write_json(folder / CLIP_REF, {"name_or_path": clip.model.name_or_path, "revision": None, "sha256": "f" * 64})
+    with pytest.raises(ValueError, match="sha256"):
+        Scorer(cfg.recipe, folder)
