@@ -41,8 +41,8 @@ demo: env ## run the whole pipeline on the embedded default (CPU, offline, ~10 m
 	$(BIN)/python -m controlnet_recipe check
 	$(BIN)/dvc repro
 	@echo
-	@echo "Results:  eval/metrics.json (dvc metrics show), eval/grid.png, models/base/samples.png,"
-	@echo "          train/plots (dvc plots show), the ControlNet in models/controlnet/"
+	@echo "Results:  eval/report.html (open it), eval/metrics.json (dvc metrics show), eval/grid.png,"
+	@echo "          eval/sweep.png + train/plots (dvc plots show), the chosen ControlNet in models/best/"
 	@$(BIN)/dvc metrics show
 
 repro: env ## rerun only the stages whose code, params or inputs changed
