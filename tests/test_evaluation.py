@@ -173,3 +173,34 @@ def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
     write_json(folder / CLIP_REF, {"name_or_path": clip.model.name_or_path, "revision": None, "sha256": "f" * 64})
     with pytest.raises(ValueError, match="sha256"):
         Scorer(cfg.recipe, folder)
+
+
+def test_scorer_for_canny_conditions(tiny_clip, tmp_path):
+    """A Canny recipe's evaluator has no segmenter and no landmark network: fidelity is edge F1,
+    and dlib tells whether a face appears."""
+    import yaml
+    from skimage import data as skimage_data
+
+    from controlnet_recipe.conditions.canny import canny
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.evaluation.scorer import CLIP_REF, Scorer
+    from controlnet_recipe.storage import write_json
+
+    from .conftest import merge, repo_params
+
+    clip, _ = tiny_clip
+    folder = tmp_path / "evaluator"
+    folder.mkdir()
+    write_json(folder / CLIP_REF, {"name_or_path": clip.model.name_or_path, "revision": None, "sha256": clip.sha256})
+    params = repo_params()
+    params["demo"] = merge(params["demo"], {"conditions": {"kind": "canny"}, "data": {"resolution": 256}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = load_config(tmp_path / "params.yaml").recipe
+    assert r.evaluator.landmarks == "learned"
+    scorer = Scorer(r, folder)
+    photo = Image.fromarray(skimage_data.astronaut()).resize((256, 256))
+    blank = Image.new("RGB", (256, 256), (128, 128, 128))
+    edges = canny(photo, r.conditions.canny_low, r.conditions.canny_high)
+    scores = scorer.fidelity([photo, blank], [edges, edges], [None, None])
+    assert scores["edge_f1"][0] == 1.0 and scores["edge_f1"][1] == 0.0 and scorer.fidelity_key == "edge_f1"
+    assert scorer.face_found([photo, blank]).tolist() == [True, False]

@@ -34,9 +34,10 @@ class Scorer:
         self.kind, self.res = r.conditions.kind, r.data.resolution
         self.canny = (r.conditions.canny_low, r.conditions.canny_high)
         self.segmenter = Segmenter.load(folder / SEGMENTER) if (folder / SEGMENTER).is_file() else None
-        self.landmark_net = LandmarkNet.load(folder / LANDMARKS) if r.evaluator.landmarks == "learned" else None
+        faces, learned = self.kind == "face_segmentation", r.evaluator.landmarks == "learned"
+        self.landmark_net = LandmarkNet.load(folder / LANDMARKS) if faces and learned else None
         self.detector = None
-        if r.evaluator.landmarks == "dlib":
+        if not learned or self.segmenter is None:  # dlib asked for, or nothing else can tell a face (Canny)
             from ..faces.landmarks import get_detector
 
             self.detector = get_detector("dlib")
