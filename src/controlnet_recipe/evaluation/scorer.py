@@ -9,10 +9,9 @@ import numpy as np
 from PIL import Image
 
 from ..config import Recipe
-from ..faces.draw import labels_from_segmentation
 from ..metrics.clip import Clip, to_uint8
 from ..metrics.landmarks import landmark_fidelity
-from ..metrics.segmentation import confusion, face_miou, segment
+from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
 from ..storage import EVALUATOR_DIR, images_to_tensor, read_json
 
 SEGMENTER = "segmenter.pt"
@@ -47,27 +46,29 @@ class Scorer:
     def _segment(self, images: list[Image.Image]) -> np.ndarray:
         return segment(self.segmenter, images_to_tensor(images, self.res))
 
-    def face_found(self, images: list[Image.Image]) -> np.ndarray:
-        """Whether each image shows a face: dlib finds one, or the segmenter labels enough pixels."""
+    def face_found(self, images: list[Image.Image], seg: np.ndarray | None = None) -> np.ndarray:
+        """Whether each image shows a face: dlib finds one, or the segmenter (``seg``, if already
+        computed) labels enough pixels."""
         if self.detector is not None:
             return np.array([bool(self.detector.detect(np.asarray(im.convert("RGB")))) for im in images])
-        return (self._segment(images) > 0).mean((1, 2)) >= FACE_AREA
+        return ((self._segment(images) if seg is None else seg) > 0).mean((1, 2)) >= FACE_AREA
 
-    def detect(self, images: list[Image.Image]) -> list[np.ndarray | None]:
+    def detect(self, images: list[Image.Image], seg: np.ndarray | None = None) -> list[np.ndarray | None]:
         """The largest face's 68 landmarks in each image (in pixels at the evaluation resolution), or None."""
         if self.detector is not None:
             found = [self.detector.detect(np.asarray(im.convert("RGB").resize((self.res, self.res)))) for im in images]
             return [f[0] if f else None for f in found]
         pts = self.landmark_net.predict(images_to_tensor(images, self.res))
-        return [p if ok else None for p, ok in zip(pts, self.face_found(images))]
+        return [p if ok else None for p, ok in zip(pts, self.face_found(images, seg))]
 
     def fidelity(self, images: list[Image.Image], conditions: list[Image.Image], targets: list[np.ndarray | None]) -> dict:
         """Per-image fidelity metrics against the conditions (and, for face maps, the landmarks that drew them)."""
         out = {}
+        seg = self._segment(images) if self.segmenter is not None and self.kind != "canny" else None  # segmented once
         if self.kind == "face_segmentation":
             keep = [i for i, t in enumerate(targets) if t is not None]
             fid = landmark_fidelity(
-                [d for i, d in enumerate(self.detect(images)) if i in keep], [targets[i] for i in keep], (self.res, self.res)
+                [d for i, d in enumerate(self.detect(images, seg)) if i in keep], [targets[i] for i in keep], (self.res, self.res)
             )
             for k, v in fid.items():
                 full = np.full(len(images), np.nan)
@@ -83,10 +84,9 @@ class Scorer:
                     for im, c in zip(images, conditions)
                 ]
             )
-        if self.segmenter is not None and self.kind != "canny":
-            pred = self._segment(images)
-            truth = [labels_from_segmentation(c.convert("RGB").resize((self.res, self.res), 0)) for c in conditions]
-            out["miou_segmenter"] = np.array([face_miou(confusion(p, t))[0] for p, t in zip(pred, truth)])
+        if seg is not None:
+            truth = labels_tensor(conditions, self.res).numpy()
+            out["miou_segmenter"] = np.array([face_miou(confusion(p, t))[0] for p, t in zip(seg, truth)])
         return out
 
     def clip_score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
