@@ -1,8 +1,14 @@
-"""Training-step benchmark: steps/s and peak memory of the train stage's step, with VAE and text
-encoding on every step (as upstream's train_controlnet.py does) against the latent cache.
+"""Training-step benchmark: steps/s and peak memory of the train stage's step against upstream's
+(train_controlnet.py: both images decoded from PNG, the VAE and the text encoder run on every step,
+no memory-format or compile switches), side by side in one run.
 
     python benchmarks/train_step.py                                   # CPU: tiny + SD2.1-base at 128 px
     python benchmarks/train_step.py --arch sd21-base --resolution 512 --tiers 8gb 12gb 16gb 24gb 40gb 80gb
+    python benchmarks/train_step.py --switches channels_last=true compile=true mixed_precision=bf16
+
+The recipe's step: the latent cache, conditioning images decoded once (training/batches.py), the
+tier's switches (channels_last, compile, fused AdamW on CUDA) and no host sync per micro-step.
+``--switches`` adds a row per switch, each on top of the recipe's step, to measure it alone.
 
 Each configuration runs in its own process, so peak memory (RSS on CPU; allocated and reserved
 CUDA memory on a GPU) is its own. Weights are random: architectures are built from their configs.
@@ -24,17 +30,24 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def child(spec: dict) -> dict:
     """Build the models, run warm-up + timed optimizer steps of one configuration, measure."""
+    import io
+
     import torch
     from accelerate import Accelerator
+    from PIL import Image
 
     from controlnet_recipe.config import load_config
+    from controlnet_recipe.diffusion import Objective
     from controlnet_recipe.models import architectures, tiny
     from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
+    from controlnet_recipe.storage import images_to_tensor
     from controlnet_recipe.training.batches import step_generator
-    from controlnet_recipe.training.memory import apply_model_settings, make_optimizer
+    from controlnet_recipe.training.memory import apply_model_settings, make_optimizer, param_groups
 
     cfg = load_config(ROOT / "params.yaml")
-    tier = cfg.tiers[spec["tier"]]
+    per_step = spec["mode"] == "per-step encoding"
+    upstream_off = {"channels_last": False, "compile": False} if per_step else {}
+    tier = cfg.tiers[spec["tier"]].model_copy(update={**upstream_off, **spec.get("switches", {})})
     t = cfg.recipe.train
     res, micro, accum = spec["resolution"], spec["micro_batch"], spec["accumulation"]
     cuda = torch.cuda.is_available()
@@ -42,7 +55,6 @@ def child(spec: dict) -> dict:
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
     torch.manual_seed(0)
-    per_step = spec["mode"] == "per-step encoding"
     # With the cache, the VAE and the text encoder are never built: training does not need them.
     if spec["arch"] == "tiny":
         unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
@@ -60,15 +72,26 @@ def child(spec: dict) -> dict:
             m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
     controlnet.train()
-    optimizer = make_optimizer(controlnet.parameters(), tier, t, 1e-5)
+    optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, t, 1e-5)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
     lat = (4, res // down, res // down)
     n_tokens, dim = (tiny.MAX_TOKENS, tiny.TEXT_DIM) if spec["arch"] == "tiny" else (77, unet.config.cross_attention_dim)
     g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(micro, 3, res, res, generator=g) * 2 - 1
+
+    def png(seed: int) -> bytes:
+        arr = torch.randint(0, 256, (res, res, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr.numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+    image_pngs, cond_pngs = [png(i) for i in range(micro)], [png(1000 + i) for i in range(micro)]
+
+    def decode(pngs: list[bytes], normalize: bool) -> torch.Tensor:
+        return images_to_tensor([Image.open(io.BytesIO(b)) for b in pngs], res, normalize=normalize)
+
     ids = torch.randint(0, 1000, (micro, n_tokens), generator=g)
-    cond = torch.rand(micro, 3, res, res, generator=g)
+    cond_u8 = (decode(cond_pngs, False) * 255).round().to(torch.uint8)  # decoded once, as CachedPairs keeps them
     cached = {
         "latent_mean": torch.randn(micro, *lat, generator=g),
         "latent_std": torch.full((micro, *lat), 0.01),
@@ -78,7 +101,8 @@ def child(spec: dict) -> dict:
 
     def batch() -> dict:
         if not per_step:
-            return {**cached, "conditioning": cond}
+            return {**cached, "conditioning": cond_u8.float() / 255}
+        pixels, cond = decode(image_pngs, True), decode(cond_pngs, False)  # upstream's loader, every step
         with torch.no_grad():
             dist = vae.encode(pixels.to(device, dtype)).latent_dist
             text = text_encoder(ids.to(device))[0]
@@ -90,16 +114,32 @@ def child(spec: dict) -> dict:
         }
 
     def optimizer_step(step: int) -> None:
+        total = torch.zeros((), device=device)
         for m in range(accum):
             with accelerator.accumulate(controlnet):
                 loss = controlnet_loss(
-                    controlnet, unet, scheduler, batch(), empty, 0.18215, 0.1, step_generator(0, step, m, 0), device, dtype
+                    controlnet=controlnet,
+                    unet=unet,
+                    scheduler=scheduler,
+                    batch=batch(),
+                    empty_prompt=empty,
+                    scaling_factor=0.18215,
+                    p_empty=0.1,
+                    generator=step_generator(0, step, m, 0),
+                    device=device,
+                    dtype=dtype,
+                    objective=Objective(),
+                    channels_last=tier.channels_last,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=tier.set_grads_to_none)
+            if per_step:
+                total += loss.item() / accum  # upstream reads the loss on every step
+            else:
+                total += loss.detach() / accum
 
     for s in range(spec["warmup"]):
         optimizer_step(s)
@@ -124,6 +164,12 @@ def child(spec: dict) -> dict:
     return out
 
 
+def parse_switch(kv: str) -> dict:
+    """``channels_last=true`` -> {"channels_last": True}; ``mixed_precision=bf16`` -> {"mixed_precision": "bf16"}."""
+    key, _, value = kv.partition("=")
+    return {key: {"true": True, "false": False}.get(value.lower(), value)}
+
+
 def run_child(spec: dict) -> dict:
     p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
@@ -138,6 +184,7 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["tiny", "sd21-base"], help="tiny, sd15, sd21-base")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 128 full-size on CPU, 512 on GPU)")
     ap.add_argument("--tiers", nargs="+", default=["cpu"], help="memory tiers of params.yaml to apply")
+    ap.add_argument("--switches", nargs="*", default=[], help="tier switches to measure alone, as key=value")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument(
@@ -163,32 +210,36 @@ def main() -> None:
                 micro = 1  # full-size on two CPU cores: one sample per step
             effective = args.effective_batch or micro
             micro, accum = accumulation_steps(effective, micro)
-            for mode in ("per-step encoding", "cached latents"):
+            variants = [("per-step encoding", {}), ("recipe", {})] + [
+                ("recipe + " + kv, parse_switch(kv)) for kv in args.switches
+            ]
+            for mode, switches in variants:
                 spec = dict(arch=arch, tier=tier, mode=mode, resolution=res, micro_batch=micro, accumulation=accum)
-                spec.update(steps=args.steps, warmup=args.warmup)
+                spec.update(steps=args.steps, warmup=args.warmup, switches=switches)
                 row = run_child(spec)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
     mem = "peak_reserved_gb" if cuda else "peak_rss_gb"
-    print(f"{'arch':<10} {'tier':<9} {'res':>4} {'batch':>7} {'mode':<18} {'steps/s':>8} {'samples/s':>9} {mem:>16}")
+    print(f"{'arch':<10} {'tier':<9} {'res':>4} {'batch':>7} {'mode':<36} {'steps/s':>8} {'samples/s':>9} {mem:>16}")
     for r in rows:
         if "error" in r:
-            print(f"{r['arch']:<10} {r['tier']:<9} {r['resolution']:>4} {'':>7} {r['mode']:<18} error: {r['error']}")
+            print(f"{r['arch']:<10} {r['tier']:<9} {r['resolution']:>4} {'':>7} {r['mode']:<36} error: {r['error']}")
             continue
         batch = f"{r['micro_batch']}x{r['accumulation']}"
         print(
-            f"{r['arch']:<10} {r['tier']:<9} {r['resolution']:>4} {batch:>7} {r['mode']:<18} {r['steps_per_s']:>8.3f} "
+            f"{r['arch']:<10} {r['tier']:<9} {r['resolution']:>4} {batch:>7} {r['mode']:<36} {r['steps_per_s']:>8.3f} "
             f"{r['samples_per_s']:>9.2f} {r[mem]:>16.2f}"
         )
     print()
-    for i in range(0, len(rows) - 1, 2):
-        a, b = rows[i], rows[i + 1]
-        if "error" not in a and "error" not in b:
-            print(
-                f"{a['arch']} {a['tier']} {a['resolution']} px: cached latents / per-step encoding = "
-                f"{b['steps_per_s'] / a['steps_per_s']:.2f}x steps/s, {b[mem] / a[mem]:.2f}x {mem}"
-            )
+    for r in rows:
+        ref = next(x for x in rows if x["mode"] == "per-step encoding" and (x["arch"], x["tier"]) == (r["arch"], r["tier"]))
+        if r is ref or "error" in r or "error" in ref:
+            continue
+        print(
+            f"{r['arch']} {r['tier']} {r['resolution']} px batch {r['micro_batch']}x{r['accumulation']}: {r['mode']} / "
+            f"per-step encoding = {r['steps_per_s'] / ref['steps_per_s']:.2f}x steps/s, {r[mem] / ref[mem]:.2f}x {mem}"
+        )
 
 
 if __name__ == "__main__":

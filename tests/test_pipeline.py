@@ -86,6 +86,8 @@ def test_memory_tier_settings_train_for_real(project: Path):
         "mixed_precision": "bf16",
         "attention": "sdpa",
         "deepspeed": None,
+        "channels_last": True,
+        "compile": False,
     }
     params["demo"]["train"]["max_train_steps"] = 2
     (project / "tier.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

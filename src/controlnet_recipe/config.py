@@ -208,6 +208,14 @@ class TrainCfg(Strict):
     push_to_hub: bool
     hub_model_id: str | None
     shuffle_conditions: bool  # a planted failure: each image gets another sample's condition
+    # Convergence levers; upstream's values: uniform, none, ema_decay null, multiplier 1.
+    timestep_sampling: Literal["uniform", "cubic", "logit_normal"]
+    logit_mean: float  # logit_normal only
+    logit_std: float = Positive
+    loss_weighting: Literal["none", "min_snr"]
+    snr_gamma: float = Positive  # min_snr only
+    ema_decay: float | None = Field(gt=0, lt=1)  # null: no EMA; else validation, checkpoints' sweep weights and export use it
+    new_layers_lr_multiplier: float = Positive  # the zero convolutions and the hint encoder train at learning_rate x this
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainCfg:
@@ -296,6 +304,8 @@ class Tier(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"]
     attention: Literal["sdpa", "xformers"]
     deepspeed: Literal["zero2"] | None  # ZeRO-2 with the optimizer offloaded to CPU
+    channels_last: bool  # ControlNet, frozen UNet and their inputs in channels_last memory format
+    compile: bool  # torch.compile the ControlNet and the frozen UNet (in place: checkpoints keep their keys)
 
     @model_validator(mode="after")
     def _works_together(self) -> Tier:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 
@@ -55,10 +59,46 @@ def sample_latents(
     return (mean + std * noise) * scaling_factor
 
 
-def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None):
-    """(noisy latents, timesteps, target) for one training step, as upstream draws them."""
+@dataclass(frozen=True)
+class Objective:
+    """How a training step draws timesteps and weights the loss. ``Objective()`` is upstream's:
+    uniform timesteps and a plain MSE.
+
+    - ``timesteps``: ``uniform`` (upstream), ``cubic`` (T2I-Adapter: t = (1 - u^3) T, so most
+      steps are high-noise ones, where the layout is decided), ``logit_normal`` (t = sigmoid(n) T
+      with n ~ N(logit_mean, logit_std), as SD3 trains);
+    - ``weighting``: ``none`` (upstream) or ``min_snr`` (Hang et al. 2023: min(SNR, gamma) / SNR
+      for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction).
+    """
+
+    timesteps: Literal["uniform", "cubic", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    weighting: Literal["none", "min_snr"] = "none"
+    snr_gamma: float = 5.0
+
+
+UPSTREAM = Objective()
+
+
+def sample_timesteps(
+    n: int, num_train_timesteps: int, objective: Objective = UPSTREAM, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(n,) integer timesteps in [0, num_train_timesteps)."""
+    if objective.timesteps == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if objective.timesteps == "cubic":
+        u = torch.rand(n, generator=generator)
+        return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    z = torch.randn(n, generator=generator) * objective.logit_std + objective.logit_mean
+    return (torch.sigmoid(z) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator | None = None, objective: Objective = UPSTREAM):
+    """(noisy latents, timesteps, target) for one training step. With the upstream objective the
+    draws are upstream's, in its order: the noise, then uniform timesteps."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    t = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, objective, generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -69,8 +109,23 @@ def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator | 
     return noisy, t, target
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+def loss_weights(scheduler, timesteps: torch.Tensor, objective: Objective = UPSTREAM) -> torch.Tensor | None:
+    """Per-sample loss weights (None: unweighted, as upstream)."""
+    if objective.weighting == "none":
+        return None
+    snr = compute_snr(scheduler, timesteps)  # diffusers' own, as its text-to-image example uses it
+    clipped = snr.clamp(max=objective.snr_gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE; with ``weights``, each sample's mean squared error times its weight, averaged."""
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights.to(per_sample)).mean()
 
 
 def drop_captions(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training.checkpoints import list_checkpoints, read_state
+from ..training.checkpoints import EMA_WEIGHTS, list_checkpoints, read_state
 
 WEIGHTS = "model.safetensors"  # what accelerate's save_state writes for the (unwrapped) ControlNet
 
@@ -26,14 +26,16 @@ def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidat
 
 
 def load_controlnet(c: Candidate, final: Path):
-    """The candidate's ControlNet, with the final model's config."""
+    """The candidate's ControlNet, with the final model's config: its EMA weights where the run
+    kept an EMA (as the final model holds), else its trained weights."""
     from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
     if c.path == final:
         return ControlNetModel.from_pretrained(final)
     model = ControlNetModel.from_config(ControlNetModel.load_config(final))
-    model.load_state_dict(load_file(c.path / WEIGHTS))
+    ema = c.path / EMA_WEIGHTS
+    model.load_state_dict(load_file(ema if ema.is_file() else c.path / WEIGHTS))
     return model.eval()
 
 

@@ -11,20 +11,25 @@ interrupted one was. Validation images and their condition fidelity are logged e
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import Config, accumulation_steps, resolve_tier
-from ..diffusion import diffusion_loss, drop_captions, noisy_inputs, sample_latents
+from ..config import Config, TrainCfg, accumulation_steps, resolve_tier
+from ..diffusion import Objective, diffusion_loss, drop_captions, loss_weights, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
 from ..storage import (
     CAPTIONS_DIR,
@@ -37,9 +42,9 @@ from ..storage import (
     write_json,
 )
 from ..training.batches import CachedPairs, ResumableBatches, batch_stream, step_generator
-from ..training.checkpoints import clean_partial, find_resume, read_state, save_checkpoint
+from ..training.checkpoints import EMA_WEIGHTS, clean_partial, find_resume, read_state, save_checkpoint
 from ..training.launch import relaunch
-from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer
+from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer, param_groups
 from ..training.tracking import Trackers
 from ..training.validation import load_segmenter, run_validation, validation_pairs
 from .cache import LatentCache, current_fingerprint
@@ -66,12 +71,35 @@ def controlnet_from_unet(unet, vae_config) -> ControlNetModel:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
 
 
-def controlnet_loss(controlnet, unet, scheduler, batch: dict, empty, scale: float, p_empty: float, g, device, dtype):
-    """Upstream's objective: noise the (sampled) latents, run ControlNet + frozen UNet, MSE."""
-    x0 = sample_latents(batch["latent_mean"], batch["latent_std"], scale, g).to(device)
-    noisy, ts, target = noisy_inputs(scheduler, x0, g)
-    enc = drop_captions(batch["text_embedding"], empty, p_empty, g).to(device)
+def objective(t: TrainCfg) -> Objective:
+    """The training objective that ``train``'s levers name (``Objective()`` is upstream's)."""
+    return Objective(t.timestep_sampling, t.logit_mean, t.logit_std, t.loss_weighting, t.snr_gamma)
+
+
+def controlnet_loss(
+    *,
+    controlnet,
+    unet,
+    scheduler,
+    batch: dict,
+    empty_prompt: torch.Tensor,
+    scaling_factor: float,
+    p_empty: float,
+    generator: torch.Generator,
+    device,
+    dtype: torch.dtype,
+    objective: Objective,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Noise the (sampled) latents, run ControlNet + frozen UNet, and take the (weighted) MSE.
+    With ``Objective()`` this is upstream's computation, draw for draw."""
+    g = generator
+    x0 = sample_latents(batch["latent_mean"], batch["latent_std"], scaling_factor, g).to(device)
+    noisy, ts, target = noisy_inputs(scheduler, x0, g, objective)
+    enc = drop_captions(batch["text_embedding"], empty_prompt, p_empty, g).to(device)
     hint = batch["conditioning"].to(device)
+    if channels_last:
+        noisy, hint = noisy.contiguous(memory_format=torch.channels_last), hint.contiguous(memory_format=torch.channels_last)
     down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
     pred = unet(
         noisy.to(dtype),
@@ -80,7 +108,16 @@ def controlnet_loss(controlnet, unet, scheduler, batch: dict, empty, scale: floa
         down_block_additional_residuals=[d.to(dtype) for d in down],
         mid_block_additional_residual=mid.to(dtype),
     ).sample
-    return diffusion_loss(pred, target)
+    return diffusion_loss(pred, target, loss_weights(scheduler, ts, objective))
+
+
+def with_weights(model: ControlNetModel, ema: EMAModel | None) -> ControlNetModel:
+    """The model to validate, sweep or export: ``model`` itself, or a copy holding the EMA weights."""
+    if ema is None:
+        return model
+    shadow = copy.deepcopy(model)
+    ema.copy_to(shadow.parameters())
+    return shadow
 
 
 def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
@@ -88,8 +125,22 @@ def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps([kept, cache_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_controlnet(cfg: Config) -> dict:
+Probe = Callable[[int, ControlNetModel], None]  # (step, the weights validation would use)
+
+
+def train_controlnet(
+    cfg: Config,
+    *,
+    train_dir: Path = TRAIN_DIR,
+    out_dir: Path = CONTROLNET_DIR,
+    probe: Probe | None = None,
+    probe_every: int = 0,
+) -> dict:
+    """Train, checkpoint, validate and save the ControlNet. ``probe`` (the convergence benchmark's)
+    is called before the first step and every ``probe_every`` steps with the weights that
+    validation would use."""
     r, t = cfg.recipe, cfg.recipe.train
+    checkpoints = train_dir / "checkpoints"
     tier_name = resolve_tier(cfg.gpu)
     tier = cfg.tiers[tier_name]
     cpu = not torch.cuda.is_available()
@@ -128,7 +179,7 @@ def train_controlnet(cfg: Config) -> dict:
     controlnet.train()
 
     lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
-    optimizer = make_optimizer(controlnet.parameters(), tier, t, lr)
+    optimizer = make_optimizer(param_groups(controlnet, lr, t.new_layers_lr_multiplier), tier, t, lr)
     lr_scheduler = get_scheduler(
         t.lr_scheduler,
         optimizer=optimizer,
@@ -138,19 +189,25 @@ def train_controlnet(cfg: Config) -> dict:
         power=t.lr_power,
     )
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    ema = None
+    if t.ema_decay is not None:  # diffusers' EMA (with its warm-up: decay min(d, (1+n)/(10+n)))
+        ema = EMAModel(accelerator.unwrap_model(controlnet).parameters(), decay=t.ema_decay, foreach=True)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)  # saved and restored with the run's state
+    obj = objective(t)
 
     run_fp = run_fingerprint(cfg, cache.fingerprint)
     if main:
-        for name in clean_partial(CHECKPOINTS):
+        for name in clean_partial(checkpoints):
             print(f"train: removed {name}, left by an interrupted save")
-    resume, why = find_resume(CHECKPOINTS, t.resume_from_checkpoint, run_fp)
+    resume, why = find_resume(checkpoints, t.resume_from_checkpoint, run_fp)
     accelerator.print(f"train: {why}")
     start = 0
     if resume is not None:
         accelerator.load_state(str(resume))
         start = read_state(resume)["step"]
     elif main:
-        fresh_dir(TRAIN_DIR)
+        fresh_dir(train_dir)
     accelerator.wait_for_everyone()
 
     sampler = ResumableBatches(len(data), micro, t.seed, start=start * accum, rank=rank, world=world)
@@ -160,39 +217,47 @@ def train_controlnet(cfg: Config) -> dict:
     )
     segmenter = load_segmenter(EVALUATOR_DIR)
     run_config = {"recipe": cfg.recipe_name, "tier": tier_name, **tier.model_dump(), **t.model_dump(exclude={"validation"})}
-    trackers = Trackers(t.report_to, TRAIN_DIR, t.tracker_project_name, run_config, resume=start > 0) if main else None
+    trackers = Trackers(t.report_to, train_dir, t.tracker_project_name, run_config, resume=start > 0) if main else None
     empty, scale = cache.empty_prompt, cache.scaling_factor
 
+    def write_state(folder: str) -> None:
+        accelerator.save_state(folder)
+        if ema is not None:  # the sweep's weights, keyed like the model's
+            save_file(with_weights(accelerator.unwrap_model(controlnet), ema).state_dict(), str(Path(folder) / EMA_WEIGHTS))
+
     def validate(step: int) -> dict[str, float]:
-        grid, metrics = run_validation(
-            base, accelerator.unwrap_model(controlnet), pairs, t.validation, r.data.resolution, t.seed, segmenter
-        )
-        grid.save(TRAIN_DIR / "validation.png")
+        model = with_weights(accelerator.unwrap_model(controlnet), ema)
+        grid, metrics = run_validation(base, model, pairs, t.validation, r.data.resolution, t.seed, segmenter)
+        grid.save(train_dir / "validation.png")
         trackers.log_image("validation", grid, step)
         trackers.log(metrics, step)
         return metrics
 
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
     last_val: dict[str, float] = {}
     t0, steps_run = time.time(), 0
+    if probe is not None:
+        probe(start, with_weights(accelerator.unwrap_model(controlnet), ema))
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train: ControlNet", disable=not main)
     for step in bar:
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
         for m in range(accum):
             batch = next(stream)
-            g = step_generator(t.seed, step, m, rank)
             with accelerator.accumulate(controlnet):
                 loss = controlnet_loss(
-                    controlnet,
-                    base.unet,
-                    base.noise_scheduler,
-                    batch,
-                    empty,
-                    scale,
-                    t.proportion_empty_prompts,
-                    g,
-                    device,
-                    weight_dtype,
+                    controlnet=controlnet,
+                    unet=base.unet,
+                    scheduler=base.noise_scheduler,
+                    batch=batch,
+                    empty_prompt=empty,
+                    scaling_factor=scale,
+                    p_empty=t.proportion_empty_prompts,
+                    generator=step_generator(t.seed, step, m, rank),
+                    device=device,
+                    dtype=weight_dtype,
+                    objective=obj,
+                    channels_last=tier.channels_last,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -200,33 +265,40 @@ def train_controlnet(cfg: Config) -> dict:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=tier.set_grads_to_none)
-            step_loss += loss.item() / accum
+            step_loss += loss.detach() / accum
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(controlnet).parameters())
+        pending.append(step_loss)
         done, steps_run = step + 1, steps_run + 1
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if done % 10 == 0 or done == max_steps:  # one host sync per 10 steps
+            losses += torch.stack(pending).tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if main and (done % 10 == 0 or done == max_steps):
             trackers.log({"loss": float(np.mean(losses[-10:])), "lr": lr_scheduler.get_last_lr()[0]}, done)
         if done % t.checkpointing_steps == 0 or done == max_steps:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(
-                    CHECKPOINTS,
+                    checkpoints,
                     done,
-                    accelerator.save_state,
+                    write_state,
                     {"fingerprint": run_fp, "micro_batches_read": done * accum, "tier": tier_name},
                     t.checkpoints_total_limit,
                 )
             accelerator.wait_for_everyone()
         if main and (done % t.validation.steps == 0 or done == max_steps):
             last_val = validate(done)
+        if probe is not None and probe_every and done % probe_every == 0:
+            probe(done, with_weights(accelerator.unwrap_model(controlnet), ema))
     seconds = time.time() - t0
     if main and not last_val:  # resumed at the last step: the final validation still belongs to the outputs
         last_val = validate(max_steps)
     accelerator.wait_for_everyone()
     if main:
         trackers.close()
-        out = fresh_dir(CONTROLNET_DIR)
-        accelerator.unwrap_model(controlnet).save_pretrained(out)
+        out = fresh_dir(out_dir)
+        with_weights(accelerator.unwrap_model(controlnet), ema).save_pretrained(out)
     return {
         "tier": tier_name,
         "micro_batch": micro,

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..storage import read_json, write_json
 
 STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
+EMA_WEIGHTS = "ema.safetensors"  # the EMA of the ControlNet (train.ema_decay set), keyed like the model
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -19,17 +19,34 @@ from ..config import ConfigError, Tier, TrainCfg
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"  # package data
 
 
-def make_optimizer(params, tier: Tier, t: TrainCfg, lr: float) -> torch.optim.Optimizer:
+NEW_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")  # hint encoder, zero convs
+
+
+def param_groups(model: torch.nn.Module, lr: float, multiplier: float) -> list[dict]:
+    """The ControlNet's parameters in two groups: the layers it adds to the UNet's encoder (the
+    hint encoder and the zero convolutions) at ``lr x multiplier``, the copied encoder at ``lr``."""
+    new, copied = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if name.startswith(NEW_LAYERS) else copied).append(p)
+    if multiplier == 1.0:
+        return [{"params": copied + new, "lr": lr}]  # one group, as upstream
+    return [{"params": copied, "lr": lr}, {"params": new, "lr": lr * multiplier}]
+
+
+def make_optimizer(groups: list[dict], tier: Tier, t: TrainCfg, lr: float) -> torch.optim.Optimizer:
+    """AdamW (8-bit where the tier says), fused on CUDA."""
     kw = {"lr": lr, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay, "eps": t.adam_epsilon}
     if tier.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw, fused=True if torch.cuda.is_available() else None)
 
 
 def apply_model_settings(unet, controlnet, tier: Tier) -> None:
-    """Attention backend and gradient checkpointing, on the ControlNet and the frozen UNet."""
+    """Attention backend, gradient checkpointing, memory format and compilation, on the ControlNet
+    and the frozen UNet."""
     if tier.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("tiers: attention: xformers is not installed (pip install xformers, or attention: sdpa)")
@@ -39,6 +56,12 @@ def apply_model_settings(unet, controlnet, tier: Tier) -> None:
     if tier.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
+    if tier.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        controlnet.to(memory_format=torch.channels_last)
+    if tier.compile:  # in place: state-dict keys (and so checkpoints) stay those of the plain module
+        unet.compile()
+        controlnet.compile()
 
 
 def deepspeed_plugin(tier: Tier, accumulation: int, micro_batch: int, max_grad_norm: float):

@@ -1,0 +1,235 @@
+"""Convergence benchmark: how soon does each training objective give a ControlNet that follows its
+condition? From one data/base/evaluator (the pipeline's own: run `dvc repro cache evaluator`
+first), each configuration trains the train stage's ControlNet for the same number of samples,
+and every ``--every`` steps its weights (the EMA's, where it keeps one) draw the same held-out
+conditions with the same seeds; the evaluate stage's scorer measures redrawn mIoU and landmark NME.
+
+    python benchmarks/convergence.py                        # every configuration, the recipe's steps
+    python benchmarks/convergence.py --configs upstream recipe --steps 600 --every 100
+
+Configurations: ``upstream`` (uniform timesteps, plain MSE, no EMA, one learning rate), each lever
+alone on top of it, and ``recipe`` (params.yaml's train block, the chosen combination). Prints a
+table and a summary line; writes benchmarks/results/convergence.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+UPSTREAM = {  # upstream's objective; proportion_empty_prompts: the embedded default's until this benchmark
+    "timestep_sampling": "uniform",
+    "loss_weighting": "none",
+    "ema_decay": None,
+    "new_layers_lr_multiplier": 1.0,
+    "proportion_empty_prompts": 0.1,
+}
+LEVERS = {  # each alone, on top of upstream's objective
+    "cubic": {"timestep_sampling": "cubic"},
+    "logit_normal": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0},
+    "min_snr": {"loss_weighting": "min_snr", "snr_gamma": 5.0},
+    "ema": {"ema_decay": 0.99},
+    "lr_x5": {"new_layers_lr_multiplier": 5.0},
+    "empty_50": {"proportion_empty_prompts": 0.5},  # the ControlNet paper drops half the prompts
+}
+OUT = ROOT / "benchmarks" / "results"
+
+
+def configurations(recipe_train: dict, names: list[str] | None) -> dict[str, dict]:
+    """name -> the train block's lever settings."""
+    out = {"upstream": UPSTREAM, **{k: {**UPSTREAM, **v} for k, v in LEVERS.items()}}
+    out["recipe"] = {k: recipe_train[k] for k in (*UPSTREAM, "logit_mean", "logit_std", "snr_gamma")}
+    return {k: v for k, v in out.items() if names is None or k in names}
+
+
+def first_reaching(curve: list[dict], key: str, target: float, higher: bool) -> int | None:
+    """Samples seen at the first probe whose ``key`` is at least as good as ``target``."""
+    for row in curve:
+        if row["step"] == 0:  # the untrained ControlNet (zero convolutions: the base alone)
+            continue
+        if (row[key] >= target) if higher else (row[key] <= target):
+            return row["samples"]
+    return None
+
+
+def run(args) -> dict:
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.evaluation.sampling import Sampler
+    from controlnet_recipe.evaluation.scorer import Scorer, target_landmarks
+    from controlnet_recipe.models.base_model import BaseRef, load_base
+    from controlnet_recipe.storage import CAPTIONS_DIR, load_dataset_dir
+
+    cfg = load_config(ROOT / "params.yaml")
+    r = cfg.recipe
+    steps = args.steps or r.train.max_train_steps
+    val = load_dataset_dir(CAPTIONS_DIR)["validation"]
+    n = min(args.samples, len(val))
+    val = val.select(range(n))
+    cols = r.columns
+    conditions = [c.convert("RGB") for c in val[cols.conditioning_image]]
+    prompts = list(val[cols.caption])
+    targets = target_landmarks(val["landmarks"], conditions, r.data.resolution)
+    seeds = [r.evaluate.seed + i for i in range(n)]
+    sampler = Sampler(load_base(BaseRef.read()), r.evaluate, r.data.resolution)
+    scorer = Scorer(r)
+    fk = scorer.fidelity_key
+    base_scores = scorer.fidelity(sampler.generate(prompts, seeds, desc="base"), conditions, targets)
+    results = {
+        "steps": steps,
+        "batch_size": r.train.batch_size,
+        "held_out": n,
+        "fidelity_key": fk,
+        "base": {k: float(np.nanmean(v)) for k, v in base_scores.items()},
+        "configs": {},
+    }
+    ctx = {"sampler": sampler, "scorer": scorer, "prompts": prompts, "seeds": seeds, "conditions": conditions, "targets": targets}
+    for name, levers in configurations(r.train.model_dump(), args.configs).items():
+        results["configs"][name] = train_one(cfg, name, levers, steps, args.every, ctx)
+    return results
+
+
+def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -> dict:
+    """Train one configuration for ``steps`` steps, probing its fidelity every ``every`` steps."""
+    import torch
+
+    from controlnet_recipe.config import TrainCfg
+    from controlnet_recipe.stages.train import train_controlnet
+
+    r = cfg.recipe
+    t = TrainCfg.model_validate(
+        {
+            **r.train.model_dump(),
+            **levers,
+            "max_train_steps": steps,
+            "num_train_epochs": None,
+            "checkpointing_steps": steps,
+            "checkpoints_total_limit": 1,
+            "resume_from_checkpoint": None,
+            "report_to": [],
+            "validation": {**r.train.validation.model_dump(), "steps": steps},
+        }
+    )
+    run_cfg = cfg.model_copy(update={"recipe": r.model_copy(update={"train": t})})
+    curve, clock, out = [], {"probes": 0.0, "t0": 0.0}, {"levers": levers}
+    fk = ctx["scorer"].fidelity_key
+
+    def probe(step: int, controlnet) -> None:
+        p0 = time.time()
+        if not curve:  # the first call comes before the first step: the clock starts here
+            clock["t0"] = p0
+        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], controlnet.eval(), ctx["conditions"], desc=f"{name} {step}")
+        scores = ctx["scorer"].fidelity(imgs, ctx["conditions"], ctx["targets"])
+        controlnet.train()
+        row = {"step": step, "samples": step * t.batch_size, "seconds": round(p0 - clock["t0"] - clock["probes"], 1)}
+        row.update({k: float(np.nanmean(v)) for k, v in scores.items()})
+        curve.append(row)
+        out["last_scores"] = {k: v.tolist() for k, v in scores.items()}
+        clock["probes"] += time.time() - p0
+        print(f"convergence: {name} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        train_controlnet(run_cfg, train_dir=Path(tmp) / "train", out_dir=Path(tmp) / "model", probe=probe, probe_every=every)
+    out["curve"] = curve
+    return out
+
+
+def summarize(results: dict, reference: str, candidate: str, n_boot: int = 2000) -> dict:
+    from controlnet_recipe.evaluation.stats import paired_diff_ci
+
+    fk = results["fidelity_key"]
+    ref, cand = results["configs"][reference], results["configs"][candidate]
+    total = ref["curve"][-1]["samples"]
+    out = {}
+    for key, higher in ((fk, True), ("nme", False)):
+        target = ref["curve"][-1][key]
+        reached = first_reaching(cand["curve"], key, target, higher)
+        a, b = np.array(cand["last_scores"][key]), np.array(ref["last_scores"][key])
+        gain = paired_diff_ci(a, b, n_boot) if higher else paired_diff_ci(b, a, n_boot)  # positive: better
+        out[key] = {
+            "reference_final": target,
+            "candidate_final": cand["curve"][-1][key],
+            "samples_to_reference_final": reached,
+            "samples_ratio": None if reached is None else reached / total,
+            "gain": gain,
+        }
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fk = results["fidelity_key"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for name, c in results["configs"].items():
+        xs = [row["samples"] for row in c["curve"]]
+        ts = [row["seconds"] for row in c["curve"]]
+        style = (
+            {"lw": 2.5, "color": "black"}
+            if name == "recipe"
+            else {"lw": 2.0, "color": "tab:red"}
+            if name == "upstream"
+            else {"lw": 1}
+        )
+        for col, key in enumerate((fk, "nme")):
+            ys = [row[key] for row in c["curve"]]
+            axes[0, col].plot(xs, ys, label=name, marker=".", **style)
+            axes[1, col].plot(ts, ys, label=name, marker=".", **style)
+    for col, key in enumerate((fk, "nme")):
+        for row_i, xlabel in enumerate(("samples seen", "training seconds (probes excluded)")):
+            ax = axes[row_i, col]
+            ax.axhline(results["base"][key], color="grey", ls="--", lw=1, label="base alone" if row_i == col == 0 else None)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{key} ({'higher' if key == fk else 'lower'} is better)")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Time to control: {results['held_out']} held-out conditions, batch {results['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=None, help="subset of: upstream recipe " + " ".join(LEVERS))
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default: the recipe's)")
+    ap.add_argument("--every", type=int, default=100, help="probe every this many steps")
+    ap.add_argument("--samples", type=int, default=32, help="held-out conditions per probe")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fk = results["fidelity_key"]
+    print(f"\n{'config':<14} {'samples':>8} {'seconds':>8} {fk:>7} {'nme':>7}")
+    for name, c in results["configs"].items():
+        last = c["curve"][-1]
+        print(f"{name:<14} {last['samples']:>8} {last['seconds']:>8.0f} {last[fk]:>7.3f} {last['nme']:>7.3f}")
+    print(f"{'base alone':<14} {'':>8} {'':>8} {results['base'][fk]:>7.3f} {results['base']['nme']:>7.3f}")
+    if {"upstream", "recipe"} <= results["configs"].keys():
+        s = results["summary"] = summarize(results, "upstream", "recipe")
+        for key, v in s.items():
+            ratio = "never" if v["samples_ratio"] is None else f"{v['samples_ratio']:.2f}x"
+            g = v["gain"]
+            print(
+                f"summary {key}: recipe reaches upstream's final {key} ({v['reference_final']:.3f}) in {ratio} its samples; "
+                f"final {v['candidate_final']:.3f} vs {v['reference_final']:.3f}, "
+                f"gain {g[0]:+.3f} [95% CI {g[1]:+.3f}, {g[2]:+.3f}]"
+            )
+    (args.out / "convergence.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "convergence.png")
+    print(f"-> {args.out / 'convergence.json'}, {args.out / 'convergence.png'}")
+
+
+if __name__ == "__main__":
+    main()
