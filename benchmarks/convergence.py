@@ -42,6 +42,7 @@ LEVERS = {  # each alone, on top of upstream's objective
     "empty_50": {"proportion_empty_prompts": 0.5},  # the ControlNet paper drops half the prompts
 }
 OUT = ROOT / "benchmarks" / "results"
+STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}
 
 
 def configurations(recipe_train: dict, names: list[str] | None) -> dict[str, dict]:
@@ -176,13 +177,7 @@ def plot(results: dict, path: Path) -> None:
     for name, c in results["configs"].items():
         xs = [row["samples"] for row in c["curve"]]
         ts = [row["seconds"] for row in c["curve"]]
-        style = (
-            {"lw": 2.5, "color": "black"}
-            if name == "recipe"
-            else {"lw": 2.0, "color": "tab:red"}
-            if name == "upstream"
-            else {"lw": 1}
-        )
+        style = STYLES.get(name, {"lw": 1})
         for col, key in enumerate((fk, "nme")):
             ys = [row[key] for row in c["curve"]]
             axes[0, col].plot(xs, ys, label=name, marker=".", **style)

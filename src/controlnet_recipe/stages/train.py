@@ -71,6 +71,18 @@ def controlnet_from_unet(unet, vae_config) -> ControlNetModel:
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
 
 
+LEVERS = (  # the convergence levers (README: Time to control), recorded in training.json
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "loss_weighting",
+    "snr_gamma",
+    "ema_decay",
+    "new_layers_lr_multiplier",
+    "proportion_empty_prompts",
+)
+
+
 def objective(t: TrainCfg) -> Objective:
     """The training objective that ``train``'s levers name (``Objective()`` is upstream's)."""
     return Objective(t.timestep_sampling, t.logit_mean, t.logit_std, t.loss_weighting, t.snr_gamma)
@@ -307,6 +319,7 @@ def train_controlnet(
         "effective_batch": micro * accum * world,
         "steps": max_steps,
         "resumed_from_step": start,
+        "levers": {k: getattr(t, k) for k in LEVERS},
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         **last_val,
         "train_seconds": round(seconds, 1),
