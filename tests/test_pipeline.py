@@ -96,3 +96,33 @@ def test_memory_tier_settings_train_for_real(project: Path):
     assert summary["micro_batch"] == 1
     assert summary["gradient_accumulation_steps"] == params["demo"]["train"]["batch_size"]
     assert summary["effective_batch"] == params["demo"]["train"]["batch_size"]
+
+
+@pytest.mark.slow
+def test_ema_weights_are_checkpointed_swept_and_exported(project: Path, tmp_path: Path):
+    """With train.ema_decay set, each checkpoint holds the EMA weights beside the trained ones; the
+    sweep loads the EMA's and the exported ControlNet is the EMA's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from controlnet_recipe.evaluation.sweep import Candidate, load_controlnet
+
+    project = shutil.copytree(project, tmp_path / "ema", symlinks=True)
+    for leftover in ("train", "models/controlnet"):
+        shutil.rmtree(project / leftover, ignore_errors=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    t = params["demo"]["train"]
+    t.update(max_train_steps=3, checkpointing_steps=3, ema_decay=0.9, resume_from_checkpoint=None)
+    (project / "ema.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "ema.yaml"], project)
+    ckpt = project / "train/checkpoints/checkpoint-3"
+    ema, trained = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "model.safetensors")
+    assert ema.keys() == trained.keys()
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema)
+    exported = load_file(project / "models/controlnet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    swept = load_controlnet(Candidate(3, ckpt), project / "models/controlnet").state_dict()
+    assert all(torch.equal(swept[k], ema[k]) for k in ema)
+    assert json.loads((project / "models/controlnet/training.json").read_text())["levers"]["ema_decay"] == 0.9
