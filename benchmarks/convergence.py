@@ -15,6 +15,7 @@ table and a summary line; writes benchmarks/results/convergence.{json,png}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -127,9 +128,9 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
         p0 = time.time()
         if not curve:  # the first call comes before the first step: the clock starts here
             clock["t0"] = p0
-        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], controlnet.eval(), ctx["conditions"], desc=f"{name} {step}")
+        model = copy.deepcopy(controlnet).eval()  # the sampler casts it (fp16 on CUDA): never the trained one
+        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], model, ctx["conditions"], desc=f"{name} {step}")
         scores = ctx["scorer"].fidelity(imgs, ctx["conditions"], ctx["targets"])
-        controlnet.train()
         row = {"step": step, "samples": step * t.batch_size, "seconds": round(p0 - clock["t0"] - clock["probes"], 1)}
         row.update({k: float(np.nanmean(v)) for k, v in scores.items()})
         curve.append(row)

@@ -11,12 +11,12 @@ interrupted one was. Validation images and their condition fidelity are logged e
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +123,19 @@ def controlnet_loss(
     return diffusion_loss(pred, target, loss_weights(scheduler, ts, objective))
 
 
-def with_weights(model: ControlNetModel, ema: EMAModel | None) -> ControlNetModel:
-    """The model to validate, sweep or export: ``model`` itself, or a copy holding the EMA weights."""
+@contextmanager
+def with_weights(model: ControlNetModel, ema: EMAModel | None) -> Iterator[ControlNetModel]:
+    """``model`` with the weights to validate, sweep or export: its own, or the EMA's swapped in
+    for the duration (EMAModel's store/copy_to/restore: no second copy of the model)."""
     if ema is None:
-        return model
-    shadow = copy.deepcopy(model)
-    ema.copy_to(shadow.parameters())
-    return shadow
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
 
 
 def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
@@ -235,11 +241,12 @@ def train_controlnet(
     def write_state(folder: str) -> None:
         accelerator.save_state(folder)
         if ema is not None:  # the sweep's weights, keyed like the model's
-            save_file(with_weights(accelerator.unwrap_model(controlnet), ema).state_dict(), str(Path(folder) / EMA_WEIGHTS))
+            with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+                save_file(model.state_dict(), str(Path(folder) / EMA_WEIGHTS))
 
     def validate(step: int) -> dict[str, float]:
-        model = with_weights(accelerator.unwrap_model(controlnet), ema)
-        grid, metrics = run_validation(base, model, pairs, t.validation, r.data.resolution, t.seed, segmenter)
+        with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+            grid, metrics = run_validation(base, model, pairs, t.validation, r.data.resolution, t.seed, segmenter)
         grid.save(train_dir / "validation.png")
         trackers.log_image("validation", grid, step)
         trackers.log(metrics, step)
@@ -250,7 +257,8 @@ def train_controlnet(
     last_val: dict[str, float] = {}
     t0, steps_run = time.time(), 0
     if probe is not None:
-        probe(start, with_weights(accelerator.unwrap_model(controlnet), ema))
+        with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+            probe(start, model)
     bar = tqdm(range(start, max_steps), initial=start, total=max_steps, desc="train: ControlNet", disable=not main)
     for step in bar:
         step_loss = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
@@ -302,7 +310,8 @@ def train_controlnet(
         if main and (done % t.validation.steps == 0 or done == max_steps):
             last_val = validate(done)
         if probe is not None and probe_every and done % probe_every == 0:
-            probe(done, with_weights(accelerator.unwrap_model(controlnet), ema))
+            with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+                probe(done, model)
     seconds = time.time() - t0
     if main and not last_val:  # resumed at the last step: the final validation still belongs to the outputs
         last_val = validate(max_steps)
@@ -310,7 +319,8 @@ def train_controlnet(
     if main:
         trackers.close()
         out = fresh_dir(out_dir)
-        with_weights(accelerator.unwrap_model(controlnet), ema).save_pretrained(out)
+        with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+            model.save_pretrained(out)
     return {
         "tier": tier_name,
         "micro_batch": micro,
