@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from controlnet_recipe.errors import BadInput
 from controlnet_recipe.faces.synthetic import make_face
 from controlnet_recipe.images import decode_image, encode_png
 from controlnet_recipe.sources import SOURCES, SourceRow, SourceSpec, facesynthetics, hub, imagefolder, parquet
@@ -268,7 +269,7 @@ def test_hub_layout(tmp_path: Path, faces):
         assert decode_image(r.conditioning_image).converted == "L"
         assert r.caption == f"caption {i}" and r.problem is None and r.landmarks is None
     assert [r.id for r in hub.read(SourceSpec(str(repo), columns=MAPPING))] == [r.id for r in rows]
-    with pytest.raises(KeyError, match="no column missing"):
+    with pytest.raises(BadInput, match="no column missing"):
         next(hub.read(SourceSpec(str(repo), columns={"image": "image", "missing": "caption"})))
     with pytest.raises(ValueError, match="recipe columns"):
         next(hub.read(SourceSpec(str(repo), columns={"image": "picture"})))

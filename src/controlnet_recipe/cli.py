@@ -6,17 +6,17 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import RecipeError
 
 STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
 COMMANDS = ("generate", "web")  # try a trained model; their own options: <command> --help
+OWN_OPTIONS = (*COMMANDS, "doctor")  # doctor checks the machine and needs no params file
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["doctor"]:  # checks the machine (GPU, bitsandbytes, xformers); needs no params.yaml
-        return importlib.import_module(".doctor", __package__).main(argv[1:])
-    own_help = bool(argv) and argv[0] in COMMANDS  # `generate --help` shows generate's options
+    own_help = any(a in OWN_OPTIONS for a in argv)  # `generate --help` shows generate's options
     p = argparse.ArgumentParser(prog="controlnet-recipe", description=__doc__, add_help=not own_help)
     p.add_argument(
         "stage",
@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
     p.add_argument("--recipe", default=None, help="override the recipe block named in params")
     args, rest = p.parse_known_args(argv)
-    if rest and args.stage not in COMMANDS:
+    if rest and args.stage not in OWN_OPTIONS:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.stage == "doctor":
+        return importlib.import_module(".doctor", __package__).main(rest)
     overrides = {k: v for k, v in (("gpu", args.gpu), ("recipe", args.recipe)) if v}
     try:
         cfg = load_config(args.params, overrides)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(f".{args.stage}", __package__).main(cfg, rest)
         module = ".publish" if args.stage == "publish" else f".stages.{args.stage}"
         importlib.import_module(module, __package__).main(cfg)
-    except ConfigError as e:
+    except RecipeError as e:  # expected (a bad params file, a missing input): one line; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

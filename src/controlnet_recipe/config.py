@@ -12,11 +12,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TIER_NAMES = ("cpu", "8gb", "12gb", "16gb", "24gb", "40gb", "80gb")
+from .errors import RecipeError
+
 TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80gb": 80}
 
 
-class ConfigError(ValueError):
+class ConfigError(RecipeError, ValueError):
     """A bad params file: the message is one line, naming the key and what was expected."""
 
 

@@ -11,7 +11,6 @@ the base model and the ControlNet (``models/best``, the checkpoint the evaluate 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from .config import Config
+from .errors import RecipeError
 from .storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, images_to_tensor, tensor_to_images, write_json
 
 OUT_DIR = Path("outputs/generate")
@@ -27,7 +27,7 @@ BATCH = 4  # images per pipeline call
 NO_MODEL = "run `make demo` (the embedded default) or `make train` first"
 
 
-class GenerateError(RuntimeError):
+class GenerateError(RecipeError, RuntimeError):
     """A problem with the inputs or the model; the message is one line."""
 
 
@@ -289,11 +289,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> int:
         guidance=a.guidance,
         conditioning_scale=a.conditioning_scale,
     )
-    try:
-        files = run(cfg, settings, photo=a.photo, condition=a.condition, model=a.model, out=a.out)
-    except GenerateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    files = run(cfg, settings, photo=a.photo, condition=a.condition, model=a.model, out=a.out)  # GenerateError: cli prints it
     out = files["grid"].parent
     print(f"generate: {len(files['images'])} images -> {out}/image-*.png, condition: {files['condition']}, grid: {files['grid']}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config
+from .errors import BadInput, MissingInput
 from .models.base_model import BaseRef
 from .storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
 
@@ -78,7 +79,7 @@ def stage_files(cfg: Config, folder: Path) -> list[str]:
     src_dir = model_dir()
     missing = [f for f in MODEL_FILES[:2] if not (src_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{src_dir}: {', '.join(missing)} missing; run the train stage first")
+        raise MissingInput(f"{src_dir}: {', '.join(missing)} missing; run the train stage first")
     for f in MODEL_FILES:
         if (src_dir / f).is_file():
             shutil.copy(src_dir / f, folder / f)
@@ -102,7 +103,7 @@ def push_to_hub(cfg: Config, api=None) -> list[str]:
         api = HfApi()
     repo = cfg.recipe.train.hub_model_id
     if not repo:
-        raise ValueError("train.hub_model_id: expected a repo id (user/name) to push to")
+        raise BadInput("train.hub_model_id: expected a repo id (user/name) to push to")
     with tempfile.TemporaryDirectory() as tmp:
         files = stage_files(cfg, Path(tmp))
         api.create_repo(repo_id=repo, exist_ok=True)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import MissingInput
+
 # Every stage's output folder, relative to the project root. dvc.yaml names the same paths.
 DATA_DIR = Path("data/source")
 PHOTOREAL_DIR = Path("data/photoreal")
@@ -66,7 +68,7 @@ def load_dataset_dir(path: Path):
     disable_caching()
     path = resolve_dataset_dir(path)
     if not (path / SPLITS_FILE).is_file():
-        raise FileNotFoundError(f"{path}: no dataset here; run the stage that writes it first (dvc repro)")
+        raise MissingInput(f"{path}: no dataset here; run the stage that writes it first (dvc repro)")
     splits = read_json(path / SPLITS_FILE)  # a split with no sample at all is left out
     return DatasetDict(
         {

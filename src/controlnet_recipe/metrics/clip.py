@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import BadInput, MissingInput
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -34,7 +36,7 @@ def weights_file(name_or_path: str, revision: str | None) -> Path:
         for name in WEIGHT_FILES:
             if (folder / name).is_file():
                 return folder / name
-        raise FileNotFoundError(f"{folder}: no CLIP weights ({' or '.join(WEIGHT_FILES)})")
+        raise MissingInput(f"{folder}: no CLIP weights ({' or '.join(WEIGHT_FILES)})")
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(name_or_path, WEIGHT_FILES[0], revision=revision))
@@ -45,7 +47,7 @@ def verify_weights(name_or_path: str, revision: str | None, sha256: str | None) 
     path = weights_file(name_or_path, revision)
     found = sha256_file(path)
     if sha256 and found != sha256.lower():
-        raise ValueError(f"{path}: sha256 {found}, expected {sha256} (evaluator.clip_sha256)")
+        raise BadInput(f"{path}: sha256 {found}, expected {sha256} (evaluator.clip_sha256)")
     return found
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MissingInput
 from ..storage import BASE_DIR, read_json
 
 BASE_FILE = "base.json"
@@ -21,7 +22,7 @@ class BaseRef:
     def read(cls, folder: Path = BASE_DIR) -> BaseRef:
         f = folder / BASE_FILE
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: no base model resolved; run the base stage first (dvc repro)")
+            raise MissingInput(f"{f}: no base model resolved; run the base stage first (dvc repro)")
         return cls(**read_json(f))
 
 

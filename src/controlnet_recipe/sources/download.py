@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import BadInput
+
 USER_AGENT = "controlnet-recipe"
 TIMEOUT_S = 60
 
@@ -109,6 +111,6 @@ def download(url: str, dest: Path, sha256: str | None = None, chunk_size: int = 
         actual = h.hexdigest()
         if actual != expected:
             part.unlink(missing_ok=True)
-            raise ValueError(f"{dest.name}: sha256 mismatch: expected {expected}, got {actual} (download deleted)")
+            raise BadInput(f"{dest.name}: sha256 mismatch: expected {expected}, got {actual} (download deleted)")
     os.replace(part, dest)
     return dest

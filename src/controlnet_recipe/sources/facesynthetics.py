@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from ..errors import MissingInput
 from . import SourceRow, SourceSpec
 from .download import download
 
@@ -47,7 +48,7 @@ def _local_archive(spec: SourceSpec) -> Path:
         return download(spec.location, Path(spec.cache_dir) / name, sha256=spec.sha256)
     path = Path(spec.location)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no FaceSynthetics zip or folder here")
+        raise MissingInput(f"{path}: no FaceSynthetics zip or folder here")
     return path
 
 

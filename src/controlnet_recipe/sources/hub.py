@@ -12,6 +12,7 @@ import io
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ..errors import BadInput
 from . import RECIPE_COLUMNS, SourceRow, SourceSpec
 
 DEFAULT_COLUMNS = {"image": "image", "conditioning_image": "conditioning_image", "caption": "caption", "text": "caption"}
@@ -23,7 +24,7 @@ def column_map(spec: SourceSpec, available: Iterable[str] | None) -> dict[str, s
     mapping = {k: v for k, v in spec.columns.items() if k not in NOT_COLUMNS}
     bad = {k: v for k, v in mapping.items() if v not in RECIPE_COLUMNS}
     if bad:
-        raise ValueError(f"columns {bad}: recipe columns are {', '.join(RECIPE_COLUMNS)}")
+        raise BadInput(f"columns {bad}: recipe columns are {', '.join(RECIPE_COLUMNS)}")
     if not mapping:
         cols = set(available or ())
         mapping = {k: v for k, v in DEFAULT_COLUMNS.items() if k in cols}
@@ -31,9 +32,9 @@ def column_map(spec: SourceSpec, available: Iterable[str] | None) -> dict[str, s
     elif available is not None:
         missing = sorted(set(mapping) - set(available))
         if missing:
-            raise KeyError(f"{spec.location}: no column {', '.join(missing)}; it has {', '.join(sorted(available))}")
+            raise BadInput(f"{spec.location}: no column {', '.join(missing)}; it has {', '.join(sorted(available))}")
     if "image" not in mapping.values():
-        raise ValueError(f"{spec.location}: no column maps to 'image' (columns: {mapping or 'none'})")
+        raise BadInput(f"{spec.location}: no column maps to 'image' (columns: {mapping or 'none'})")
     return mapping
 
 

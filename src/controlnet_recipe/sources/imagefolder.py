@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import BadInput, MissingInput
 from . import SourceRow, SourceSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -42,7 +43,7 @@ def _records(path: Path) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON: {e.msg}") from None
+                    raise BadInput(f"{path}:{n}: not JSON: {e.msg}") from None
 
 
 def _metadata(root: Path, spec: SourceSpec) -> dict[str, dict[str, str]]:
@@ -54,7 +55,7 @@ def _metadata(root: Path, spec: SourceSpec) -> dict[str, dict[str, str]]:
         base = meta.parent
         for rec in _records(meta):
             if "file_name" not in rec:
-                raise ValueError(f"{meta}: a record without 'file_name'")
+                raise BadInput(f"{meta}: a record without 'file_name'")
             entry = {}
             caption = next((rec[k] for k in caption_fields if rec.get(k) is not None), None)
             if caption is not None:
@@ -75,7 +76,7 @@ def _conditioning_folder(spec: SourceSpec, root: Path) -> Path | None:
     if not folder.is_dir() and not folder.is_absolute() and (root / folder).is_dir():
         folder = root / folder  # relative to the image folder rather than the working directory
     if not folder.is_dir():
-        raise FileNotFoundError(f"{value}: conditioning folder not found")
+        raise MissingInput(f"{value}: conditioning folder not found")
     return folder
 
 
@@ -95,7 +96,7 @@ def read(spec: SourceSpec) -> Iterator[SourceRow]:
     """Image paths under ``spec.location`` in sorted order, with captions and conditioning paths."""
     root = Path(spec.location).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no image folder here")
+        raise MissingInput(f"{root}: no image folder here")
     cond_folder = _conditioning_folder(spec, root)
     skip = cond_folder.resolve() if cond_folder is not None else None
     metadata = _metadata(root, spec)

@@ -7,6 +7,7 @@ import glob
 import os
 from collections.abc import Iterator
 
+from ..errors import MissingInput
 from . import SourceRow, SourceSpec
 from .hub import rows_from_dataset
 
@@ -16,7 +17,7 @@ def parquet_files(location: str) -> list[str]:
     pattern = os.path.join(location, "**", "*.parquet") if os.path.isdir(location) else location
     files = sorted(os.path.abspath(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
     if not files:
-        raise FileNotFoundError(f"{location}: no parquet files")
+        raise MissingInput(f"{location}: no parquet files")
     return files
 
 

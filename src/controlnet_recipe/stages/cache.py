@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
+from ..errors import MissingInput
 from ..models.base_model import BaseRef, load_base
 from ..storage import CACHE_DIR, CAPTIONS_DIR, code_digest, images_to_tensor, load_dataset_dir, read_json, write_json
 
@@ -67,7 +68,7 @@ class LatentCache:
     def load(cls, expected_fingerprint: str | None = None, root: Path = CACHE_DIR) -> LatentCache:
         meta_file = root / META
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: no latent cache; run the cache stage first (dvc repro cache)")
+            raise MissingInput(f"{meta_file}: no latent cache; run the cache stage first (dvc repro cache)")
         meta = read_json(meta_file)
         if expected_fingerprint and meta["fingerprint"] != expected_fingerprint:
             raise ValueError(

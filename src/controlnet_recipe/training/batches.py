@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..errors import BadInput
 from ..storage import images_to_tensor
 
 CONDITIONS_IN_MEMORY_BYTES = 2 * 1024**3  # decoded conditioning images (uint8) kept in memory up to this
@@ -31,7 +32,7 @@ class CachedPairs(torch.utils.data.Dataset):
         memory_bytes: int = CONDITIONS_IN_MEMORY_BYTES,
     ):
         if len(cache_rows) != len(conditions):
-            raise ValueError(f"latent cache has {len(cache_rows)} rows, the dataset {len(conditions)}; run the cache stage again")
+            raise BadInput(f"latent cache has {len(cache_rows)} rows, the dataset {len(conditions)}; run the cache stage again")
         self.cache, self.conditions, self.column, self.resolution = cache_rows, conditions, column, resolution
         # The planted failure (train.shuffle_conditions): row i gets the condition of another row.
         self.condition_row = None if shuffle_seed is None else derangement(len(conditions), shuffle_seed)
@@ -67,7 +68,7 @@ class CachedPairs(torch.utils.data.Dataset):
 def derangement(n: int, seed: int) -> torch.Tensor:
     """A seeded permutation with no fixed point (a random cyclic shift of a random order)."""
     if n < 2:
-        raise ValueError(f"cannot pair {n} sample(s) with another sample's condition")
+        raise BadInput(f"cannot pair {n} sample(s) with another sample's condition")
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g)
     shift = int(torch.randint(1, n, (1,), generator=g))
@@ -86,7 +87,7 @@ class ResumableBatches(Sampler[list[int]]):
         self.n, self.micro, self.seed, self.start, self.rank, self.world = n, micro, seed, start, rank, world
         self.per_epoch = n // (micro * world)
         if self.per_epoch == 0:
-            raise ValueError(f"dataset of {n} samples is smaller than one global micro-batch ({micro} x {world})")
+            raise BadInput(f"dataset of {n} samples is smaller than one global micro-batch ({micro} x {world})")
 
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))

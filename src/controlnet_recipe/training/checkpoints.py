@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import BadInput, MissingInput
 from ..storage import read_json, write_json
 
 STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
@@ -86,12 +87,12 @@ def find_resume(root: Path, resume: str | None, fingerprint: str) -> tuple[Path 
     else:
         path = Path(resume)
         if not (path / STATE).is_file():
-            raise FileNotFoundError(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
+            raise MissingInput(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
     saved = read_json(path / STATE).get("fingerprint")
     if saved != fingerprint:
         if resume == "latest":
             return None, f"{path} belongs to a run with other data or settings: starting fresh"
-        raise ValueError(f"train.resume_from_checkpoint: {path} belongs to a run with other data or settings")
+        raise BadInput(f"train.resume_from_checkpoint: {path} belongs to a run with other data or settings")
     return path, f"resuming from {path}"
 
 

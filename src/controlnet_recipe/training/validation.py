@@ -12,6 +12,7 @@ from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ValidationCfg
+from ..errors import BadInput
 from ..metrics.segmentation import condition_miou
 from ..models.base_model import pipeline_components
 from ..report.grid import make_grid
@@ -31,7 +32,7 @@ def _load_condition(path: str, resolution: int) -> Image.Image:
             # RGBA and palette images are flattened to RGB (upstream fails on them, diffusers #2908).
             cond = images_to_tensor([img], resolution, normalize=False)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"train.validation.images: {path}: cannot read ({e.__class__.__name__})") from None
+        raise BadInput(f"train.validation.images: {path}: cannot read ({e.__class__.__name__})") from None
     return tensor_to_images(cond * 2 - 1)[0]
 
 
