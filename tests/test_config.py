@@ -70,7 +70,7 @@ def _edit(path: str, value=None, delete: bool = False) -> dict:
         ("tiers.8gb-zero2.use_8bit_adam", True, "tiers.8gb-zero2: use_8bit_adam: expected false with deepspeed"),
         ("$recipe.train.validation.prompts", ["a", "b", "c"], "demo.train.validation: expected 0, 1 or held_out=4 prompts"),
         ("$recipe.train.num_train_epochs", 2, "demo.train: expected exactly one of max_train_steps and num_train_epochs"),
-        ("$recipe.train.push_to_hub", True, "demo.train: expected hub_model_id"),
+        ("$recipe.evaluate.push_to_hub", True, "demo.evaluate: expected hub_model_id"),
         ("$recipe.train.report_to", ["mlflow"], "demo.train.report_to.0: expected 'dvclive', 'tensorboard' or 'wandb'"),
     ],
 )

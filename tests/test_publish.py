@@ -32,7 +32,7 @@ def test_push_uploads_model_and_card_only(project: Path, tmp_path: Path, monkeyp
     shutil.copytree(project, work, symlinks=True)
     assert any((work / "train/checkpoints").iterdir())  # there is optimizer state that must stay home
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["demo"]["train"].update(push_to_hub=True, hub_model_id="someone/face-controlnet")
+    params["demo"]["evaluate"].update(push_to_hub=True, hub_model_id="someone/face-controlnet")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(work)
     api = RecordingApi()

@@ -206,8 +206,6 @@ class TrainCfg(Strict):
     validation: ValidationCfg
     report_to: list[Tracker]
     tracker_project_name: str
-    push_to_hub: bool
-    hub_model_id: str | None
     shuffle_conditions: bool  # a planted failure: each image gets another sample's condition
     # Convergence levers; upstream's values: uniform, none, ema_decay null, multiplier 1.
     timestep_sampling: Literal["uniform", "cubic", "logit_normal"]
@@ -222,8 +220,6 @@ class TrainCfg(Strict):
     def _steps_or_epochs(self) -> TrainCfg:
         if (self.max_train_steps is None) == (self.num_train_epochs is None):
             raise ConfigError("expected exactly one of max_train_steps and num_train_epochs, the other null")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ConfigError("expected hub_model_id (user/name) when push_to_hub is true")
         return self
 
 
@@ -255,6 +251,14 @@ class EvaluateCfg(Strict):
     probe_conditions: int = Positive  # held-out conditions each probe prompt is generated with
     sweep: SweepCfg
     bootstrap: int = Field(ge=100)  # resamples for the confidence intervals
+    push_to_hub: bool  # upload the chosen checkpoint and its model card at the end of this stage
+    hub_model_id: str | None
+
+    @model_validator(mode="after")
+    def _hub_id(self) -> EvaluateCfg:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("expected hub_model_id (user/name) when push_to_hub is true")
+        return self
 
 
 class Recipe(Strict):

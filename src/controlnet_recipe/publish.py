@@ -51,7 +51,7 @@ Condition: `{r.conditions.kind}` from `{r.conditions.detector}`; captions: `{r.c
 
 ```python
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-controlnet = ControlNetModel.from_pretrained("{r.train.hub_model_id}")
+controlnet = ControlNetModel.from_pretrained("{r.evaluate.hub_model_id}")
 pipe = StableDiffusionControlNetPipeline.from_pretrained("{base.name_or_path}", controlnet=controlnet)
 ```
 
@@ -62,7 +62,7 @@ pipe = StableDiffusionControlNetPipeline.from_pretrained("{base.name_or_path}", 
 
 ## Training parameters
 ```yaml
-{yaml.safe_dump(r.train.model_dump(exclude={"hub_model_id", "push_to_hub"}), sort_keys=False).strip()}
+{yaml.safe_dump(r.train.model_dump(), sort_keys=False).strip()}
 ```
 
 ## Metrics
@@ -95,15 +95,15 @@ def stage_files(cfg: Config, folder: Path) -> list[str]:
 
 
 def push_to_hub(cfg: Config, api=None) -> list[str]:
-    """Upload to ``train.hub_model_id`` (created if absent); the token comes from the environment
+    """Upload to ``evaluate.hub_model_id`` (created if absent); the token comes from the environment
     or ``huggingface-cli login``, never from params. Returns the uploaded file names."""
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi()
-    repo = cfg.recipe.train.hub_model_id
+    repo = cfg.recipe.evaluate.hub_model_id
     if not repo:
-        raise BadInput("train.hub_model_id: expected a repo id (user/name) to push to")
+        raise BadInput("evaluate.hub_model_id: expected a repo id (user/name) to push to")
     with tempfile.TemporaryDirectory() as tmp:
         files = stage_files(cfg, Path(tmp))
         api.create_repo(repo_id=repo, exist_ok=True)

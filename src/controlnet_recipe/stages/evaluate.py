@@ -223,7 +223,7 @@ def main(cfg: Config) -> None:
         f"FID {metrics['fid']:.2f} vs {metrics['fid_base']:.2f}; "
         f"forgetting {metrics['forgetting']:+.2f} -> {out}/report.html"
     )
-    if r.train.push_to_hub:  # upstream's flag; what is pushed is the chosen checkpoint, once evaluated
+    if r.evaluate.push_to_hub:  # upstream's flag; what is pushed is the chosen checkpoint, once evaluated
         from ..publish import push_to_hub
 
         push_to_hub(cfg)

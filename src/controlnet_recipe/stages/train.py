@@ -59,8 +59,6 @@ NOT_IN_RUN_FINGERPRINT = {
     "validation",
     "report_to",
     "tracker_project_name",
-    "push_to_hub",
-    "hub_model_id",
     "dataloader_num_workers",
 }
 
