@@ -85,6 +85,45 @@ def test_bad_files_are_skipped_or_converted_and_counted(bad_folder: Path):
     assert (DATA_DIR / "samples.png").is_file() and (CONDITIONS_DIR / "samples.png").is_file()
 
 
+@pytest.fixture
+def hostile_folder(bad_folder: Path) -> Path:
+    """The bad files, plus side captions in other encodings or none, and broken symlinks."""
+    captions = {
+        "latin1": "a café face".encode("latin-1"),
+        "utf16": "a face, 笑顔".encode("utf-16"),  # with a BOM
+        "utf16le": "a grinning face".encode("utf-16-le"),  # without one
+        "noise": bytes(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8)),
+    }
+    for i, (name, raw) in enumerate(captions.items()):
+        _face(20 + i).save(bad_folder / f"{name}.png")
+        (bad_folder / f"{name}.txt").write_bytes(raw)
+    _face(30).save(bad_folder / "deadcaption.png")
+    (bad_folder / "deadcaption.txt").symlink_to(bad_folder / "nowhere.txt")
+    (bad_folder / "deadlink.png").symlink_to(bad_folder / "nowhere.png")
+    return bad_folder
+
+
+@pytest.mark.parametrize("undecodable", ["empty", "skip"])
+def test_hostile_files_are_each_kept_or_counted(hostile_folder: Path, undecodable: str):
+    data = {"source": "imagefolder", "location": str(hostile_folder), "undecodable_captions": undecodable}
+    report, _, _ = _run(_cfg(hostile_folder.parent, data, {"kind": "canny"}, {"captioner": "given"}))
+    listed = len([p for p in hostile_folder.iterdir() if p.suffix in (".png", ".jpg")])
+    kept = sum(report["splits"].values())
+    assert kept + sum(report["skipped"].values()) == listed
+    assert report["skipped"]["broken_link"] == 1
+    assert report["caption_encodings"]["cp1252"] == 1 and report["caption_encodings"]["utf-16"] == 1
+    assert report["caption_encodings"]["utf-16-le"] == 1
+    rows = {i: c for part in load_dataset_dir(CAPTIONS_DIR).values() for i, c in zip(part["id"], part["caption"])}
+    assert rows["latin1.png"] == "a café face" and rows["utf16.png"] == "a face, 笑顔"
+    assert rows["utf16le.png"] == "a grinning face"
+    if undecodable == "empty":  # kept uncaptioned: the caption-dropout case
+        assert rows["noise.png"] == "" and rows["deadcaption.png"] == ""
+        assert report["caption_encodings"]["undecodable"] == 1 and report["caption_encodings"]["unreadable"] == 1
+    else:
+        assert "noise.png" not in rows and "deadcaption.png" not in rows
+        assert report["skipped"]["undecodable_caption"] == 1 and report["skipped"]["unreadable_caption"] == 1
+
+
 def test_facesynthetics_ground_truth_drops_bad_landmarks(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "fs"

@@ -51,6 +51,7 @@ class DataCfg(Strict):
     seed: int
     shard_size: int = Positive  # samples per shard: the unit of resuming
     min_size: int = Positive  # images smaller than this (either side) are skipped
+    undecodable_captions: Literal["empty", "skip"]  # a caption file in no known encoding: keep the sample uncaptioned, or skip it
 
     @field_validator("resolution")
     @classmethod

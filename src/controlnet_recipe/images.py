@@ -36,7 +36,7 @@ class Decoded:
 def _read(path: str | os.PathLike) -> bytes | Decoded:
     try:
         if not os.path.isfile(path):
-            return Decoded(None, "missing_file")
+            return Decoded(None, "broken_link" if os.path.islink(path) else "missing_file")
         with open(path, "rb") as f:
             return f.read()
     except OSError:

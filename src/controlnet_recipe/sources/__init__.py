@@ -40,6 +40,7 @@ class SourceRow:
     landmarks: np.ndarray | None = None  # (68, 2) float32, pixels
     problem: str | None = None  # e.g. "bad_landmarks", "missing_conditioning"
     caption: str | None = None
+    caption_encoding: str | None = None  # a caption file's encoding when not UTF-8, or text.UNDECODABLE
     conditioning_image: bytes | str | None = None
 
 

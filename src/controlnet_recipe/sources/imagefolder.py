@@ -15,11 +15,13 @@ Rows carry file paths, not bytes; ids are the relative paths (posix), in sorted 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import BadInput, MissingInput
+from ..text import UNREADABLE, Text, decode_text
 from . import SourceRow, SourceSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -32,18 +34,26 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def _read_text(path: Path) -> Text:
+    try:
+        return decode_text(path.read_bytes())
+    except OSError:  # a broken link, no permission
+        return Text(None, UNREADABLE)
+
+
 def _records(path: Path) -> Iterator[dict]:
+    text = _read_text(path).text
+    if text is None:
+        raise BadInput(f"{path}: cannot read as text (not UTF-8, UTF-16 or latin-1)")
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            yield from csv.DictReader(f)
+        yield from csv.DictReader(io.StringIO(text, newline=""))
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{path}:{n}: not JSON: {e.msg}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}:{n}: not JSON: {e.msg}") from None
 
 
 def _metadata(root: Path, spec: SourceSpec) -> dict[str, dict[str, str]]:
@@ -104,7 +114,7 @@ def read(spec: SourceSpec) -> Iterator[SourceRow]:
     uses_conditioning = cond_folder is not None or bool(cond_files)
 
     def is_target(p: Path) -> bool:  # an image, and not a conditioning image kept inside the folder
-        if not (_is_image(p) and p.is_file()):
+        if not (_is_image(p) and (p.is_file() or p.is_symlink())):  # a broken link is listed, then counted as one
             return False
         resolved = p.resolve()
         return str(resolved) not in cond_files and not (skip is not None and skip in resolved.parents)
@@ -114,8 +124,10 @@ def read(spec: SourceSpec) -> Iterator[SourceRow]:
         path = root / rel
         meta = metadata.get(rel, {})
         side = path.with_suffix(".txt")
-        caption = side.read_text(encoding="utf-8").strip() if side.is_file() else meta.get("caption")
-        row = SourceRow(id=rel, image=str(path), caption=caption)
+        row = SourceRow(id=rel, image=str(path), caption=meta.get("caption"))
+        if side.is_file() or side.is_symlink():
+            text = _read_text(side)
+            row.caption, row.caption_encoding = (text.text or "").strip(), text.encoding
         if uses_conditioning:
             cond = meta.get("conditioning_image")
             cond_path = Path(cond) if cond else _find_conditioning(cond_folder, Path(rel)) if cond_folder else None

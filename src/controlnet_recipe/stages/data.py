@@ -27,6 +27,7 @@ from ..faces.synthetic import make_face
 from ..images import decode_image, encode_png
 from ..report.grid import save_grid
 from ..storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
+from ..text import UNDECODABLE, UNREADABLE
 
 SPLIT_SEED_STRIDE = 10_000_000  # synthetic validation seeds never collide with training seeds
 VALIDATION_RATE = 0.1  # share of rows offered to validation (by hash) until it is full
@@ -57,13 +58,15 @@ def _png(img) -> dict:
     return {"bytes": encode_png(img), "path": None}
 
 
-def materialize(item, min_size: int) -> tuple[dict | None, str | None, str | None]:
+def materialize(item, min_size: int, undecodable_captions: str = "empty") -> tuple[dict | None, str | None, str | None]:
     """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row.
     Runs in worker processes; never raises for bad data."""
     if isinstance(item, SyntheticSeed):
         img, lm, attrs = make_face(item.seed, item.size)
         row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
         return {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}, None, None
+    if item.caption_encoding in (UNDECODABLE, UNREADABLE) and undecodable_captions == "skip":
+        return None, f"{item.caption_encoding}_caption", None
     decoded = decode_image(item.image, min_size=min_size)
     if decoded.image is None:
         return None, decoded.reason, None
@@ -113,7 +116,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
     cols = r.columns
     feats = features(cols.image, cols.conditioning_image, cols.caption)
     out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()))
-    report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter()}
+    report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter(), "caption_encodings": Counter()}
     buffers: dict[str, list] = {"train": [], "validation": []}
     index = Counter()
     samples: list = []
@@ -127,12 +130,15 @@ def build_data(cfg: Config, cache_dir) -> dict:
             if not items or out.done(split, i):
                 return
             rows = []
-            for row, reason, converted in pool.imap(functools.partial(materialize, min_size=d.min_size), items, chunksize=8):
+            work = functools.partial(materialize, min_size=d.min_size, undecodable_captions=d.undecodable_captions)
+            for item, (row, reason, converted) in zip(items, pool.imap(work, items, chunksize=8)):
                 if row is None:
                     report["skipped"][reason] += 1
                     continue
                 if converted:
                     report["converted"][converted] += 1
+                if getattr(item, "caption_encoding", None):  # kept: decoded from another encoding, or emptied
+                    report["caption_encodings"][item.caption_encoding] += 1
                 rows.append(
                     {k if k not in ("image", "conditioning_image", "caption") else getattr(cols, k): v for k, v in row.items()}
                 )
@@ -157,7 +163,8 @@ def build_data(cfg: Config, cache_dir) -> dict:
     report["splits"] = {s: len(v) for s, v in ds.items()}
     if samples:
         save_grid([samples], DATA_DIR / "samples.png", cell=96)
-    report["skipped"], report["converted"] = dict(report["skipped"]), dict(report["converted"])
+    for k in ("skipped", "converted", "caption_encodings"):
+        report[k] = dict(report[k])
     return report
 
 
@@ -165,4 +172,5 @@ def main(cfg: Config) -> None:
     report = build_data(cfg, cache_dir=DATA_DIR.parent / "downloads")
     write_json(DATA_DIR / "report.json", report)
     skipped, converted = report["skipped"] or "none", report["converted"] or "none"
-    print(f"data: {report['splits']}, skipped {skipped}, converted {converted} -> {DATA_DIR}")
+    captions = report["caption_encodings"] or "all UTF-8"
+    print(f"data: {report['splits']}, skipped {skipped}, converted {converted}, captions {captions} -> {DATA_DIR}")
