@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from controlnet_recipe import storage
+from controlnet_recipe import codedeps
 from controlnet_recipe.config import load_config
 from controlnet_recipe.faces.synthetic import make_face
 from controlnet_recipe.stages.captions import build_captions
@@ -233,6 +233,6 @@ def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path, monk
     second_mtime = shards[0].stat().st_mtime_ns
     build_data(cfg2, cache_dir=Path("downloads"))
     assert shards[0].stat().st_mtime_ns == second_mtime
-    monkeypatch.setattr(storage, "code_digest", lambda: "edited code")
+    monkeypatch.setattr(codedeps, "stage_code_digest", lambda stage: "edited code")
     build_data(cfg2, cache_dir=Path("downloads"))
     assert shards[0].stat().st_mtime_ns != second_mtime

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import codedeps
 from .errors import MissingInput
 
 # Every stage's output folder, relative to the project root. dvc.yaml names the same paths.
@@ -79,29 +79,15 @@ def load_dataset_dir(path: Path):
     )
 
 
-@functools.cache
-def code_digest() -> str:
-    """A digest of this package's source and shipped configs: finished shards are kept only for
-    the code that wrote them (DVC reruns a stage whose code changed; it must not resume)."""
-    import hashlib
-
-    package = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".json", ".yaml") and "__pycache__" not in p.parts):
-        h.update(str(f.relative_to(package)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 class ShardedOutput:
     """A stage's output written shard by shard: ``<root>/<split>/shard-NNNNN`` (each a saved
     Dataset, renamed into place when complete), then ``splits.json``. A rerun with the same ``key``
     (a digest of the stage's inputs and params) and the same code keeps finished shards: an
     interrupted stage resumes where it stopped; anything else starts afresh."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, stage: str):
         self.root = root
-        key = digest(key, code_digest())
+        key = digest(key, codedeps.stage_code_digest(stage))  # the stage's own files: dvc.yaml's code deps
         run = root / RUN_FILE
         if not (run.is_file() and read_json(run).get("key") == key):
             fresh_dir(root)

@@ -20,11 +20,12 @@ from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets, 
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..codedeps import stage_code_digest
 from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
 from ..errors import MissingInput
 from ..models.base_model import BaseRef, load_base
-from ..storage import CACHE_DIR, CAPTIONS_DIR, code_digest, images_to_tensor, load_dataset_dir, read_json, write_json
+from ..storage import CACHE_DIR, CAPTIONS_DIR, images_to_tensor, load_dataset_dir, read_json, write_json
 
 META = "cache.json"
 EMPTY = "empty_prompt.safetensors"
@@ -103,10 +104,10 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
             shutil.rmtree(other)
     folder = root / fp
     code = folder / ".code"  # shards are kept only for the code that wrote them
-    if folder.is_dir() and not (code.is_file() and code.read_text() == code_digest()):
+    if folder.is_dir() and not (code.is_file() and code.read_text() == stage_code_digest("cache")):
         shutil.rmtree(folder)
     folder.mkdir(exist_ok=True)
-    code.write_text(code_digest())
+    code.write_text(stage_code_digest("cache"))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base(ref)

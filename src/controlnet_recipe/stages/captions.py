@@ -66,7 +66,7 @@ def _caption_worker(rank: int, world: int, todo: list[tuple[str, int, int, int]]
 def build_captions(cfg: Config) -> dict:
     r, c = cfg.recipe, cfg.recipe.captions
     ds = load_dataset_dir(CONDITIONS_DIR)
-    out = ShardedOutput(CAPTIONS_DIR, digest(c.model_dump(), r.columns.caption, dataset_key(CONDITIONS_DIR)))
+    out = ShardedOutput(CAPTIONS_DIR, digest(c.model_dump(), r.columns.caption, dataset_key(CONDITIONS_DIR)), stage="captions")
     shard = r.data.shard_size
     plan = [
         (split, i, lo, min(lo + shard, len(data)))

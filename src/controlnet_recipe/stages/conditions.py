@@ -64,7 +64,7 @@ def build_conditions(cfg: Config) -> dict:
     r, c = cfg.recipe, cfg.recipe.conditions
     src_dir = PHOTOREAL_DIR  # the source images, or their img2img versions when photoreal is enabled
     ds = load_dataset_dir(src_dir)
-    out = ShardedOutput(CONDITIONS_DIR, digest(c.model_dump(), r.columns.model_dump(), dataset_key(src_dir)))
+    out = ShardedOutput(CONDITIONS_DIR, digest(c.model_dump(), r.columns.model_dump(), dataset_key(src_dir)), stage="conditions")
     report = {"kind": c.kind, "detector": c.detector if c.kind == "face_segmentation" else None, "splits": {}}
     samples = []
     procs = num_workers(c.num_proc)

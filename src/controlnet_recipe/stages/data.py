@@ -115,7 +115,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
     r, d = cfg.recipe, cfg.recipe.data
     cols = r.columns
     feats = features(cols.image, cols.conditioning_image, cols.caption)
-    out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()))
+    out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()), stage="data")
     report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter(), "caption_encodings": Counter()}
     buffers: dict[str, list] = {"train": [], "validation": []}
     index = Counter()

@@ -49,7 +49,7 @@ def build_photoreal(cfg: Config) -> dict:
         write_json(PHOTOREAL_DIR / "passthrough.json", {"dataset": str(DATA_DIR)})
         return {"enabled": False}
     ds = load_dataset_dir(DATA_DIR)
-    out = ShardedOutput(PHOTOREAL_DIR, digest(p.model_dump(), dataset_key(DATA_DIR)))
+    out = ShardedOutput(PHOTOREAL_DIR, digest(p.model_dump(), dataset_key(DATA_DIR)), stage="photoreal")
     pipe = load_img2img(p)
     col, shard = r.columns.image, r.data.shard_size
     before_after = []
