@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
@@ -52,3 +55,19 @@ def test_controlnet_hint_encoder_matches_vae(tmp_path):
     out = unet(lat, torch.tensor([5, 500]), emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
     # Zero convolutions: a fresh ControlNet leaves the base's prediction unchanged.
     assert torch.allclose(out, unet(lat, torch.tensor([5, 500]), emb).sample, atol=1e-6)
+
+
+def test_tokenizer_files_are_the_same_in_every_process(tmp_path):
+    """The tokenizers library's BPE trainer broke ties by hash order, so the tiny base's tokenizer
+    (and with it the UNet's weights) changed from run to run; learn_merges does not."""
+    script = (
+        "import sys; from pathlib import Path; from controlnet_recipe.models import tiny; "
+        "from controlnet_recipe.faces.synthetic import CAPTION_WORDS; "
+        "tiny.build_tokenizer(CAPTION_WORDS + ['zebra', 'café'], Path(sys.argv[1]))"
+    )
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, capture_output=True)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    # Most frequent pair first, ties by the pair itself: every word ends as one token.
+    assert tiny.learn_merges(["ab", "abc"]) == [("a", "b"), ("a", "b</w>"), ("ab", "c</w>")]

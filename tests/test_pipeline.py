@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,3 +127,20 @@ def test_ema_weights_are_checkpointed_swept_and_exported(project: Path, tmp_path
     swept = load_controlnet(Candidate(3, ckpt), project / "models/controlnet").state_dict()
     assert all(torch.equal(swept[k], ema[k]) for k in ema)
     assert json.loads((project / "models/controlnet/training.json").read_text())["levers"]["ema_decay"] == 0.9
+
+
+def _lock_outs(project: Path) -> dict[str, str]:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
+
+
+def test_rerun_from_scratch_is_byte_identical(project: Path):
+    """Data stages give the same bytes and the tiny base the same weights when made again from
+    nothing (their folders deleted, so no finished shard is reused)."""
+    outs = ("data/source", "data/photoreal", "data/conditions", "data/captions", "models/base")
+    before = _lock_outs(project)
+    for out in outs:
+        shutil.rmtree(project / out)
+    dvc("repro", "--force", "base", cwd=project)
+    after = _lock_outs(project)
+    assert {o: after[o] for o in outs} == {o: before[o] for o in outs}

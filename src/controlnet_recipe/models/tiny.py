@@ -7,12 +7,12 @@ so every later stage runs the same code on them as on Stable Diffusion.
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 MAX_TOKENS = 32
@@ -24,23 +24,43 @@ VAE_CHANNELS = (16, 32, 64)
 INITIAL_LOGVAR = -6.0  # the VAE posterior's log-variance at init (see build_vae)
 
 
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that make each word one token: the most frequent adjacent pair is merged first,
+    ties broken by the pair itself, until no word has two symbols left. Plain Python and sorted
+    input, so the same words always give the same merges (the tokenizers library's trainer breaks
+    ties by hash order, which differs from one process to the next)."""
+    corpus = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        counts = Counter(pair for symbols in corpus for pair in zip(symbols, symbols[1:]))
+        if not counts:
+            return merges
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append((a, b))
+        for k, symbols in enumerate(corpus):
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            corpus[k] = merged
+
+
 def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges (learned by the tokenizers library's BPE trainer on
-    ``words``) keep each of those words one token; other text falls back to bytes, never to the
-    unknown token. Saved to ``folder`` and loaded back from there."""
+    """A CLIP BPE tokenizer whose merges (:func:`learn_merges`) keep each of ``words`` one token;
+    other text falls back to bytes, never to the unknown token. Saved to ``folder`` and loaded
+    back from there."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    words = sorted({w.lower() for w in words if w})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator(words, trainer=trainer)
-    learned = json.loads(bpe.to_str())["model"]
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    words = sorted({"".join(t for t, _ in to_bytes.pre_tokenize_str(w.lower())) for w in words if w})
+    merges = learn_merges(words)
     vocab = alphabet + [c + "</w>" for c in alphabet]
-    vocab += [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in set(vocab)]
+    known = set(vocab)
+    vocab += [t for t in dict.fromkeys(a + b for a, b in merges) if t not in known]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=MAX_TOKENS)
     tok.save_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder)
