@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,34 @@ def fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: Path, *, fsync: bool = False) -> Iterator[Path]:
+    """The one way a folder is written (shards, cache shards, checkpoints): whole or not at all.
+    The block writes into a hidden sibling ``.<name>.tmp``, which is renamed to ``final`` (replacing
+    an older one) only when the block ends without error; ``fsync`` flushes it to disk first."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if fsync:
+        _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -121,11 +151,8 @@ def shard_path(root: Path, split: str, index: int) -> Path:
 
 def write_shard(root: Path, split: str, index: int, ds) -> None:
     """Save one shard: into a temporary folder, renamed into place when complete."""
-    final = shard_path(root, split, index)
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    os.replace(tmp, final)
+    with atomic_dir(shard_path(root, split, index)) as tmp:
+        ds.save_to_disk(str(tmp))
 
 
 def digest(*parts: Any) -> str:

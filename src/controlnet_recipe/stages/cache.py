@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
 from ..errors import MissingInput
 from ..models.base_model import BaseRef, load_base
-from ..storage import CACHE_DIR, CAPTIONS_DIR, images_to_tensor, load_dataset_dir, read_json, write_json
+from ..storage import CACHE_DIR, CAPTIONS_DIR, atomic_dir, images_to_tensor, load_dataset_dir, read_json, write_json
 
 META = "cache.json"
 EMPTY = "empty_prompt.safetensors"
@@ -135,10 +134,8 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
             {"latent_mean": mean.numpy(), "latent_std": std.numpy(), "text_embedding": text.numpy()},
             features=_features(tuple(mean.shape[1:]), tuple(text.shape[1:])),
         )
-        tmp = folder / f".{names[i]}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shard.save_to_disk(str(tmp))
-        os.replace(tmp, folder / names[i])
+        with atomic_dir(folder / names[i]) as tmp:
+            shard.save_to_disk(str(tmp))
     meta = {
         "fingerprint": fp,
         "shards": names,

@@ -8,30 +8,17 @@ what the run's trajectory depends on, so a run never resumes from another run's 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BadInput, MissingInput
-from ..storage import read_json, write_json
+from ..storage import atomic_dir, read_json, write_json
 
 STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
 EMA_WEIGHTS = "ema.safetensors"  # the EMA of the ControlNet (train.ema_decay set), keyed like the model
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -59,15 +46,9 @@ def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], state:
     the data position, the fingerprint) goes in last. Keeps the newest ``keep`` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    write_json(tmp / STATE, {"step": step, **state})
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(final, fsync=True) as tmp:  # .checkpoint-N.tmp until complete
+        write(tmp)
+        write_json(tmp / STATE, {"step": step, **state})
     if keep:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
