@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..faces.draw import NUM_LANDMARKS
+from ..fit import fit
 from .segmenter import Segmenter, degrade
 
 
@@ -40,16 +40,12 @@ def train_landmark_net(
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = LandmarkNet(width=width).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     scale = pixels.shape[-1]
-    for step in (bar := tqdm(range(steps), desc="evaluator: landmarks")):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
         x = degrade(pixels[idx], g).to(device)
-        loss = F.l1_loss(model(x) / scale, landmarks[idx].to(device) / scale)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        return F.l1_loss(model(x) / scale, landmarks[idx].to(device) / scale)
+
+    fit(model, loss_fn, steps=steps, lr=lr, desc="evaluator: landmarks")
     return model.cpu().eval()

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+from ..fit import fit
 from .segmenter import degrade
 from .tiny import MAX_TOKENS, build_tokenizer
 
@@ -59,23 +58,16 @@ def train_clip(
     tok = processor.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="evaluator: CLIP")):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
         x = (degrade(pixels[idx], g) + 1) / 2
-        out = model(
-            input_ids=tok.input_ids[idx],
-            attention_mask=tok.attention_mask[idx],
-            pixel_values=(x - mean) / std,
-            return_loss=True,
-        )
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        pixel_values = (x - mean) / std
+        return model(
+            input_ids=tok.input_ids[idx], attention_mask=tok.attention_mask[idx], pixel_values=pixel_values, return_loss=True
+        ).loss
+
+    fit(model, loss_fn, steps=steps, lr=1e-3, warmup=50, weight_decay=0.1, desc="evaluator: CLIP")
     model.eval().save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -8,7 +8,6 @@ Stable Diffusion pipeline folder that later stages load with ``from_pretrained``
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 
@@ -16,11 +15,11 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ..config import Config, TinyBaseCfg
 from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
 from ..faces.synthetic import CAPTION_WORDS
+from ..fit import fit
 from ..models import tiny
 from ..models.base_model import BASE_FILE, BaseRef
 from ..report.grid import save_grid
@@ -41,26 +40,18 @@ EXTRA_WORDS = ["photo", "portrait", "of", "the", "an", "in", "man", "woman", "pe
 
 def train_vae(vae, pixels: torch.Tensor, cfg: TinyBaseCfg, g: torch.Generator) -> list[float]:
     """Reconstruction + a small KL term, on random half-size crops (the VAE is convolutional)."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
     crop = pixels.shape[-1] // 2
-    losses = []
-    vae.train()
-    for step in (bar := tqdm(range(cfg.vae_steps), desc="base: VAE")):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=g)
         y, x = torch.randint(0, pixels.shape[-1] - crop + 1, (2,), generator=g).tolist()
         batch = pixels[idx, :, y : y + crop, x : x + crop]
         dist = vae.encode(batch).latent_dist
         recon = vae.decode(dist.sample(generator=g)).sample
         kl = dist.kl().mean() / batch[0].numel()
-        loss = torch.nn.functional.mse_loss(recon, batch) + 0.5 * (recon - batch).abs().mean() + 1e-4 * kl
-        lr = cfg.vae_learning_rate * min(1.0, (step + 1) / 20) * (0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        return torch.nn.functional.mse_loss(recon, batch) + 0.5 * (recon - batch).abs().mean() + 1e-4 * kl
+
+    losses = fit(vae, loss_fn, steps=cfg.vae_steps, lr=cfg.vae_learning_rate, warmup=20, weight_decay=0.0, desc="base: VAE")
     vae.eval().requires_grad_(False)
     return losses
 
@@ -76,27 +67,20 @@ def train_unet(
     g: torch.Generator,
 ) -> tuple[EMAModel, list[float]]:
     """Text-conditioned denoising on cached latents, with 10% empty captions for guidance."""
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_learning_rate, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=0.995, use_ema_warmup=True, power=0.75)
     mean, std = latents
-    losses = []
-    unet.train()
-    for step in (bar := tqdm(range(cfg.unet_steps), desc="base: UNet")):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(mean), (cfg.unet_batch_size,), generator=g)
         x0 = sample_latents(mean[idx], std[idx], scale, g)
         noisy, t, target = noisy_inputs(scheduler, x0, g)
         cond = drop_captions(text[idx], empty, 0.1, g)
-        loss = diffusion_loss(unet(noisy, t, cond).sample, target)
-        lr = cfg.unet_learning_rate * min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema.step(unet.parameters())
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        return diffusion_loss(unet(noisy, t, cond).sample, target)
+
+    losses = fit(
+        unet, loss_fn, steps=cfg.unet_steps, lr=cfg.unet_learning_rate, warmup=50, cosine=False, max_grad_norm=1.0,
+        ema=ema, smooth=50, desc="base: UNet",
+    )  # fmt: skip
     return ema, losses
 
 

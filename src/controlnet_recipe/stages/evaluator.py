@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..config import Config, EvaluatorCfg
 from ..evaluation.scorer import CLIP_REF, LANDMARKS, SEGMENTER
 from ..faces.draw import PARTS
+from ..fit import fit
 from ..metrics.clip import verify_weights
 from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
 from ..models.landmark_net import train_landmark_net
@@ -33,21 +33,17 @@ def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCf
     steps, batch_size, lr = cfg.steps, cfg.batch_size, cfg.learning_rate
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Segmenter(len(PARTS), width=cfg.width).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     # Small parts (eyes, lips) matter as much as skin: weight classes by inverse sqrt frequency.
     freq = torch.bincount(labels.ravel(), minlength=len(PARTS)).float() + 1
     weight = (freq.sum() / freq).sqrt()
     weight = (weight / weight.mean()).to(device)
-    for step in (bar := tqdm(range(steps), desc="evaluator: segmenter")):
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
         x = degrade(pixels[idx], g).to(device)
-        loss = F.cross_entropy(model(x), labels[idx].to(device), weight=weight)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return F.cross_entropy(model(x), labels[idx].to(device), weight=weight)
+
+    fit(model, loss_fn, steps=steps, lr=lr, desc="evaluator: segmenter")
     return model.cpu().eval()
 
 
