@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -47,125 +49,177 @@ def summarize(scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str
     return {k: list(mean_ci(v, n_boot, seed)) for k, v in scores.items()}
 
 
-def main(cfg: Config) -> None:
+@dataclass
+class HeldOut:
+    """The held-out conditions the evaluation runs on, with everything scored against them."""
+
+    conditions: list
+    prompts: list[str]
+    real: list
+    targets: list
+    seeds: list[int]
+    probes: ProbeSet
+    sampler: Sampler
+    scorer: Scorer
+
+    def score(self, images: list) -> dict[str, np.ndarray]:
+        """Per-image fidelity and CLIP score of images made from the first ``len(images)`` conditions."""
+        k = len(images)
+        fid = self.scorer.fidelity(images, self.conditions[:k], self.targets[:k])
+        return {**fid, "clip_score": self.scorer.clip_score(images, self.prompts[:k])}
+
+    def generate(self, k: int, controlnet=None, desc: str = "") -> list:
+        c = self.conditions[:k] if controlnet is not None else None
+        return self.sampler.generate(self.prompts[:k], self.seeds[:k], controlnet, c, desc=desc)
+
+    def generate_probes(self, controlnet=None, desc: str = "") -> list:
+        c = self.probes.conditions if controlnet is not None else None
+        return self.sampler.generate(self.probes.prompts, self.probes.seeds, controlnet, c, desc=desc)
+
+
+def load_held_out(cfg: Config) -> HeldOut:
     r, e = cfg.recipe, cfg.recipe.evaluate
     res, cols = r.data.resolution, r.columns
     val = load_dataset_dir(CAPTIONS_DIR)["validation"]
     n = min(e.num_samples, len(val))
     val = val.select(range(n))
     conditions = [c.convert("RGB") for c in val[cols.conditioning_image]]
-    prompts, real = list(val[cols.caption]), [im.convert("RGB") for im in val[cols.image]]
     targets = target_landmarks(val["landmarks"], conditions, res) if "landmarks" in val.column_names else [None] * n
-    seeds = [e.seed + i for i in range(n)]
-    m = min(e.sweep.num_samples, n)
-    probes = ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed)
+    return HeldOut(
+        conditions=conditions,
+        prompts=list(val[cols.caption]),
+        real=[im.convert("RGB") for im in val[cols.image]],
+        targets=targets,
+        seeds=[e.seed + i for i in range(n)],
+        probes=ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed),
+        sampler=Sampler(load_base(BaseRef.read()), e, res),
+        scorer=Scorer(r),
+    )
 
-    sampler = Sampler(load_base(BaseRef.read()), e, res)
-    scorer = Scorer(r)
-    fk = scorer.fidelity_key
 
-    def score(images: list, k: int) -> dict[str, np.ndarray]:
-        return {**scorer.fidelity(images, conditions[:k], targets[:k]), "clip_score": scorer.clip_score(images, prompts[:k])}
+@dataclass
+class Scored:
+    """One model's images on the held-out set and on the probes, with their scores."""
 
-    # 1. The floor (base alone) and the ceiling (real images), on the same conditions and prompts.
-    base_images = sampler.generate(prompts, seeds, desc="base")
-    base_probe_images = sampler.generate(probes.prompts, probes.seeds, desc="base probes")
-    base_scores, real_scores = score(base_images, n), score(real, n)
-    base_probe = probe_scores(scorer, probes, base_probe_images)
+    images: list
+    scores: dict[str, np.ndarray]
+    probe_images: list
+    probe: dict[str, np.ndarray]
 
-    # 2. The sweep, on the first m conditions (the base's first m images are the same images).
+
+def score_model(h: HeldOut, k: int, controlnet=None, desc: str = "base") -> Scored:
+    images = h.generate(k, controlnet, desc=desc)
+    probe_images = h.generate_probes(controlnet, desc=f"{desc} probes")
+    return Scored(images, h.score(images), probe_images, probe_scores(h.scorer, h.probes, probe_images))
+
+
+def sweep(h: HeldOut, base: Scored, m: int) -> tuple[list[dict], dict[int, tuple]]:
+    """Every checkpoint on the first ``m`` conditions: one row of mean scores each."""
+    fk = h.scorer.fidelity_key
     final_step = read_json(CONTROLNET_DIR / "training.json")["steps"]
-    rows, probe_images = [], {}
+    rows, found = [], {}
     for c in candidates(TRAIN_DIR / "checkpoints", CONTROLNET_DIR, final_step):
-        controlnet = load_controlnet(c, CONTROLNET_DIR)
-        imgs = sampler.generate(prompts[:m], seeds[:m], controlnet, conditions[:m], desc=f"step {c.step}")
-        pimgs = sampler.generate(probes.prompts, probes.seeds, controlnet, probes.conditions, desc=f"step {c.step} probes")
-        s, p = score(imgs, m), probe_scores(scorer, probes, pimgs)
-        row = {"step": c.step, **{k: float(np.nanmean(v)) for k, v in s.items()}}
+        s = score_model(h, m, load_controlnet(c, CONTROLNET_DIR), desc=f"step {c.step}")
+        row = {"step": c.step, **{k: float(np.nanmean(v)) for k, v in s.scores.items()}}
         row.update(
-            concept_survival=float(p["survived"].mean()),
-            face_rate=float(p["face"].mean()),
-            forgetting=float(base_probe["survived"].mean() - p["survived"].mean()),
+            concept_survival=float(s.probe["survived"].mean()),
+            face_rate=float(s.probe["face"].mean()),
+            forgetting=float(base.probe["survived"].mean() - s.probe["survived"].mean()),
         )
         rows.append(row)
-        probe_images[c.step] = (c, pimgs, p)
+        found[c.step] = (c, s)
         print(f"evaluate: step {c.step}: {fk} {row[fk]:.3f}, CLIP {row['clip_score']:.1f}, forgetting {row['forgetting']:+.2f}")
-    base_row = {"step": 0, **{k: float(np.nanmean(v[:m])) for k, v in base_scores.items()}}
-    base_row.update(
-        concept_survival=float(base_probe["survived"].mean()), face_rate=float(base_probe["face"].mean()), forgetting=0.0
-    )
-    chosen, why = choose(rows, fk, e.sweep.tolerance, e.sweep.max_forgetting)
-    c, cn_probe_images, cn_probe = probe_images[chosen["step"]]
-    print(f"evaluate: chose step {chosen['step']}: {why}")
+    return rows, found
 
-    # 3. The chosen checkpoint on the whole held-out set, exported for generate/web/publish.
+
+def base_row(base: Scored, m: int) -> dict:
+    row = {"step": 0, **{k: float(np.nanmean(v[:m])) for k, v in base.scores.items()}}
+    row.update(concept_survival=float(base.probe["survived"].mean()), face_rate=float(base.probe["face"].mean()), forgetting=0.0)
+    return row
+
+
+def export_chosen(c, swept: Scored, h: HeldOut, why: str) -> Scored:
+    """The chosen checkpoint to ``models/best`` (fp32), then scored on the whole held-out set."""
     controlnet = load_controlnet(c, CONTROLNET_DIR)
     best = fresh_dir(BEST_DIR)
     controlnet.save_pretrained(best)  # fp32, before sampling casts it
-    cn_images = sampler.generate(prompts, seeds, controlnet, conditions, desc=f"step {c.step} (chosen)")
-    cn_scores = score(cn_images, n)
     if (CONTROLNET_DIR / "training.json").is_file():
         shutil.copy(CONTROLNET_DIR / "training.json", best / "training.json")
     write_json(best / "chosen.json", {"step": c.step, "source": str(c.path), "rule": why})
+    images = h.generate(len(h.conditions), controlnet, desc=f"step {c.step} (chosen)")
+    return Scored(images, h.score(images), swept.probe_images, swept.probe)
 
-    real_u8 = to_uint8(real, res)
-    features = scorer.clip.feature_module()
-    quality = {
-        "controlnet": fid_kid(real_u8, to_uint8(cn_images, res), features, e.seed),
-        "base": fid_kid(real_u8, to_uint8(base_images, res), features, e.seed),
-    }
+
+def summarize_all(h: HeldOut, cn: Scored, base: Scored, real: dict, cfg: Config) -> dict:
+    """Every score's mean with its interval, paired differences with the base, FID/KID."""
+    e, res = cfg.recipe.evaluate, cfg.recipe.data.resolution
     b = e.bootstrap
-    summary = {
-        "controlnet": summarize(cn_scores, b, e.seed),
-        "base": summarize(base_scores, b, e.seed),
-        "real": summarize(real_scores, b, e.seed),
-        "paired_difference": {k: list(paired_diff_ci(cn_scores[k], base_scores[k], b, e.seed)) for k in cn_scores},
+    real_u8 = to_uint8(h.real, res)
+    features = h.scorer.clip.feature_module()
+    return {
+        "controlnet": summarize(cn.scores, b, e.seed),
+        "base": summarize(base.scores, b, e.seed),
+        "real": summarize(real, b, e.seed),
+        "paired_difference": {k: list(paired_diff_ci(cn.scores[k], base.scores[k], b, e.seed)) for k in cn.scores},
         "probes": {
-            "controlnet": summarize(cn_probe, b, e.seed),
-            "base": summarize(base_probe, b, e.seed),
-            "forgetting": list(paired_diff_ci(base_probe["survived"], cn_probe["survived"], b, e.seed)),
+            "controlnet": summarize(cn.probe, b, e.seed),
+            "base": summarize(base.probe, b, e.seed),
+            "forgetting": list(paired_diff_ci(base.probe["survived"], cn.probe["survived"], b, e.seed)),
         },
-        "quality": quality,
+        "quality": {
+            "controlnet": fid_kid(real_u8, to_uint8(cn.images, res), features, e.seed),
+            "base": fid_kid(real_u8, to_uint8(base.images, res), features, e.seed),
+        },
     }
+
+
+def headline_metrics(fk: str, cn: Scored, base: Scored, real: dict, summary: dict, step: int, kind: str) -> dict:
+    """``eval/metrics.json``: what ``dvc metrics show`` prints."""
     diff = summary["paired_difference"][fk]
+    quality = summary["quality"]
     metrics = {
         "fidelity_metric": fk,
-        "fidelity": float(np.nanmean(cn_scores[fk])),
-        "fidelity_base": float(np.nanmean(base_scores[fk])),
-        "fidelity_ceiling": float(np.nanmean(real_scores[fk])),
+        "fidelity": float(np.nanmean(cn.scores[fk])),
+        "fidelity_base": float(np.nanmean(base.scores[fk])),
+        "fidelity_ceiling": float(np.nanmean(real[fk])),
         "fidelity_gain": diff[0],
         "fidelity_gain_low": diff[1],
         "fidelity_gain_high": diff[2],
         "beats_base": bool(diff[1] > 0),
-        "clip_score": float(np.nanmean(cn_scores["clip_score"])),
-        "clip_score_base": float(np.nanmean(base_scores["clip_score"])),
-        "clip_score_real": float(np.nanmean(real_scores["clip_score"])),
+        "clip_score": float(np.nanmean(cn.scores["clip_score"])),
+        "clip_score_base": float(np.nanmean(base.scores["clip_score"])),
+        "clip_score_real": float(np.nanmean(real["clip_score"])),
         "fid": quality["controlnet"]["fid"],
         "fid_base": quality["base"]["fid"],
         "kid": quality["controlnet"]["kid"],
         "kid_base": quality["base"]["kid"],
-        "concept_survival": float(cn_probe["survived"].mean()),
-        "concept_survival_base": float(base_probe["survived"].mean()),
+        "concept_survival": float(cn.probe["survived"].mean()),
+        "concept_survival_base": float(base.probe["survived"].mean()),
         "forgetting": summary["probes"]["forgetting"][0],
-        "face_rate_probes": float(cn_probe["face"].mean()),
-        "face_rate_probes_base": float(base_probe["face"].mean()),
-        "chosen_step": c.step,
-        "num_samples": n,
+        "face_rate_probes": float(cn.probe["face"].mean()),
+        "face_rate_probes_base": float(base.probe["face"].mean()),
+        "chosen_step": step,
+        "num_samples": len(cn.images),
     }
-    if r.conditions.kind == "face_segmentation":
-        for name, s in (("", cn_scores), ("_base", base_scores), ("_ceiling", real_scores)):
+    if kind == "face_segmentation":
+        for name, s in (("", cn.scores), ("_base", base.scores), ("_ceiling", real)):
             metrics[f"nme{name}"] = float(np.nanmean(s["nme"])) if np.isfinite(s["nme"]).any() else None
             metrics[f"nme_median{name}"] = float(np.nanmedian(s["nme"])) if np.isfinite(s["nme"]).any() else None
             metrics[f"detection_failure_rate{name}"] = float(1 - np.nanmean(s["found"]))
             metrics[f"miou{name}"] = float(np.nanmean(s["miou"]))
+    return metrics
 
-    # 4. Files: images (PNG), metrics, curves, grids, report.
+
+def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict, result: dict) -> Path:
+    """Images, metrics, curves, grids and the HTML report, into a fresh ``eval/``."""
+    e = cfg.recipe.evaluate
+    metrics, summary, rows, step = result["metrics"], result["summary"], result["rows"], result["step"]
     out = fresh_dir(EVAL_DIR)
     for name, imgs in (
-        ("controlnet", cn_images),
-        ("base", base_images),
-        ("probes_controlnet", cn_probe_images),
-        ("probes_base", base_probe_images),
+        ("controlnet", cn.images),
+        ("base", base.images),
+        ("probes_controlnet", cn.probe_images),
+        ("probes_base", base.probe_images),
     ):
         (out / "images" / name).mkdir(parents=True)
         for i, img in enumerate(imgs):
@@ -175,10 +229,10 @@ def main(cfg: Config) -> None:
     write_json(
         out / "generation.json",
         {
-            **sampler.settings(),
-            "seeds": f"{seeds[0]}..{seeds[-1]} (one per condition)",
-            "probe_seeds": f"{probes.seeds[0]}..{probes.seeds[-1]}",
-            "clip": {"sha256": scorer.clip.sha256},
+            **h.sampler.settings(),
+            "seeds": f"{h.seeds[0]}..{h.seeds[-1]} (one per condition)",
+            "probe_seeds": f"{h.probes.seeds[0]}..{h.probes.seeds[-1]}",
+            "clip": {"sha256": h.scorer.clip.sha256},
         },
     )
     keys = [k for k in rows[0] if k != "step"]
@@ -186,20 +240,20 @@ def main(cfg: Config) -> None:
         w = csv.writer(f)
         w.writerow(["step", *keys, "chosen"])
         for row in rows:
-            w.writerow([row["step"], *[f"{row[k]:.5f}" for k in keys], int(row["step"] == c.step)])
-    plot_sweep(rows, base_row, fk, c.step, out / "sweep.png")
+            w.writerow([row["step"], *[f"{row[k]:.5f}" for k in keys], int(row["step"] == step)])
+    plot_sweep(rows, result["base_row"], h.scorer.fidelity_key, step, out / "sweep.png")
     with open(out / "per_region.csv", "w", newline="") as f:  # header only for conditions without landmarks
         w = csv.writer(f)
         w.writerow(["region", "model", "nme"])
-        for label, s in (("ControlNet", cn_scores), ("base alone", base_scores), ("real images (ceiling)", real_scores)):
+        for label, s in (("ControlNet", cn.scores), ("base alone", base.scores), ("real images (ceiling)", real)):
             for region in REGIONS if "nme" in s else ():
                 v = s[f"nme_{region}"]
                 w.writerow([region, label, f"{np.nanmean(v):.4f}" if np.isfinite(v).any() else "nan"])
-    k = min(e.grid_rows, n)
+    k = min(e.grid_rows, len(h.conditions))
     save_grid(
-        [[conditions[i], base_images[i], cn_images[i], real[i]] for i in range(k)],
+        [[h.conditions[i], base.images[i], cn.images[i], h.real[i]] for i in range(k)],
         out / "grid.png",
-        col_titles=["condition", "base", f"ControlNet (step {c.step})", "ground truth"],
+        col_titles=["condition", "base", f"ControlNet (step {step})", "ground truth"],
     )
     per = e.probe_conditions  # probe j's images are j*per .. j*per+per-1, one per condition
     shown = range(min(per, 2))
@@ -208,14 +262,38 @@ def main(cfg: Config) -> None:
             [
                 x
                 for k in shown
-                for x in (probes.conditions[j * per + k], base_probe_images[j * per + k], cn_probe_images[j * per + k])
+                for x in (h.probes.conditions[j * per + k], base.probe_images[j * per + k], cn.probe_images[j * per + k])
             ]
             for j in range(len(e.probes))
         ],
         out / "probes.png",
         col_titles=[t for _ in shown for t in ("condition", "base", "ControlNet")],
     )
-    write_report(out, cfg, metrics, summary, rows, why, sampler.settings())
+    write_report(out, cfg, metrics, summary, rows, result["why"], h.sampler.settings())
+    return out
+
+
+def main(cfg: Config) -> None:
+    e = cfg.recipe.evaluate
+    h = load_held_out(cfg)
+    fk, n = h.scorer.fidelity_key, len(h.conditions)
+    m = min(e.sweep.num_samples, n)
+    # 1. The floor (base alone) and the ceiling (real images), on the same conditions and prompts.
+    base = score_model(h, n)
+    real = h.score(h.real)
+    # 2. The sweep, on the first m conditions (the base's first m images are the same images).
+    rows, swept = sweep(h, base, m)
+    chosen, why = choose(rows, fk, e.sweep.tolerance, e.sweep.max_forgetting)
+    c, s = swept[chosen["step"]]
+    print(f"evaluate: chose step {c.step}: {why}")
+    # 3. The chosen checkpoint on the whole held-out set, exported for generate/web/publish.
+    cn = export_chosen(c, s, h, why)
+    summary = summarize_all(h, cn, base, real, cfg)
+    metrics = headline_metrics(fk, cn, base, real, summary, c.step, cfg.recipe.conditions.kind)
+    # 4. Files: images (PNG), metrics, curves, grids, report.
+    result = {"metrics": metrics, "summary": summary, "rows": rows, "base_row": base_row(base, m), "step": c.step, "why": why}
+    out = write_outputs(cfg, h, cn, base, real, result)
+    diff = summary["paired_difference"][fk]
     print(
         f"evaluate: step {c.step}: {fk} {metrics['fidelity']:.3f} vs base {metrics['fidelity_base']:.3f} "
         f"(gain {diff[0]:+.3f}, 95% CI {diff[1]:+.3f}..{diff[2]:+.3f}), ceiling {metrics['fidelity_ceiling']:.3f}; "
@@ -223,7 +301,7 @@ def main(cfg: Config) -> None:
         f"FID {metrics['fid']:.2f} vs {metrics['fid_base']:.2f}; "
         f"forgetting {metrics['forgetting']:+.2f} -> {out}/report.html"
     )
-    if r.evaluate.push_to_hub:  # upstream's flag; what is pushed is the chosen checkpoint, once evaluated
+    if e.push_to_hub:  # upstream's flag; what is pushed is the chosen checkpoint, once evaluated
         from ..publish import push_to_hub
 
         push_to_hub(cfg)
