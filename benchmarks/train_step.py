@@ -38,9 +38,9 @@ def child(spec: dict) -> dict:
 
     from controlnet_recipe.config import load_config
     from controlnet_recipe.diffusion import Objective
+    from controlnet_recipe.images import images_to_tensor
     from controlnet_recipe.models import architectures, tiny
     from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
-    from controlnet_recipe.storage import images_to_tensor
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.memory import apply_model_settings, make_optimizer, param_groups
 

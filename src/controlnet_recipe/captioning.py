@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .storage import to_rgb
+from .images import to_rgb
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 

@@ -19,7 +19,8 @@ from PIL import Image
 
 from .config import Config
 from .errors import RecipeError
-from .storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, images_to_tensor, tensor_to_images, write_json
+from .images import images_to_tensor, tensor_to_images
+from .storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, write_json
 
 OUT_DIR = Path("outputs/generate")
 DETECT_MAX_SIDE = 1024  # a photo is centre-cropped, then detected at up to this many pixels

@@ -12,9 +12,8 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from .storage import to_rgb
 
 REASONS = ("missing_file", "empty_file", "not_an_image", "truncated", "too_small", "unreadable")
 EXIF_ORIENTATION = 0x0112
@@ -72,7 +71,7 @@ def _from_pil(img: Image.Image, min_size: int) -> Decoded:
 
 def decode_image(data: bytes | str | os.PathLike | Image.Image, min_size: int = 8) -> Decoded:
     """Decode ``data`` fully into an RGB image; never raises. Non-RGB modes are converted with
-    :func:`storage.to_rgb` and ``converted`` names the original mode."""
+    :func:`to_rgb` and ``converted`` names the original mode."""
     if isinstance(data, Image.Image):
         try:
             data.load()
@@ -111,3 +110,42 @@ def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (RGBA, L, CMYK, I;16, P) to 8-bit RGB; alpha composited on black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def images_to_tensor(images: list[Image.Image], resolution: int, normalize: bool = True):
+    """(N, 3, R, R) float tensor: resize + centre crop as upstream; [-1, 1] if ``normalize``
+    (target images), else [0, 1] (conditioning images)."""
+    import torch
+
+    out = []
+    for img in images:
+        img = to_rgb(img)
+        w, h = img.size
+        s = resolution / min(w, h)
+        if (w, h) != (resolution, resolution):
+            img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+            img = img.crop((left, top, left + resolution, top + resolution))
+        out.append(np.asarray(img, dtype=np.float32) / 255.0)
+    t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+    return t * 2 - 1 if normalize else t
+
+
+def tensor_to_images(t) -> list[Image.Image]:
+    """Inverse of :func:`images_to_tensor` for [-1, 1] tensors."""
+    arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

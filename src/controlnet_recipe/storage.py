@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from . import codedeps
 from .errors import MissingInput
@@ -178,42 +177,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode (RGBA, L, CMYK, I;16, P) to 8-bit RGB; alpha composited on black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if img.mode.startswith("I;16") or img.mode == "I":
-        arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
-
-
-def images_to_tensor(images: list[Image.Image], resolution: int, normalize: bool = True):
-    """(N, 3, R, R) float tensor: resize + centre crop as upstream; [-1, 1] if ``normalize``
-    (target images), else [0, 1] (conditioning images)."""
-    import torch
-
-    out = []
-    for img in images:
-        img = to_rgb(img)
-        w, h = img.size
-        s = resolution / min(w, h)
-        if (w, h) != (resolution, resolution):
-            img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
-        out.append(np.asarray(img, dtype=np.float32) / 255.0)
-    t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-    return t * 2 - 1 if normalize else t
-
-
-def tensor_to_images(t) -> list[Image.Image]:
-    """Inverse of :func:`images_to_tensor` for [-1, 1] tensors."""
-    arr = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..storage import to_rgb
+from ..images import to_rgb
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

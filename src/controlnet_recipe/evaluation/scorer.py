@@ -9,14 +9,13 @@ import numpy as np
 from PIL import Image
 
 from ..config import Recipe
+from ..images import images_to_tensor
 from ..metrics.clip import Clip, to_uint8
 from ..metrics.landmarks import landmark_fidelity
 from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
-from ..storage import EVALUATOR_DIR, images_to_tensor, read_json
+from ..models.segmenter import CLIP_REF, LANDMARKS, SEGMENTER  # noqa: F401  (the evaluator folder's files)
+from ..storage import EVALUATOR_DIR, read_json
 
-SEGMENTER = "segmenter.pt"
-LANDMARKS = "landmarks.pt"
-CLIP_REF = "clip.json"  # {name_or_path, revision, sha256}
 FACE_AREA = 0.02  # the segmenter "finds a face" when at least this share of pixels is a face part
 
 # The fidelity metric the checkpoint rule uses, per condition kind (all: higher is better).

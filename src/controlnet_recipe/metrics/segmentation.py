@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..faces.draw import PARTS, labels_from_segmentation
-from ..storage import images_to_tensor
+from ..images import images_to_tensor
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int = len(PARTS)) -> np.ndarray:

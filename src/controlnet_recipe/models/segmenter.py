@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The evaluator stage's files in models/evaluator (the segmenter also scores validation in training).
+SEGMENTER = "segmenter.pt"
+LANDMARKS = "landmarks.pt"
+CLIP_REF = "clip.json"  # {name_or_path, revision, sha256}
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(

@@ -20,19 +20,11 @@ from ..config import Config, TinyBaseCfg
 from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
 from ..faces.synthetic import CAPTION_WORDS
 from ..fit import fit
+from ..images import images_to_tensor, tensor_to_images
 from ..models import tiny
 from ..models.base_model import BASE_FILE, BaseRef
 from ..report.grid import save_grid
-from ..storage import (
-    BASE_DIR,
-    CAPTIONS_DIR,
-    fresh_dir,
-    images_to_tensor,
-    load_dataset_dir,
-    seed_everything,
-    tensor_to_images,
-    write_json,
-)
+from ..storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 
 # Words the tiny tokenizer keeps whole besides the captions' own: common prompt words.
 EXTRA_WORDS = ["photo", "portrait", "of", "the", "an", "in", "man", "woman", "person", "close", "up", "high", "quality"]

@@ -8,87 +8,22 @@ interrupted run resumes at the first missing shard; a changed dataset or model g
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets, load_from_disk
-from safetensors.torch import load_file, save_file
+from datasets import Dataset
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..codedeps import stage_code_digest
 from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
-from ..errors import MissingInput
+from ..images import images_to_tensor
 from ..models.base_model import BaseRef, load_base
-from ..storage import CACHE_DIR, CAPTIONS_DIR, atomic_dir, images_to_tensor, load_dataset_dir, read_json, write_json
-
-META = "cache.json"
-EMPTY = "empty_prompt.safetensors"
-
-
-def _hash_folder(h, folder: Path) -> None:
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-
-
-def fingerprint(dataset_fingerprint: str, num_rows: int, ref: BaseRef, resolution: int) -> str:
-    """What the cache depends on: the dataset, the VAE/text encoder/tokenizer, the resolution."""
-    h = hashlib.sha256(f"{dataset_fingerprint}|{num_rows}|{resolution}|{ref.revision}".encode())
-    local = Path(ref.name_or_path)
-    if local.is_dir():
-        for sub in ("vae", "text_encoder", "tokenizer"):
-            _hash_folder(h, local / sub)
-    else:
-        h.update(ref.name_or_path.encode())
-    return h.hexdigest()[:16]
-
-
-def current_fingerprint(cfg: Config) -> str:
-    train = load_dataset_dir(CAPTIONS_DIR)["train"]
-    return fingerprint(train._fingerprint, len(train), BaseRef.read(), cfg.recipe.data.resolution)
-
-
-@dataclass
-class LatentCache:
-    """The cached training split: per-sample latent posterior (mean, std) and text embedding."""
-
-    rows: Dataset  # columns latent_mean, latent_std, text_embedding (torch format)
-    empty_prompt: torch.Tensor  # (1, tokens, dim): the empty caption's embedding, for caption dropout
-    scaling_factor: float
-    fingerprint: str
-
-    @classmethod
-    def load(cls, expected_fingerprint: str | None = None, root: Path = CACHE_DIR) -> LatentCache:
-        meta_file = root / META
-        if not meta_file.is_file():
-            raise MissingInput(f"{meta_file}: no latent cache; run the cache stage first (dvc repro cache)")
-        meta = read_json(meta_file)
-        if expected_fingerprint and meta["fingerprint"] != expected_fingerprint:
-            raise ValueError(
-                f"{meta_file}: made for another dataset or base model (fingerprint {meta['fingerprint']}, "
-                f"expected {expected_fingerprint}); run the cache stage again (dvc repro cache)"
-            )
-        folder = root / meta["fingerprint"]
-        shards = [load_from_disk(str(folder / s)) for s in meta["shards"]]
-        rows = concatenate_datasets(shards).with_format("torch")
-        return cls(rows, load_file(folder / EMPTY)["empty"], meta["scaling_factor"], meta["fingerprint"])
-
-
-def _features(latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> Features:
-    return Features(
-        {
-            "latent_mean": Array3D(latent_shape, "float16"),
-            "latent_std": Array3D(latent_shape, "float16"),
-            "text_embedding": Array2D(text_shape, "float16"),
-        }
-    )
+from ..storage import CACHE_DIR, CAPTIONS_DIR, atomic_dir, load_dataset_dir, write_json
+from ..training.latent_cache import EMPTY, META, features, fingerprint
 
 
 def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
@@ -132,7 +67,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         mean, std, text = torch.cat(means), torch.cat(stds), torch.cat(texts)
         shard = Dataset.from_dict(
             {"latent_mean": mean.numpy(), "latent_std": std.numpy(), "text_embedding": text.numpy()},
-            features=_features(tuple(mean.shape[1:]), tuple(text.shape[1:])),
+            features=features(tuple(mean.shape[1:]), tuple(text.shape[1:])),
         )
         with atomic_dir(folder / names[i]) as tmp:
             shard.save_to_disk(str(tmp))

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config, EvaluatorCfg
-from ..evaluation.scorer import CLIP_REF, LANDMARKS, SEGMENTER
 from ..faces.draw import PARTS
 from ..fit import fit
+from ..images import images_to_tensor
 from ..metrics.clip import verify_weights
 from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
 from ..models.landmark_net import train_landmark_net
-from ..models.segmenter import Segmenter, degrade
+from ..models.segmenter import CLIP_REF, LANDMARKS, SEGMENTER, Segmenter, degrade
 from ..models.tiny_clip import train_clip
-from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, images_to_tensor, load_dataset_dir, seed_everything, write_json
+from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 
 
 def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCfg, seed: int) -> Segmenter:

@@ -43,11 +43,11 @@ from ..storage import (
 )
 from ..training.batches import CachedPairs, ResumableBatches, batch_stream, step_generator
 from ..training.checkpoints import EMA_WEIGHTS, clean_partial, find_resume, read_state, save_checkpoint
+from ..training.latent_cache import LatentCache, current_fingerprint
 from ..training.launch import relaunch
 from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer, param_groups
 from ..training.tracking import Trackers
 from ..training.validation import load_segmenter, run_validation, validation_pairs
-from .cache import LatentCache, current_fingerprint
 
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet hint encoder: 3 downsamplings (8x)
 CHECKPOINTS = TRAIN_DIR / "checkpoints"

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..errors import BadInput
-from ..storage import images_to_tensor
+from ..images import images_to_tensor
 
 CONDITIONS_IN_MEMORY_BYTES = 2 * 1024**3  # decoded conditioning images (uint8) kept in memory up to this
 

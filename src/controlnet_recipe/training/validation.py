@@ -13,10 +13,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ValidationCfg
 from ..errors import BadInput
+from ..images import images_to_tensor, tensor_to_images
 from ..metrics.segmentation import condition_miou
 from ..models.base_model import pipeline_components
 from ..report.grid import make_grid
-from ..storage import images_to_tensor, tensor_to_images
 
 
 @dataclass
@@ -100,7 +100,7 @@ def run_validation(
 
 def load_segmenter(folder: Path):
     """The evaluator stage's re-extractor, if that stage has run; validation then scores images."""
-    from ..evaluation.scorer import SEGMENTER as WEIGHTS
+    from ..models.segmenter import SEGMENTER as WEIGHTS
     from ..models.segmenter import Segmenter
 
     return Segmenter.load(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else None

@@ -1,0 +1,77 @@
+"""Imports run only downward: a module imports modules of lower layers (or its own package),
+never a higher layer, and no stage imports another stage. The layers are the README's (Layout)."""
+
+from __future__ import annotations
+
+from controlnet_recipe import codedeps
+
+# Lowest first. A module's layer is that of its longest listed prefix.
+LAYERS = [
+    ["errors", "text", "codedeps"],  # no project imports (but each other)
+    ["config"],  # the typed params
+    ["storage", "images", "diffusion", "fit"],  # shared plumbing: folders, images, noise and loss, one fit loop
+    ["faces"],  # landmarks, drawing, the synthetic generator
+    ["conditions", "metrics", "models", "sources", "captioning", "report"],  # the domain's parts
+    ["training"],  # the ControlNet engine
+    ["evaluation"],  # scoring, sampling and the sweep (reads training's checkpoints)
+    ["publish", "generate", "doctor"],  # applications
+    ["stages", "web"],
+    ["cli"],
+    ["__main__"],
+]
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _rank(module: str) -> int:
+    top = module.split(".")[0] if module else ""
+    assert top in RANK or module == "", f"{module}: not in a layer; add it to LAYERS and the README"
+    return RANK.get(top, -1)
+
+
+def _edges() -> list[tuple[str, str]]:
+    root = codedeps.PACKAGE_DIR
+    out = []
+    for f in sorted(root.rglob("*.py")):
+        if "__pycache__" in f.parts:
+            continue
+        src = codedeps._name(root, f)
+        for dst in codedeps._imports(root, root.name, f)[0]:
+            if dst and codedeps._module_file(root, dst) is not None:
+                out.append((src, dst))
+    return out
+
+
+def test_every_module_has_a_layer():
+    for src, dst in _edges():
+        _rank(src), _rank(dst)
+
+
+def violations(edges: list[tuple[str, str]]) -> list[str]:
+    wrong = []
+    for src, dst in edges:
+        same_package = src.split(".")[0] == dst.split(".")[0]
+        if src.startswith("stages.") and dst.startswith("stages.") and dst != "stages":
+            wrong.append(f"{src} -> {dst} (a stage imports another stage)")
+        elif not same_package and _rank(dst) >= _rank(src) and src != "":
+            wrong.append(f"{src} -> {dst}")
+    return wrong
+
+
+def test_imports_run_only_downward():
+    assert not (wrong := violations(_edges())), "upward or sideways imports:\n" + "\n".join(wrong)
+
+
+def test_the_check_catches_what_this_project_had():
+    """The imports issue 11 found: training and evaluation importing each other, a stage
+    importing another stage, storage (shared plumbing) importing the domain."""
+    had = [
+        ("training.validation", "evaluation.scorer"),
+        ("stages.train", "stages.cache"),
+        ("storage", "models.tiny"),
+        ("metrics.clip", "metrics.landmarks"),  # within one package: allowed
+    ]
+    assert violations(had) == [
+        "training.validation -> evaluation.scorer",
+        "stages.train -> stages.cache (a stage imports another stage)",
+        "storage -> models.tiny",
+    ]
