@@ -139,12 +139,6 @@ def make_condition(
     return condition_from_photo(cfg, photo, name, detector)
 
 
-def device_and_dtype():
-    import torch
-
-    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-
-
 class Generator:
     """The base model and a ControlNet, loaded once: ``condition`` (photo or condition image) and
     :class:`Settings` in, images out. The CLI and the web demo both call :meth:`__call__`."""
@@ -154,19 +148,17 @@ class Generator:
         self.resolution = cfg.recipe.data.resolution
         self.model = check_model(model)  # before the slow imports
 
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers import ControlNetModel
 
-        from .models.base_model import BaseRef, load_base, pipeline_components
+        from .models.base_model import BaseRef, inference_device, load_base, make_pipeline
 
         try:
             base = load_base(BaseRef.read())
         except FileNotFoundError:
             raise GenerateError(f"no base model in {BASE_DIR}; {NO_MODEL}") from None
-        self.device, dtype = device_and_dtype()
+        self.device, dtype = inference_device()
         controlnet = ControlNetModel.from_pretrained(self.model, torch_dtype=dtype)
-        self.pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **pipeline_components(base))
-        self.pipe.to(self.device, dtype) if self.device == "cuda" else self.pipe.to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = make_pipeline(base, controlnet, device=self.device, dtype=dtype)
         self._detector = None
 
     def condition(self, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo"):
@@ -179,7 +171,7 @@ class Generator:
 
     def __call__(self, condition: Image.Image, s: Settings) -> list[Image.Image]:
         """``s.num_images`` images; image i always uses seed ``s.seed + i``, whatever the batching."""
-        import torch
+        from .models.base_model import seeded
 
         if s.num_images < 1:
             raise GenerateError(f"expected at least one image, got {s.num_images}")
@@ -193,7 +185,7 @@ class Generator:
                 num_inference_steps=s.steps,
                 guidance_scale=s.guidance,
                 controlnet_conditioning_scale=s.conditioning_scale,
-                generator=[torch.Generator().manual_seed(s.seed + lo + i) for i in range(n)],
+                generator=seeded([s.seed + lo + i for i in range(n)]),
                 height=self.resolution,
                 width=self.resolution,
             ).images

@@ -65,3 +65,36 @@ def pipeline_components(b: BaseComponents, scheduler=None) -> dict:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def inference_device():
+    """Where sampling runs: ("cuda", float16) on a GPU, else ("cpu", float32)."""
+    import torch
+
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def seeded(seeds: list[int]) -> list:
+    """One CPU generator per image, so image i comes from ``seeds[i]`` whatever the batching."""
+    import torch
+
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None):
+    """The one way a sampling pipeline is built (validation, evaluation, generate): the base's
+    components with UniPC and no safety checker, plus ``controlnet`` if given, with a quiet
+    progress bar. With ``device``, the components (and the ControlNet) are moved there first."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    if device is not None:
+        for m in (b.unet, b.vae, b.text_encoder, *([controlnet] if controlnet is not None else [])):
+            m.to(device, dtype)
+    parts = pipeline_components(b)
+    pipe = (
+        StableDiffusionPipeline(**parts)
+        if controlnet is None
+        else StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionControlNetPipeline
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ValidationCfg
 from ..errors import BadInput
 from ..images import images_to_tensor, tensor_to_images
 from ..metrics.segmentation import condition_miou
-from ..models.base_model import pipeline_components
+from ..models.base_model import make_pipeline, seeded
 from ..report.grid import make_grid
 
 
@@ -66,15 +65,14 @@ def run_validation(
     base.unet.to(dtype=dtype)
     base.vae.to(device, dtype)
     base.text_encoder.to(device, dtype)
-    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **pipeline_components(base))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_pipeline(base, controlnet)  # already on the device: the training loop placed it
     was_training = controlnet.training
     controlnet.eval()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     rows, images, conds = [], [], []
     with autocast:
         for i, (cond, prompt) in enumerate(zip(pairs.conditions, pairs.prompts)):
-            gens = [torch.Generator().manual_seed(seed + 1000 * i + k) for k in range(v.num_images)]
+            gens = seeded([seed + 1000 * i + k for k in range(v.num_images)])
             out = pipe(
                 [prompt] * v.num_images,
                 image=[cond] * v.num_images,
