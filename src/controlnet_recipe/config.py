@@ -138,7 +138,6 @@ class EvaluatorCfg(Strict):
     pretrained model pinned by revision and sha256, or (``clip_model: null``) a small CLIP trained
     on the (image, caption) pairs."""
 
-    kind: Literal["segmenter"]
     num_samples: int = Positive  # training pairs it learns from
     width: int = Field(gt=0, multiple_of=4)
     steps: int = Positive

@@ -55,7 +55,7 @@ def main(cfg: Config) -> None:
     train = train.select(range(min(ev.num_samples, len(train))))
     pixels = images_to_tensor(train[cols.image], res)
     out = fresh_dir(EVALUATOR_DIR)
-    report: dict = {"kind": ev.kind, "landmarks": ev.landmarks}
+    report: dict = {"landmarks": ev.landmarks}
     if r.conditions.kind != "canny":
         model = train_segmenter(pixels, labels_tensor(train[cols.conditioning_image], res), ev, seed=r.data.seed)
         pred = segment(model, images_to_tensor(val[cols.image], res))
