@@ -149,8 +149,9 @@ def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
     from skimage import data as skimage_data
 
     from controlnet_recipe.config import load_config
-    from controlnet_recipe.evaluation.scorer import CLIP_REF, Scorer
+    from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.faces.draw import draw_segmentation
+    from controlnet_recipe.models.segmenter import CLIP_REF
     from controlnet_recipe.storage import write_json
 
     from .conftest import ROOT
@@ -183,7 +184,8 @@ def test_scorer_for_canny_conditions(tiny_clip, tmp_path):
 
     from controlnet_recipe.conditions.canny import canny
     from controlnet_recipe.config import load_config
-    from controlnet_recipe.evaluation.scorer import CLIP_REF, Scorer
+    from controlnet_recipe.evaluation.scorer import Scorer
+    from controlnet_recipe.models.segmenter import CLIP_REF
     from controlnet_recipe.storage import write_json
 
     from .conftest import merge, repo_params

@@ -31,7 +31,8 @@ def _name(root: Path, f: Path) -> str:
 def _imports(root: Path, package: str, f: Path) -> tuple[set[str], set[str]]:
     """(package modules that ``f`` imports, relative to the package; its string literals)."""
     tree = ast.parse(f.read_text(), str(f))
-    here = _name(root, f).split(".") if _name(root, f) else []
+    name = _name(root, f)
+    here = name.split(".") if name else []
     if f.name != "__init__.py":
         here = here[:-1]  # a module's relative imports start from its package
     found, literals = set(), set()

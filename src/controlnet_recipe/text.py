@@ -57,7 +57,8 @@ def decode_text(data: bytes) -> Text:
             return Text(text, None)
     except UnicodeDecodeError:
         pass
-    for enc in ((_utf16_without_bom(data),) if _utf16_without_bom(data) else ()) + LEGACY:
+    utf16 = _utf16_without_bom(data)
+    for enc in ((utf16,) if utf16 else ()) + LEGACY:
         try:
             text = data.decode(enc)
         except UnicodeDecodeError:

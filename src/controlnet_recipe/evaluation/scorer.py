@@ -13,7 +13,7 @@ from ..images import images_to_tensor
 from ..metrics.clip import Clip, to_uint8
 from ..metrics.landmarks import landmark_fidelity
 from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
-from ..models.segmenter import CLIP_REF, LANDMARKS, SEGMENTER  # noqa: F401  (the evaluator folder's files)
+from ..models.segmenter import CLIP_REF, LANDMARKS, SEGMENTER
 from ..storage import EVALUATOR_DIR, read_json
 
 FACE_AREA = 0.02  # the segmenter "finds a face" when at least this share of pixels is a face part
