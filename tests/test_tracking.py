@@ -37,3 +37,17 @@ def test_resume_continues_dvclive_curves(tmp_path: Path):
     again.close()
     rows = (folder / "live/plots/metrics/loss.tsv").read_text().splitlines()[1:]
     assert [r.split("\t")[0] for r in rows] == ["10", "20"]
+
+
+def test_dvclive_logs_in_a_git_repo_without_commits(tmp_path: Path, monkeypatch, capsys):
+    """`git init` and no commit yet: DVCLive alone raises 'Empty git repo'; the run still logs."""
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    t = Trackers(["dvclive"], tmp_path / "train", "p", {}, resume=False)
+    t.log({"loss": 0.5}, 10)
+    t.close()
+    assert "without DVC experiment tracking" in capsys.readouterr().out
+    rows = (tmp_path / "train/live/plots/metrics/loss.tsv").read_text().splitlines()
+    assert rows[1].split("\t")[:2] == ["10", "0.5"]

@@ -14,9 +14,7 @@ class Trackers:
         self.folder = folder
         self._live = self._tb = self._wandb = None
         if "dvclive" in names:
-            from dvclive import Live
-
-            self._live = Live(dir=str(folder / "live"), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+            self._live = _dvclive(folder / "live", resume)
             self._live.log_params(config)
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,3 +56,23 @@ class Trackers:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def _dvclive(folder: Path, resume: bool):
+    """DVCLive's logger. In a git repository with no commit yet (a fresh ``git init``), DVCLive 3
+    reads HEAD before it checks for commits and fails; then it logs the same files without its
+    DVC experiment bookkeeping, and says so in one line, rather than ending the run."""
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    kw = dict(dir=str(folder), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+    try:
+        return Live(**kw)
+    except SCMError as e:
+
+        class FilesOnly(Live):
+            def _init_dvc(self) -> None:  # what Live needs of it when no DVC experiment is kept
+                self._dvc_file = self._init_dvc_file()
+
+        print(f"train: dvclive: {e} (no commit yet?); logging to {folder} without DVC experiment tracking")
+        return FilesOnly(**kw)
