@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from .conftest import dvc, run, tiny_params
 
@@ -144,3 +145,23 @@ def test_rerun_from_scratch_is_byte_identical(project: Path):
     dvc("repro", "--force", "base", cwd=project)
     after = _lock_outs(project)
     assert {o: after[o] for o in outs} == {o: before[o] for o in outs}
+
+
+@pytest.mark.slow
+def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
+    """Image i comes from seeds[i] whatever else is in its batch: so the evaluate stage reuses the
+    sweep's images of the chosen checkpoint when the sweep drew every held-out condition."""
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.evaluation.sampling import Sampler
+    from controlnet_recipe.evaluation.sweep import Candidate, load_controlnet
+    from controlnet_recipe.models.base_model import BaseRef, load_base
+
+    monkeypatch.chdir(project)
+    cfg = load_config(project / "params.yaml")
+    sampler = Sampler(load_base(BaseRef.read()), cfg.recipe.evaluate, cfg.recipe.data.resolution)
+    cn = load_controlnet(Candidate(3, project / "models/controlnet"), project / "models/controlnet")
+    cond = [Image.new("RGB", (32, 32), c) for c in ((0, 0, 0), (255, 128, 0), (40, 200, 90))]
+    prompts, seeds = ["a face", "a smiling face", "a face on a blue background"], [5, 6, 7]
+    three = sampler.generate(prompts, seeds, cn, cond)
+    two = sampler.generate(prompts[1:], seeds[1:], cn, cond[1:])
+    assert [np.asarray(a).tobytes() for a in three[1:]] == [np.asarray(b).tobytes() for b in two]
