@@ -32,6 +32,7 @@ UPSTREAM = {  # upstream's objective; proportion_empty_prompts: the embedded def
     "loss_weighting": "none",
     "ema_decay": None,
     "new_layers_lr_multiplier": 1.0,
+    "hint_init": "zero",
     "proportion_empty_prompts": 0.1,
 }
 LEVERS = {  # each alone, on top of upstream's objective
@@ -41,6 +42,7 @@ LEVERS = {  # each alone, on top of upstream's objective
     "ema": {"ema_decay": 0.99},
     "lr_x5": {"new_layers_lr_multiplier": 5.0},
     "empty_50": {"proportion_empty_prompts": 0.5},  # the ControlNet paper drops half the prompts
+    "hint_random": {"hint_init": "random"},
 }
 OUT = ROOT / "benchmarks" / "results"
 STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}

@@ -145,3 +145,22 @@ def test_new_layers_get_the_multiplier(models):
     assert not any(named[id(p)].startswith(NEW_LAYERS) for p in groups[0]["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(controlnet.parameters()))
     assert len(param_groups(controlnet, 1e-4, 1.0)) == 1  # upstream: one group
+
+
+@pytest.mark.parametrize("hint_init", ["zero", "random"])
+def test_hint_init_reaches_the_copied_encoder_but_not_the_base(hint_init):
+    """hint_init random: the condition changes the ControlNet's features from step 0; zero
+    (upstream): it does not. Either way the zero convolutions keep the residuals at zero."""
+    torch.manual_seed(0)
+    unet = tiny.build_unet(RES).eval()
+    controlnet = controlnet_from_unet(unet, tiny.build_vae(RES).config, hint_init).eval()
+    b = batch(2)
+    x, t, text = b["latent_mean"], torch.tensor([500, 500]), b["text_embedding"]
+    feats = []
+    hook = controlnet.mid_block.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        for cond in (b["conditioning"], 1 - b["conditioning"]):
+            down, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+            assert all(d.abs().max() == 0 for d in down) and mid.abs().max() == 0
+    hook.remove()
+    assert torch.equal(feats[0], feats[1]) == (hint_init == "zero")

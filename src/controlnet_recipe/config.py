@@ -117,6 +117,7 @@ class TinyBaseCfg(Strict):
     unet_steps: int = Positive
     unet_batch_size: int = Positive
     unet_learning_rate: float = Positive
+    unet_snr_gamma: float | None = Field(gt=0)  # min-SNR-gamma loss weighting for the tiny UNet; null: plain MSE
     seed: int
 
 
@@ -207,7 +208,7 @@ class TrainCfg(Strict):
     report_to: list[Tracker]
     tracker_project_name: str
     shuffle_conditions: bool  # a planted failure: each image gets another sample's condition
-    # Convergence levers; upstream's values: uniform, none, ema_decay null, multiplier 1.
+    # Convergence levers; upstream's values: uniform, none, ema_decay null, multiplier 1, hint_init zero.
     timestep_sampling: Literal["uniform", "cubic", "logit_normal"]
     logit_mean: float  # logit_normal only
     logit_std: float = Positive
@@ -215,6 +216,7 @@ class TrainCfg(Strict):
     snr_gamma: float = Positive  # min_snr only
     ema_decay: float | None = Field(gt=0, lt=1)  # null: no EMA; else validation, checkpoints' sweep weights and export use it
     new_layers_lr_multiplier: float = Positive  # the zero convolutions and the hint encoder train at learning_rate x this
+    hint_init: Literal["zero", "random"]  # the hint encoder's output conv: zero (upstream) or PyTorch's default init
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainCfg:

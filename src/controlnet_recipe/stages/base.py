@@ -17,7 +17,16 @@ from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 from diffusers.training_utils import EMAModel
 
 from ..config import Config, TinyBaseCfg
-from ..diffusion import caption_embeddings, diffusion_loss, drop_captions, encode_images, noisy_inputs, sample_latents
+from ..diffusion import (
+    Objective,
+    caption_embeddings,
+    diffusion_loss,
+    drop_captions,
+    encode_images,
+    loss_weights,
+    noisy_inputs,
+    sample_latents,
+)
 from ..faces.synthetic import CAPTION_WORDS
 from ..fit import fit
 from ..images import images_to_tensor, tensor_to_images
@@ -58,16 +67,19 @@ def train_unet(
     cfg: TinyBaseCfg,
     g: torch.Generator,
 ) -> tuple[EMAModel, list[float]]:
-    """Text-conditioned denoising on cached latents, with 10% empty captions for guidance."""
+    """Text-conditioned denoising on cached latents, with 10% empty captions for guidance, and
+    min-SNR-gamma weighting (``unet_snr_gamma``; Hang et al. 2023): in half the steps at twice the
+    batch, it gave the ControlNet trained on it a better mIoU and NME than plain MSE (README)."""
     ema = EMAModel(unet.parameters(), decay=0.995, use_ema_warmup=True, power=0.75)
     mean, std = latents
+    obj = Objective(weighting="none" if cfg.unet_snr_gamma is None else "min_snr", snr_gamma=cfg.unet_snr_gamma or 5.0)
 
     def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(mean), (cfg.unet_batch_size,), generator=g)
         x0 = sample_latents(mean[idx], std[idx], scale, g)
-        noisy, t, target = noisy_inputs(scheduler, x0, g)
+        noisy, t, target = noisy_inputs(scheduler, x0, g, obj)
         cond = drop_captions(text[idx], empty, 0.1, g)
-        return diffusion_loss(unet(noisy, t, cond).sample, target)
+        return diffusion_loss(unet(noisy, t, cond).sample, target, loss_weights(scheduler, t, obj))
 
     losses = fit(
         unet, loss_fn, steps=cfg.unet_steps, lr=cfg.unet_learning_rate, warmup=50, cosine=False, max_grad_norm=1.0,

@@ -63,10 +63,19 @@ NOT_IN_RUN_FINGERPRINT = {
 }
 
 
-def controlnet_from_unet(unet, vae_config) -> ControlNetModel:
-    """Copy the UNet's encoder; the hint encoder downsamples as much as the VAE does."""
+def controlnet_from_unet(unet, vae_config, hint_init: str = "zero") -> ControlNetModel:
+    """Copy the UNet's encoder; the hint encoder downsamples as much as the VAE does.
+
+    ``hint_init``: ``zero`` (upstream) leaves the hint encoder's last convolution at zero, as
+    ``from_unet`` makes it, so the copied encoder sees no condition until that layer has grown;
+    ``random`` gives it PyTorch's default init, so the condition reaches the copied encoder from
+    the first step. Either way the zero convolutions on the outputs keep the base unchanged at
+    step 0."""
     downs = len(vae_config["block_out_channels"]) - 1
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
+    if hint_init == "random":
+        model.controlnet_cond_embedding.conv_out.reset_parameters()
+    return model
 
 
 LEVERS = (  # the convergence levers (README: Time to control), recorded in training.json
@@ -77,6 +86,7 @@ LEVERS = (  # the convergence levers (README: Time to control), recorded in trai
     "snr_gamma",
     "ema_decay",
     "new_layers_lr_multiplier",
+    "hint_init",
     "proportion_empty_prompts",
 )
 
@@ -189,7 +199,7 @@ def train_controlnet(
     base = load_base(BaseRef.read())  # the VAE and text encoder stay on the CPU (validation only)
     for m in (base.vae, base.text_encoder, base.unet):
         m.requires_grad_(False).eval()
-    controlnet = controlnet_from_unet(base.unet, base.vae.config)
+    controlnet = controlnet_from_unet(base.unet, base.vae.config, t.hint_init)
     base.unet.to(device, dtype=weight_dtype)
     apply_model_settings(base.unet, controlnet, tier)
     controlnet.train()
