@@ -50,7 +50,7 @@ env: $(VENV)/.installed ## create the virtualenv with the pinned versions (CPU t
 check: env ## validate params.yaml (one-line errors, nothing is built)
 	$(BIN)/python -m controlnet_recipe check
 
-demo: env ## run the whole pipeline on the embedded default (CPU, offline, ~13 min)
+demo: env ## run the whole pipeline on the embedded default (CPU, offline, under 10 min)
 	$(BIN)/python -m controlnet_recipe check
 	$(BIN)/dvc repro
 	@echo

@@ -149,8 +149,10 @@ def test_rerun_from_scratch_is_byte_identical(project: Path):
 
 @pytest.mark.slow
 def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
-    """Image i comes from seeds[i] whatever else is in its batch: so the evaluate stage reuses the
-    sweep's images of the chosen checkpoint when the sweep drew every held-out condition."""
+    """Image i comes from seeds[i] whatever else is in its batch, up to float rounding (oneDNN picks
+    its kernels by batch size and CPU: a few pixels may differ by a level or two): so the evaluate
+    stage reuses the sweep's images of the chosen checkpoint when the sweep drew every held-out
+    condition."""
     from controlnet_recipe.config import load_config
     from controlnet_recipe.evaluation.sampling import Sampler
     from controlnet_recipe.evaluation.sweep import Candidate, load_controlnet
@@ -164,4 +166,9 @@ def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
     prompts, seeds = ["a face", "a smiling face", "a face on a blue background"], [5, 6, 7]
     three = sampler.generate(prompts, seeds, cn, cond)
     two = sampler.generate(prompts[1:], seeds[1:], cn, cond[1:])
-    assert [np.asarray(a).tobytes() for a in three[1:]] == [np.asarray(b).tobytes() for b in two]
+    for a, b in zip(three[1:], two, strict=True):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2 and (diff > 0).mean() < 1e-2
+    # A different seed is a different image: the comparison above can fail.
+    other = sampler.generate(prompts[1:2], [99], cn, cond[1:2])[0]
+    assert np.abs(np.asarray(other, dtype=np.int16) - np.asarray(two[0], dtype=np.int16)).max() > 1

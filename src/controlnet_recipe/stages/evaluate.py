@@ -141,14 +141,15 @@ def base_row(base: Scored, m: int) -> dict:
 def export_chosen(c, swept: Scored, h: HeldOut, why: str) -> Scored:
     """The chosen checkpoint to ``models/best`` (fp32), then scored on the whole held-out set
     (the sweep's own images and scores when it already drew every held-out condition: each image
-    comes from its own seed, so drawing them again would give the same images)."""
+    comes from its own seed, so drawing them again would give the same images, up to a rounding
+    level in a few pixels where the CPU's kernels depend on the batch size)."""
     controlnet = load_controlnet(c, CONTROLNET_DIR)
     best = fresh_dir(BEST_DIR)
     controlnet.save_pretrained(best)  # fp32, before sampling casts it
     if (CONTROLNET_DIR / "training.json").is_file():
         shutil.copy(CONTROLNET_DIR / "training.json", best / "training.json")
     write_json(best / "chosen.json", {"step": c.step, "source": str(c.path), "rule": why})
-    if len(swept.images) == len(h.conditions):  # the sweep drew every held-out condition: the same images
+    if len(swept.images) == len(h.conditions):  # the sweep drew every held-out condition
         return swept
     images = h.generate(len(h.conditions), controlnet, desc=f"step {c.step} (chosen)")
     return Scored(images, h.score(images), swept.probe_images, swept.probe)
