@@ -1,17 +1,19 @@
 """Training-step benchmark: steps/s and peak memory of the train stage's step against upstream's
 (train_controlnet.py: both images decoded from PNG, the VAE and the text encoder run on every step,
-no memory-format or compile switches), side by side in one run.
+AdamW as it comes, no memory-format or compile switches), side by side in one run.
 
     python benchmarks/train_step.py                                   # CPU: tiny + SD2.1-base at 128 px
     python benchmarks/train_step.py --arch sd21-base --resolution 512 --tiers 8gb 12gb 16gb 24gb 40gb 80gb
     python benchmarks/train_step.py --switches channels_last=true compile=true mixed_precision=bf16
 
 The recipe's step: the latent cache, conditioning images decoded once (training/batches.py), the
-tier's switches (channels_last, compile, fused AdamW on CUDA) and no host sync per micro-step.
+tier's switches (channels_last, compile), fused AdamW and no host sync per micro-step.
 ``--switches`` adds a row per switch, each on top of the recipe's step, to measure it alone.
 
 Each configuration runs in its own process, so peak memory (RSS on CPU; allocated and reserved
 CUDA memory on a GPU) is its own. Weights are random: architectures are built from their configs.
+On a shared or throttled machine, ``--repeats 5`` runs every variant five times, interleaved, and
+reports each one's median round.
 """
 
 from __future__ import annotations
@@ -72,7 +74,11 @@ def child(spec: dict) -> dict:
             m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
     controlnet.train()
-    optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, t, 1e-5)
+    groups = param_groups(controlnet, 1e-5, 1.0)
+    if per_step:  # upstream's torch.optim.AdamW as it comes (a loop over parameters on CPU)
+        optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)
+    else:
+        optimizer = make_optimizer(groups, tier, t, 1e-5)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
     lat = (4, res // down, res // down)
@@ -178,6 +184,15 @@ def run_child(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median steps/s (an error if any round failed), with every round's steps/s."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    ranked = sorted(rounds, key=lambda r: r["steps_per_s"])
+    return {**ranked[len(ranked) // 2], "steps_per_s_rounds": [r["steps_per_s"] for r in rounds]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -190,6 +205,7 @@ def main() -> None:
     ap.add_argument(
         "--effective-batch", type=int, default=None, help="default: 1 on CPU for full-size, else each tier's micro-batch"
     )
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of every variant, interleaved; each row is the median round")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -213,12 +229,15 @@ def main() -> None:
             variants = [("per-step encoding", {}), ("recipe", {})] + [
                 ("recipe + " + kv, parse_switch(kv)) for kv in args.switches
             ]
-            for mode, switches in variants:
-                spec = dict(arch=arch, tier=tier, mode=mode, resolution=res, micro_batch=micro, accumulation=accum)
-                spec.update(steps=args.steps, warmup=args.warmup, switches=switches)
-                row = run_child(spec)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            rounds: dict[str, list[dict]] = {mode: [] for mode, _ in variants}
+            for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant
+                for mode, switches in variants:
+                    spec = dict(arch=arch, tier=tier, mode=mode, resolution=res, micro_batch=micro, accumulation=accum)
+                    spec.update(steps=args.steps, warmup=args.warmup, switches=switches)
+                    row = run_child(spec)
+                    rounds[mode].append(row)
+                    print(json.dumps(row), flush=True)
+            rows += [median_round(rounds[mode]) for mode, _ in variants]
     print()
     mem = "peak_reserved_gb" if cuda else "peak_rss_gb"
     print(f"{'arch':<10} {'tier':<9} {'res':>4} {'batch':>7} {'mode':<36} {'steps/s':>8} {'samples/s':>9} {mem:>16}")
