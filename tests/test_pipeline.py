@@ -172,3 +172,27 @@ def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
     # A different seed is a different image: the comparison above can fail.
     other = sampler.generate(prompts[1:2], [99], cn, cond[1:2])[0]
     assert np.abs(np.asarray(other, dtype=np.int16) - np.asarray(two[0], dtype=np.int16)).max() > 1
+
+
+def test_cache_resumes_at_its_missing_shard(project: Path, tmp_path: Path, monkeypatch):
+    """The cache is a sharded dataset like the data stages': a rerun after an interruption encodes
+    only the shards that never finished, and the cache reads back the same."""
+    import torch
+
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.stages.cache import build_cache
+    from controlnet_recipe.training.latent_cache import SPLIT, LatentCache
+
+    monkeypatch.chdir(project)
+    cfg = load_config(project / "params.yaml")
+    root = tmp_path / "cache"
+    meta = build_cache(cfg, root)
+    shards = sorted((root / meta["fingerprint"] / SPLIT).iterdir())
+    assert len(shards) == meta["shards"] == 3  # 48 samples in shards of 20
+    first = LatentCache.load(meta["fingerprint"], root).rows[:]
+    kept = [next(s.glob("*.arrow")).stat().st_mtime_ns for s in shards[:2]]
+    shutil.rmtree(shards[2])  # the run was killed while encoding the last shard
+    build_cache(cfg, root)
+    assert [next(s.glob("*.arrow")).stat().st_mtime_ns for s in shards[:2]] == kept  # not encoded again
+    again = LatentCache.load(meta["fingerprint"], root).rows[:]
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

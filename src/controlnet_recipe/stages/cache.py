@@ -2,8 +2,9 @@
 text encoder (upstream runs both on every step) and keeps them out of GPU memory.
 
 The cache lives in ``data/cache/<fingerprint>/``, the fingerprint covering the dataset, the base
-model and the resolution. It is written in shards, each renamed into place when complete, so an
-interrupted run resumes at the first missing shard; a changed dataset or model gets a new folder.
+model and the resolution. It is a sharded dataset like every data stage's (``storage.ShardedOutput``):
+an interrupted run keeps the shards it finished with the same code, and a changed dataset or model
+gets a new folder.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..codedeps import stage_code_digest
 from ..config import Config
 from ..diffusion import caption_embeddings, encode_images
 from ..images import images_to_tensor
 from ..models.base_model import BaseRef, load_base
-from ..storage import CACHE_DIR, CAPTIONS_DIR, atomic_dir, load_dataset_dir, write_json
-from ..training.latent_cache import EMPTY, META, features, fingerprint
+from ..storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
+from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint
 
 
 def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
@@ -37,11 +37,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         if other.is_dir() and other.name != fp:
             shutil.rmtree(other)
     folder = root / fp
-    code = folder / ".code"  # shards are kept only for the code that wrote them
-    if folder.is_dir() and not (code.is_file() and code.read_text() == stage_code_digest("cache")):
-        shutil.rmtree(folder)
-    folder.mkdir(exist_ok=True)
-    code.write_text(stage_code_digest("cache"))
+    out = ShardedOutput(folder, key=fp, stage="cache")  # finished shards survive only the same code
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_base(ref)
@@ -50,8 +46,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
     save_file({"empty": empty.contiguous()}, folder / EMPTY)
 
     n_shards = math.ceil(len(train) / c.shard_size)
-    names = [f"shard-{i:05d}" for i in range(n_shards)]
-    todo = [i for i, name in enumerate(names) if not (folder / name / "dataset_info.json").is_file()]
+    todo = [i for i in range(n_shards) if not out.done(SPLIT, i)]
     if len(todo) < n_shards:
         print(f"cache: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     for i in tqdm(todo, desc="cache: shards"):
@@ -69,11 +64,11 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
             {"latent_mean": mean.numpy(), "latent_std": std.numpy(), "text_embedding": text.numpy()},
             features=features(tuple(mean.shape[1:]), tuple(text.shape[1:])),
         )
-        with atomic_dir(folder / names[i]) as tmp:
-            shard.save_to_disk(str(tmp))
+        out.write(SPLIT, i, shard)
+    out.finish()
     meta = {
         "fingerprint": fp,
-        "shards": names,
+        "shards": n_shards,
         "num_rows": len(train),
         "scaling_factor": float(vae.config.scaling_factor),
         "base": ref.__dict__,
@@ -85,4 +80,4 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
 
 def main(cfg: Config) -> None:
     meta = build_cache(cfg)
-    print(f"cache: {meta['num_rows']} samples in {len(meta['shards'])} shards -> {CACHE_DIR / meta['fingerprint']}")
+    print(f"cache: {meta['num_rows']} samples in {meta['shards']} shards -> {CACHE_DIR / meta['fingerprint']}")

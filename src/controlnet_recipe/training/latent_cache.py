@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Array2D, Array3D, Dataset, Features, concatenate_datasets, load_from_disk
+from datasets import Array2D, Array3D, Dataset, Features
 from safetensors.torch import load_file
 
 from ..config import Config
@@ -17,6 +17,7 @@ from ..models.base_model import BaseRef
 from ..storage import CACHE_DIR, CAPTIONS_DIR, load_dataset_dir, read_json
 
 META = "cache.json"
+SPLIT = "train"  # the cache is a sharded dataset (storage.ShardedOutput) with this one split
 EMPTY = "empty_prompt.safetensors"
 
 
@@ -66,8 +67,7 @@ class LatentCache:
                 f"expected {expected_fingerprint}); run the cache stage again (dvc repro cache)"
             )
         folder = root / meta["fingerprint"]
-        shards = [load_from_disk(str(folder / s)) for s in meta["shards"]]
-        rows = concatenate_datasets(shards).with_format("torch")
+        rows = load_dataset_dir(folder)[SPLIT].with_format("torch")
         return cls(rows, load_file(folder / EMPTY)["empty"], meta["scaling_factor"], meta["fingerprint"])
 
 
