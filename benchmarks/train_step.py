@@ -74,11 +74,8 @@ def child(spec: dict) -> dict:
             m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
     controlnet.train()
-    groups = param_groups(controlnet, 1e-5, 1.0)
-    if per_step:  # upstream's torch.optim.AdamW as it comes (a loop over parameters on CPU)
-        optimizer = torch.optim.AdamW(groups, lr=1e-5, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay)
-    else:
-        optimizer = make_optimizer(groups, tier, t, 1e-5)
+    # Upstream's AdamW as it comes; the recipe's fused.
+    optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, t, 1e-5, fused=None if per_step else True)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
     lat = (4, res // down, res // down)

@@ -174,6 +174,7 @@ def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
     assert np.abs(np.asarray(other, dtype=np.int16) - np.asarray(two[0], dtype=np.int16)).max() > 1
 
 
+@pytest.mark.slow
 def test_cache_resumes_at_its_missing_shard(project: Path, tmp_path: Path, monkeypatch):
     """The cache is a sharded dataset like the data stages': a rerun after an interruption encodes
     only the shards that never finished, and the cache reads back the same."""
