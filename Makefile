@@ -33,14 +33,17 @@ help: ## list the targets
 # --compile-bytecode writes the .pyc files at install, as pip does: without them every stage's
 # process compiles torch/diffusers/transformers from source again (about 6 s each on 2 cores, and
 # always where PYTHONDONTWRITEBYTECODE is set). INSTALLER=pip installs with pip instead.
-$(VENV)/.installed: $(if $(VENV_READY),,requirements.lock pyproject.toml)
+# requirements-deepspeed.txt (DeepSpeed, a source build) comes after the lock, for its own reasons.
+$(VENV)/.installed: $(if $(VENV_READY),,requirements.lock requirements-deepspeed.txt pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 ifeq ($(INSTALLER),pip)
 	$(BIN)/pip install --quiet -r requirements.lock
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 else
 	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode -r requirements.lock $(addprefix --find-links ,$(PIP_FIND_LINKS))
+	DS_BUILD_OPS=0 $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode --no-deps --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps --no-build-isolation -e .
 endif
 	@touch $@
@@ -93,8 +96,9 @@ format: env ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-lock: env ## rewrite requirements.lock from the current environment
-	{ sed -n '1,3p' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+lock: env ## rewrite requirements.lock from the current environment (requirements-deepspeed.txt's pins stay there)
+	{ sed -n '1,3p' requirements.lock; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+	  | grep -v -i -x -F -f <(grep -E '^[A-Za-z]' requirements-deepspeed.txt); } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 clean: ## remove pipeline outputs (not the environment)

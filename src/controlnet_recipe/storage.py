@@ -50,20 +50,37 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-@contextmanager
-def atomic_dir(final: Path, *, fsync: bool = False) -> Iterator[Path]:
-    """The one way a folder is written (shards, cache shards, checkpoints): whole or not at all.
-    The block writes into a hidden sibling ``.<name>.tmp``, which is renamed to ``final`` (replacing
-    an older one) only when the block ends without error; ``fsync`` flushes it to disk first."""
-    tmp = final.with_name(f".{final.name}.tmp")
+def staging(final: Path) -> Path:
+    """The hidden sibling ``.<name>.tmp`` that ``final`` is written into."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+def begin_atomic(final: Path) -> Path:
+    """``final``'s staging folder, emptied and created."""
+    tmp = staging(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    return tmp
+
+
+def commit_atomic(tmp: Path, final: Path, *, fsync: bool = False) -> None:
+    """Rename the finished ``tmp`` to ``final`` (replacing an older one); ``fsync`` flushes it first."""
     if fsync:
         _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: Path, *, fsync: bool = False) -> Iterator[Path]:
+    """The one way a folder is written (shards, cache shards, checkpoints): whole or not at all.
+    The block writes into ``begin_atomic``'s hidden sibling, which ``commit_atomic`` renames to
+    ``final`` only when the block ends without error. (Several processes writing one folder, as
+    DeepSpeed's ranks do, call the two halves themselves around a barrier.)"""
+    tmp = begin_atomic(final)
+    yield tmp
+    commit_atomic(tmp, final, fsync=fsync)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training.checkpoints import EMA_WEIGHTS, list_checkpoints, read_state
-
-WEIGHTS = "model.safetensors"  # what accelerate's save_state writes for the (unwrapped) ControlNet
+from ..training.checkpoints import EMA_WEIGHTS, WEIGHTS, list_checkpoints, read_state
 
 
 @dataclass
@@ -17,8 +15,8 @@ class Candidate:
 
 
 def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidate]:
-    """Complete checkpoints holding ControlNet weights, oldest first, and the final model if no
-    checkpoint has its step. (DeepSpeed checkpoints keep sharded state instead, and are skipped.)"""
+    """Complete checkpoints, oldest first (DeepSpeed's too: training consolidates their shards into
+    the same weights file), and the final model if no checkpoint has its step."""
     found = [Candidate(read_state(p)["step"], p) for p in list_checkpoints(checkpoints) if (p / WEIGHTS).is_file()]
     if not any(c.step == final_step for c in found):
         found.append(Candidate(final_step, final))

@@ -25,7 +25,7 @@ from accelerate import Accelerator, PartialState
 from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config, TrainCfg, accumulation_steps, resolve_tier
@@ -42,9 +42,17 @@ from ..storage import (
     write_json,
 )
 from ..training.batches import CachedPairs, ResumableBatches, batch_stream, step_generator
-from ..training.checkpoints import EMA_WEIGHTS, clean_partial, find_resume, read_state, save_checkpoint
+from ..training.checkpoints import (
+    EMA_WEIGHTS,
+    WEIGHTS,
+    clean_partial,
+    consolidate_zero,
+    find_resume,
+    read_state,
+    save_checkpoint,
+)
 from ..training.latent_cache import LatentCache, current_fingerprint
-from ..training.launch import relaunch
+from ..training.launch import launched, relaunch
 from ..training.memory import apply_model_settings, deepspeed_plugin, make_optimizer, param_groups
 from ..training.tracking import Trackers
 from ..training.validation import load_segmenter, run_validation, validation_pairs
@@ -146,6 +154,13 @@ def with_weights(model: ControlNetModel, ema: EMAModel | None) -> Iterator[Contr
         ema.restore(model.parameters())
 
 
+def consolidated(model: ControlNetModel, checkpoint: Path) -> ControlNetModel:
+    """A fresh ``model`` holding the checkpoint's consolidated (fp32) weights."""
+    fresh = ControlNetModel.from_config(model.config)
+    fresh.load_state_dict(load_file(checkpoint / WEIGHTS))
+    return fresh
+
+
 def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
     kept = {k: v for k, v in cfg.recipe.train.model_dump().items() if k not in NOT_IN_RUN_FINGERPRINT}
     return hashlib.sha256(json.dumps([kept, cache_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
@@ -169,14 +184,15 @@ def train_controlnet(
     checkpoints = train_dir / "checkpoints"
     tier_name = resolve_tier(cfg.gpu)
     tier = cfg.tiers[tier_name]
-    cpu = not torch.cuda.is_available()
-    world = PartialState(cpu=cpu).num_processes
+    cpu, zero = not torch.cuda.is_available(), tier.deepspeed is not None
+    # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
+    world = (PartialState(backend="gloo") if cpu and zero and launched() else PartialState(cpu=cpu)).num_processes
     micro, accum = accumulation_steps(t.batch_size, tier.batch_size, world)
     accelerator = Accelerator(
         mixed_precision=tier.mixed_precision,
         gradient_accumulation_steps=accum,
         deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
-        cpu=cpu,
+        cpu=cpu and not zero,
     )
     rank, main = accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
@@ -246,8 +262,12 @@ def train_controlnet(
     trackers = Trackers(t.report_to, train_dir, t.tracker_project_name, run_config, resume=start > 0) if main else None
     empty, scale = cache.empty_prompt, cache.scaling_factor
 
-    def write_state(folder: str) -> None:
-        accelerator.save_state(folder)
+    def write_state(folder: Path) -> None:
+        accelerator.save_state(str(folder))  # every process: its RNG state, and under DeepSpeed its shards
+        if not main:
+            return
+        if zero:  # the sweep's weights, in fp32
+            consolidate_zero(folder)
         if ema is not None:  # the sweep's weights, keyed like the model's
             with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
                 save_file(model.state_dict(), str(Path(folder) / EMA_WEIGHTS))
@@ -305,16 +325,15 @@ def train_controlnet(
         if main and (done % 10 == 0 or done == max_steps):
             trackers.log({"loss": float(np.mean(losses[-10:])), "lr": lr_scheduler.get_last_lr()[0]}, done)
         if done % t.checkpointing_steps == 0 or done == max_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(
-                    checkpoints,
-                    done,
-                    write_state,
-                    {"fingerprint": run_fp, "micro_batches_read": done * accum, "tier": tier_name},
-                    t.checkpoints_total_limit,
-                )
-            accelerator.wait_for_everyone()
+            save_checkpoint(
+                checkpoints,
+                done,
+                write_state,
+                {"fingerprint": run_fp, "micro_batches_read": done * accum, "tier": tier_name},
+                t.checkpoints_total_limit,
+                main=main,
+                barrier=accelerator.wait_for_everyone,
+            )
         if main and (done % t.validation.steps == 0 or done == max_steps):
             last_val = validate(done)
         if probe is not None and probe_every and done % probe_every == 0:
@@ -328,6 +347,8 @@ def train_controlnet(
         trackers.close()
         out = fresh_dir(out_dir)
         with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
+            if zero and ema is None:  # DeepSpeed's fp32 master weights, not the engine's half-precision copy
+                model = consolidated(model, checkpoints / f"checkpoint-{max_steps}")
             model.save_pretrained(out)
     return {
         "tier": tier_name,

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BadInput, MissingInput
-from ..storage import atomic_dir, read_json, write_json
+from ..storage import begin_atomic, commit_atomic, read_json, staging, write_json
 
 STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
+WEIGHTS = "model.safetensors"  # the ControlNet's weights: accelerate's save_state, or consolidated from ZeRO
 EMA_WEIGHTS = "ema.safetensors"  # the EMA of the ControlNet (train.ema_decay set), keyed like the model
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -41,18 +42,53 @@ def clean_partial(root: Path) -> list[str]:
     return gone
 
 
-def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], state: dict, keep: int | None) -> Path:
+def _alone() -> None:
+    """The barrier of a single process."""
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    write: Callable[[Path], None],
+    state: dict,
+    keep: int | None,
+    *,
+    main: bool = True,
+    barrier: Callable[[], None] = _alone,
+) -> Path:
     """``write(folder)`` saves the model, optimizer, scheduler and RNG states; ``state`` (the step,
-    the data position, the fingerprint) goes in last. Keeps the newest ``keep`` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
+    the data position, the fingerprint) goes in last. Keeps the newest ``keep`` checkpoints.
+
+    Every process calls this (``main`` on one of them, ``barrier`` waiting for all): each writes
+    its own part (its RNG state; DeepSpeed's optimizer shards) into the one hidden folder, which
+    the main process then completes and renames."""
     final = root / f"checkpoint-{step}"
-    with atomic_dir(final, fsync=True) as tmp:  # .checkpoint-N.tmp until complete
-        write(tmp)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        begin_atomic(final)  # .checkpoint-N.tmp until complete
+    barrier()
+    tmp = staging(final)
+    write(tmp)
+    barrier()
+    if main:
         write_json(tmp / STATE, {"step": step, **state})
-    if keep:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
+        commit_atomic(tmp, final, fsync=True)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    barrier()
     return final
+
+
+def consolidate_zero(folder: Path) -> None:
+    """DeepSpeed's ZeRO shards in ``folder`` -> one fp32 ``model.safetensors`` keyed like the
+    model (DeepSpeed's own conversion, zero_to_fp32), so that the sweep and the export read every
+    tier's checkpoints alike."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
 
 
 def find_resume(root: Path, resume: str | None, fingerprint: str) -> tuple[Path | None, str]:
