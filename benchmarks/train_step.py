@@ -100,7 +100,7 @@ def child(spec: dict) -> dict:
         "latent_std": torch.full((micro, *lat), 0.01),
         "text_embedding": torch.randn(micro, n_tokens, dim, generator=g),
     }
-    empty = torch.zeros(1, n_tokens, dim)
+    empty = {"text_embedding": torch.zeros(1, n_tokens, dim)}
 
     def batch() -> dict:
         if not per_step:

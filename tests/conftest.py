@@ -124,10 +124,30 @@ def dvc(*args: str, cwd: Path) -> str:
 def project(tmp_path_factory) -> Path:
     """A copy of the project (code, dvc.yaml) with tiny params, in its own git + DVC repo, after
     one `dvc repro` of the whole pipeline."""
-    work = tmp_path_factory.mktemp("project")
+    return make_project(tmp_path_factory.mktemp("project"), tiny_params())
+
+
+SDXL_RECIPE = "demo-sdxl"
+
+
+def sdxl_params() -> dict:
+    """The tiny params with a recipe block whose base is the tiny SDXL-architecture base."""
+    p = tiny_params()
+    p[SDXL_RECIPE] = merge(p["demo"], {"base": {"family": "sdxl"}})
+    p["recipe"] = SDXL_RECIPE
+    return p
+
+
+@pytest.fixture(scope="session")
+def sdxl_project(tmp_path_factory) -> Path:
+    """:func:`project` through the SDXL family: the same stages on a tiny SDXL base."""
+    return make_project(tmp_path_factory.mktemp("sdxl-project"), sdxl_params())
+
+
+def make_project(work: Path, params: dict) -> Path:
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], work)
     dvc("init", "-q", cwd=work)
     # A project is a clone with history; DVCLive needs at least one commit to log against.

@@ -122,8 +122,14 @@ class TinyBaseCfg(Strict):
 
 
 class BaseCfg(Strict):
+    """The frozen base. ``family``: ``auto`` reads the pipeline class from the model's
+    model_index.json (the tiny base: SD); ``sd`` (1.x, 2.x) or ``sdxl`` names it. ``vae``: a VAE
+    loaded in place of the base's own (SDXL: an fp16-fixed VAE such as madebyollin/sdxl-vae-fp16-fix)."""
+
     pretrained_model: str | None
     revision: str | None
+    family: Literal["auto", "sd", "sdxl"]
+    vae: str | None
     tiny: TinyBaseCfg
 
 

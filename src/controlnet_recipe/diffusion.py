@@ -132,7 +132,23 @@ def drop_captions(
     embeddings: torch.Tensor, empty: torch.Tensor, proportion: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Replace a ``proportion`` of the batch's caption embeddings with the empty caption's."""
+    return drop_caption_features({"text": embeddings}, {"text": empty}, proportion, generator)["text"]
+
+
+def drop_caption_features(
+    features: dict[str, torch.Tensor],
+    empty: dict[str, torch.Tensor],
+    proportion: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`drop_captions` for every text feature of a family (SDXL: the embedding and the
+    pooled embedding): one draw per sample, the same samples dropped in each."""
     if proportion <= 0:
-        return embeddings
-    keep = torch.rand(embeddings.shape[0], generator=generator) >= proportion
-    return torch.where(keep[:, None, None].to(embeddings.device), embeddings, empty.to(embeddings))
+        return features
+    n = next(iter(features.values())).shape[0]
+    keep = torch.rand(n, generator=generator) >= proportion
+    out = {}
+    for k, v in features.items():
+        mask = keep.view(-1, *[1] * (v.ndim - 1)).to(v.device)
+        out[k] = torch.where(mask, v, empty[k].to(v))
+    return out

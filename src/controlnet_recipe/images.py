@@ -126,6 +126,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_and_crop(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
+    """How :func:`images_to_tensor` fits a ``w`` x ``h`` image: the resized (width, height), then
+    the centre crop's (left, top) in the resized image (SDXL's crop conditioning)."""
+    s = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    return rw, rh, (rw - resolution) // 2, (rh - resolution) // 2
+
+
 def images_to_tensor(images: list[Image.Image], resolution: int, normalize: bool = True):
     """(N, 3, R, R) float tensor: resize + centre crop as upstream; [-1, 1] if ``normalize``
     (target images), else [0, 1] (conditioning images)."""
@@ -134,12 +142,9 @@ def images_to_tensor(images: list[Image.Image], resolution: int, normalize: bool
     out = []
     for img in images:
         img = to_rgb(img)
-        w, h = img.size
-        s = resolution / min(w, h)
-        if (w, h) != (resolution, resolution):
-            img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
+        if img.size != (resolution, resolution):
+            w, h, left, top = resize_and_crop(*img.size, resolution)
+            img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
         out.append(np.asarray(img, dtype=np.float32) / 255.0)
     t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
     return t * 2 - 1 if normalize else t

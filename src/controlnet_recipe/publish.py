@@ -15,6 +15,7 @@ import yaml
 from .config import Config
 from .errors import BadInput, MissingInput
 from .models.base_model import BaseRef
+from .models.families import family
 from .storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
 
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json")
@@ -32,11 +33,11 @@ def model_dir() -> Path:
 
 
 def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
-    r = cfg.recipe
+    r, fam = cfg.recipe, family(base.family)
     front = {
         "library_name": "diffusers",
         "base_model": base.name_or_path,
-        "tags": ["controlnet", "stable-diffusion", "diffusers", "controlnet-recipe", r.conditions.kind],
+        "tags": ["controlnet", fam.hub_tag, "diffusers", "controlnet-recipe", r.conditions.kind],
         "pipeline_tag": "text-to-image",
     }
     images = "\n".join(f"![{name}](./{name})" for name, src in IMAGES.items() if src.is_file())
@@ -46,13 +47,13 @@ def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
 
 # ControlNet ({r.conditions.kind}) for {base.name_or_path}
 
-Trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
+A {fam.title} ControlNet, trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
 Condition: `{r.conditions.kind}` from `{r.conditions.detector}`; captions: `{r.captions.captioner}`.
 
 ```python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, {fam.controlnet_pipeline_class}
 controlnet = ControlNetModel.from_pretrained("{r.evaluate.hub_model_id}")
-pipe = StableDiffusionControlNetPipeline.from_pretrained("{base.name_or_path}", controlnet=controlnet)
+pipe = {fam.controlnet_pipeline_class}.from_pretrained("{base.name_or_path}", controlnet=controlnet)
 ```
 
 ## Data

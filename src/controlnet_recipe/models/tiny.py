@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 MAX_TOKENS = 32
 TEXT_DIM = 64
+# The tiny SDXL: a second text encoder with a projection (its pooled embedding), six time ids.
+TEXT_DIM_2, POOLED_DIM, TIME_EMBED_DIM = 32, 32, 8
 LATENT_CHANNELS = 4
 # Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet's hint encoder
 # matches the VAE's downsampling (stages/train.py reads it from the VAE's config).
@@ -66,20 +68,28 @@ def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_text_encoder(vocab_size: int) -> CLIPTextModel:
-    cfg = CLIPTextConfig(
+def _text_config(vocab_size: int, dim: int, projection_dim: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_DIM,
-        intermediate_size=TEXT_DIM * 2,
+        hidden_size=dim,
+        intermediate_size=dim * 2,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
-        projection_dim=TEXT_DIM,
+        projection_dim=projection_dim,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
-    return CLIPTextModel(cfg)
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(_text_config(vocab_size, TEXT_DIM, TEXT_DIM))
+
+
+def build_text_encoder_2(vocab_size: int) -> CLIPTextModelWithProjection:
+    """The tiny SDXL's second encoder: like OpenCLIP bigG's, its projection is the pooled embedding."""
+    return CLIPTextModelWithProjection(_text_config(vocab_size, TEXT_DIM_2, POOLED_DIM))
 
 
 def build_vae(resolution: int) -> AutoencoderKL:
@@ -103,7 +113,16 @@ def build_vae(resolution: int) -> AutoencoderKL:
     return vae
 
 
-def build_unet(resolution: int) -> UNet2DConditionModel:
+def build_unet(resolution: int, sdxl: bool = False) -> UNet2DConditionModel:
+    """The tiny UNet; ``sdxl``: SDXL's conditioning (both encoders' features in cross-attention,
+    the pooled embedding and six time ids through the timestep embedding, as ``text_time``)."""
+    extra = {}
+    if sdxl:
+        extra = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED_DIM,
+        )
     return UNet2DConditionModel(
         sample_size=resolution // 2 ** (len(VAE_CHANNELS) - 1),
         in_channels=LATENT_CHANNELS,
@@ -112,9 +131,10 @@ def build_unet(resolution: int) -> UNet2DConditionModel:
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
+        cross_attention_dim=TEXT_DIM + TEXT_DIM_2 if sdxl else TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=16,
+        **extra,
     )
 
 

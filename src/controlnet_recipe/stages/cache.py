@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..diffusion import caption_embeddings, encode_images
+from ..diffusion import encode_images
 from ..images import images_to_tensor
 from ..models.base_model import BaseRef, load_base
+from ..models.families import family
 from ..storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
-from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint
+from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint, write_empty
 
 
 def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
@@ -40,10 +40,11 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
     out = ShardedOutput(folder, key=fp, stage="cache")  # finished shards survive only the same code
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base(ref)
-    vae, text_encoder = base.vae.to(device).eval(), base.text_encoder.to(device).eval()
-    empty = caption_embeddings(base.tokenizer, text_encoder, [""])[1]
-    save_file({"empty": empty.contiguous()}, folder / EMPTY)
+    base, fam = load_base(ref), family(ref.family)
+    vae = base.vae.to(device).eval()
+    for encoder in base.text_encoders:
+        encoder.to(device).eval()
+    write_empty(folder / EMPTY, fam.caption_features(base, [""])[1])
 
     n_shards = math.ceil(len(train) / c.shard_size)
     todo = [i for i in range(n_shards) if not out.done(SPLIT, i)]
@@ -51,19 +52,18 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         print(f"cache: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
     for i in tqdm(todo, desc="cache: shards"):
         rows = train.select(range(i * c.shard_size, min((i + 1) * c.shard_size, len(train))))
-        means, stds, texts = [], [], []
+        cols: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(rows), c.batch_size):
             batch = rows[start : start + c.batch_size]
             pixels = images_to_tensor(batch[r.columns.image], r.data.resolution)
             mean, std = encode_images(vae, pixels, batch_size=c.batch_size, desc=None)
-            means.append(mean.half())
-            stds.append(std.half())
-            texts.append(caption_embeddings(base.tokenizer, text_encoder, list(batch[r.columns.caption]))[0].half())
-        mean, std, text = torch.cat(means), torch.cat(stds), torch.cat(texts)
-        shard = Dataset.from_dict(
-            {"latent_mean": mean.numpy(), "latent_std": std.numpy(), "text_embedding": text.numpy()},
-            features=features(tuple(mean.shape[1:]), tuple(text.shape[1:])),
-        )
+            text = fam.caption_features(base, list(batch[r.columns.caption]))[0]
+            parts = {"latent_mean": mean.half(), "latent_std": std.half(), **{k: v.half() for k, v in text.items()}}
+            parts.update(fam.image_features(batch[r.columns.image], r.data.resolution))  # SDXL: time ids
+            for k, v in parts.items():
+                cols.setdefault(k, []).append(v)
+        data = {k: torch.cat(v) for k, v in cols.items()}
+        shard = Dataset.from_dict({k: v.numpy() for k, v in data.items()}, features=features(data))
         out.write(SPLIT, i, shard)
     out.finish()
     meta = {

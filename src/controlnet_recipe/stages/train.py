@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config, TrainCfg, accumulation_steps, resolve_tier
-from ..diffusion import Objective, diffusion_loss, drop_captions, loss_weights, noisy_inputs, sample_latents
+from ..diffusion import Objective, diffusion_loss, drop_caption_features, loss_weights, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
+from ..models.families import FAMILIES, TEXT, Family, family
 from ..storage import (
     CAPTIONS_DIR,
     CONTROLNET_DIR,
@@ -110,29 +111,34 @@ def controlnet_loss(
     unet,
     scheduler,
     batch: dict,
-    empty_prompt: torch.Tensor,
+    empty_prompt: dict[str, torch.Tensor],
     scaling_factor: float,
     p_empty: float,
     generator: torch.Generator,
     device,
     dtype: torch.dtype,
     objective: Objective,
+    family: Family = FAMILIES["sd"],
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Noise the (sampled) latents, run ControlNet + frozen UNet, and take the (weighted) MSE.
+    ``empty_prompt`` holds the empty caption's text features (the family's), for caption dropout.
     With ``Objective()`` this is upstream's computation, draw for draw."""
     g = generator
     x0 = sample_latents(batch["latent_mean"], batch["latent_std"], scaling_factor, g).to(device)
     noisy, ts, target = noisy_inputs(scheduler, x0, g, objective)
-    enc = drop_captions(batch["text_embedding"], empty_prompt, p_empty, g).to(device)
+    text = drop_caption_features({k: batch[k] for k in empty_prompt}, empty_prompt, p_empty, g)
+    enc = text[TEXT].to(device)
+    added = family.added_cond_kwargs(text, batch, device)
     hint = batch["conditioning"].to(device)
     if channels_last:
         noisy, hint = noisy.contiguous(memory_format=torch.channels_last), hint.contiguous(memory_format=torch.channels_last)
-    down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, return_dict=False)
+    down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False)
     pred = unet(
         noisy.to(dtype),
         ts,
         encoder_hidden_states=enc.to(dtype),
+        added_cond_kwargs=None if added is None else {**added, "text_embeds": added["text_embeds"].to(dtype)},
         down_block_additional_residuals=[d.to(dtype) for d in down],
         mid_block_additional_residual=mid.to(dtype),
     ).sample
@@ -212,8 +218,9 @@ def train_controlnet(
     micro_per_epoch = len(data) // (micro * world)
     max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
 
-    base = load_base(BaseRef.read())  # the VAE and text encoder stay on the CPU (validation only)
-    for m in (base.vae, base.text_encoder, base.unet):
+    ref = BaseRef.read()
+    base, fam = load_base(ref), family(ref.family)  # the VAE and text encoders stay on the CPU (validation only)
+    for m in (base.vae, *base.text_encoders, base.unet):
         m.requires_grad_(False).eval()
     controlnet = controlnet_from_unet(base.unet, base.vae.config, t.hint_init)
     base.unet.to(device, dtype=weight_dtype)
@@ -305,6 +312,7 @@ def train_controlnet(
                     device=device,
                     dtype=weight_dtype,
                     objective=obj,
+                    family=fam,
                     channels_last=tier.channels_last,
                 )
                 accelerator.backward(loss)

@@ -54,12 +54,8 @@ class CachedPairs(torch.utils.data.Dataset):
         rows = self.cache[idx]
         cond_idx = idx if self.condition_row is None else self.condition_row[idx].tolist()
         cond = (self.decoded[cond_idx] if self.decoded is not None else self._decode(cond_idx)).float() / 255
-        return {
-            "latent_mean": rows["latent_mean"].float(),
-            "latent_std": rows["latent_std"].float(),
-            "text_embedding": rows["text_embedding"].float(),
-            "conditioning": cond,
-        }
+        # latent_mean, latent_std, text_embedding (and SDXL's pooled_embedding, time_ids)
+        return {**{k: v.float() for k, v in rows.items()}, "conditioning": cond}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Array2D, Array3D, Dataset, Features
-from safetensors.torch import load_file
+from datasets import Array2D, Array3D, Dataset, Features, Sequence, Value
+from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import BadInput, MissingInput
 from ..models.base_model import BaseRef
+from ..models.families import POOLED, TEXT, family
 from ..storage import CACHE_DIR, CAPTIONS_DIR, load_dataset_dir, read_json
 
 META = "cache.json"
@@ -30,14 +31,21 @@ def _hash_folder(h, folder: Path) -> None:
 
 
 def fingerprint(dataset_fingerprint: str, num_rows: int, ref: BaseRef, resolution: int) -> str:
-    """What the cache depends on: the dataset, the VAE/text encoder/tokenizer, the resolution."""
+    """What the cache depends on: the dataset, the VAE/text encoders/tokenizers, the resolution
+    (and for families other than SD 1.x/2.x, the family; for a VAE override, that VAE)."""
     h = hashlib.sha256(f"{dataset_fingerprint}|{num_rows}|{resolution}|{ref.revision}".encode())
+    if ref.family != "sd" or ref.vae:
+        h.update(f"|{ref.family}|{ref.vae}".encode())
     local = Path(ref.name_or_path)
     if local.is_dir():
-        for sub in ("vae", "text_encoder", "tokenizer"):
+        for sub in family(ref.family).cache_parts:
+            if sub == "vae" and ref.vae:
+                continue
             _hash_folder(h, local / sub)
     else:
         h.update(ref.name_or_path.encode())
+    if ref.vae and Path(ref.vae).is_dir():
+        _hash_folder(h, Path(ref.vae))
     return h.hexdigest()[:16]
 
 
@@ -48,10 +56,11 @@ def current_fingerprint(cfg: Config) -> str:
 
 @dataclass
 class LatentCache:
-    """The cached training split: per-sample latent posterior (mean, std) and text embedding."""
+    """The cached training split: per-sample latent posterior (mean, std) and text features
+    (the family's: SDXL adds a pooled embedding and time ids)."""
 
-    rows: Dataset  # columns latent_mean, latent_std, text_embedding (torch format)
-    empty_prompt: torch.Tensor  # (1, tokens, dim): the empty caption's embedding, for caption dropout
+    rows: Dataset  # columns latent_mean, latent_std, text_embedding[, pooled_embedding, time_ids] (torch format)
+    empty_prompt: dict[str, torch.Tensor]  # the empty caption's text features (1, ...), for caption dropout
     scaling_factor: float
     fingerprint: str
 
@@ -68,14 +77,28 @@ class LatentCache:
             )
         folder = root / meta["fingerprint"]
         rows = load_dataset_dir(folder)[SPLIT].with_format("torch")
-        return cls(rows, load_file(folder / EMPTY)["empty"], meta["scaling_factor"], meta["fingerprint"])
+        return cls(rows, read_empty(folder / EMPTY), meta["scaling_factor"], meta["fingerprint"])
 
 
-def features(latent_shape: tuple[int, ...], text_shape: tuple[int, ...]) -> Features:
-    return Features(
-        {
-            "latent_mean": Array3D(latent_shape, "float16"),
-            "latent_std": Array3D(latent_shape, "float16"),
-            "text_embedding": Array2D(text_shape, "float16"),
-        }
-    )
+def features(columns: dict[str, torch.Tensor]) -> Features:
+    """The cache's column types, from a shard's tensors (N, ...): latents (Array3D), token
+    embeddings (Array2D), and per-sample vectors such as SDXL's pooled embedding and time ids."""
+    kinds = {3: Array3D, 2: Array2D}
+    out = {}
+    for k, v in columns.items():
+        dtype = str(v.dtype).removeprefix("torch.")
+        out[k] = kinds[v.ndim - 1](tuple(v.shape[1:]), dtype) if v.ndim > 2 else Sequence(Value(dtype), length=v.shape[1])
+    return Features(out)
+
+
+def _empty_key(feature: str) -> str:
+    return "empty" if feature == TEXT else f"empty_{feature}"  # "empty": the key SD caches have always had
+
+
+def write_empty(path: Path, empty: dict[str, torch.Tensor]) -> None:
+    save_file({_empty_key(k): v.contiguous() for k, v in empty.items()}, path)
+
+
+def read_empty(path: Path) -> dict[str, torch.Tensor]:
+    keys = {_empty_key(k): k for k in (TEXT, POOLED)}
+    return {keys[k]: v for k, v in load_file(path).items()}

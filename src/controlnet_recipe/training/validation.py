@@ -64,7 +64,8 @@ def run_validation(
     dtype = torch.float32 if device.type == "cpu" else train_dtype
     base.unet.to(dtype=dtype)
     base.vae.to(device, dtype)
-    base.text_encoder.to(device, dtype)
+    for encoder in base.text_encoders:
+        encoder.to(device, dtype)
     pipe = make_pipeline(base, controlnet)  # already on the device: the training loop placed it
     was_training = controlnet.training
     controlnet.eval()
@@ -88,7 +89,8 @@ def run_validation(
     controlnet.train(was_training)
     base.unet.to(dtype=train_dtype)
     base.vae.to("cpu")
-    base.text_encoder.to("cpu")
+    for encoder in base.text_encoders:
+        encoder.to("cpu")
     metrics = {}
     if segmenter is not None:
         metrics["val/miou"] = condition_miou(segmenter, images, conds, resolution)[0]

@@ -1,0 +1,46 @@
+"""Model families: which Stable Diffusion generation a base model is, detected from its pipeline
+class (``model_index.json``) or named in params. Adding a family (SD3, Flux) is one module with a
+:class:`Family` subclass, listed in ``FAMILIES``; the stages only ever call its methods."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...errors import BadInput
+from .family import TEXT, BaseComponents, Family
+from .sd import StableDiffusion
+from .sdxl import POOLED, TIME_IDS, StableDiffusionXL
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+
+__all__ = ["FAMILIES", "POOLED", "TEXT", "TIME_IDS", "BaseComponents", "Family", "detect_family", "family", "family_of_pipeline"]
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model family {name!r}: expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_pipeline(class_name: str) -> str | None:
+    """The family whose pipelines include ``class_name`` (model_index.json's ``_class_name``)."""
+    return next((f.name for f in FAMILIES.values() if class_name in f.pipelines), None)
+
+
+def detect_family(name_or_path: str, revision: str | None = None) -> str:
+    """The family of a base model: a local folder's or the hub's ``model_index.json`` names its pipeline."""
+    local = Path(name_or_path) / "model_index.json"
+    if local.is_file():
+        where, index = str(local), json.loads(local.read_text())
+    else:
+        from huggingface_hub import hf_hub_download
+
+        where = f"{name_or_path}/model_index.json"
+        index = json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
+    cls = index.get("_class_name", "")
+    name = family_of_pipeline(cls)
+    if name is None:
+        known = ", ".join(f"{f.name} ({f.pipeline_class})" for f in FAMILIES.values())
+        raise BadInput(f"{where}: _class_name: expected a pipeline of a known family, {known}; got {cls!r}")
+    return name

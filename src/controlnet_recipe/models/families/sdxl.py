@@ -1,0 +1,112 @@
+"""Stable Diffusion XL: two text encoders (CLIP ViT-L and OpenCLIP bigG). Their penultimate hidden
+states, concatenated, condition the UNet through cross-attention; the second's pooled (projected)
+embedding and six ``time_ids`` (original size, crop top-left, target size) enter through the
+timestep embedding (``added_cond_kwargs``), in the ControlNet as in the UNet.
+
+The VAE overflows in fp16: pass ``base.vae`` an fp16-fixed VAE (madebyollin/sdxl-vae-fp16-fix),
+or leave it in fp32 as the cache stage does; the pipelines upcast it when its config says so.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...images import resize_and_crop
+from .family import TEXT, BaseComponents, Family, tokenize
+from .sd import load_vae
+
+if TYPE_CHECKING:
+    import torch
+
+POOLED = "pooled_embedding"  # the second encoder's projected embedding, per caption
+TIME_IDS = "time_ids"  # (original h, w, crop top, left, target h, w), per sample, from the cache stage
+
+
+class StableDiffusionXL(Family):
+    name = "sdxl"
+    title = "Stable Diffusion XL (SDXL)"
+    hub_tag = "stable-diffusion-xl"
+    pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline")
+    pipeline_class = "StableDiffusionXLPipeline"
+    controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
+    cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    text_features = (TEXT, POOLED)
+    default_resolution = 1024
+
+    def load(self, name_or_path: str, revision: str | None, vae: str | None = None) -> BaseComponents:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        kw = {"revision": revision}
+        return BaseComponents(
+            family=self.name,
+            tokenizer=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kw),
+            tokenizer_2=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **kw),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **kw),
+            vae=load_vae(name_or_path, revision, vae),
+            unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw),
+            noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw),
+            options=pipeline_options(name_or_path, revision),
+        )
+
+    def encode(self, base: BaseComponents, captions: list[str]) -> dict[str, torch.Tensor]:
+        """As the SDXL pipelines' ``encode_prompt``: penultimate hidden states of both encoders,
+        concatenated on the feature axis, and the second encoder's pooled projection."""
+        import torch
+
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+            device = next(encoder.parameters()).device
+            with torch.no_grad():
+                out = encoder(tokenize(tokenizer, captions, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float().cpu())
+            pooled = out[0].float().cpu()
+        return {TEXT: torch.cat(hidden, dim=-1), POOLED: pooled}
+
+    def image_features(self, images: list, resolution: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        return {TIME_IDS: torch.tensor([image_time_ids(img.size, resolution) for img in images])}
+
+    def added_cond_kwargs(self, text: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], device) -> dict:
+        return {"text_embeds": text[POOLED].to(device), "time_ids": batch[TIME_IDS].to(device)}
+
+    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
+        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline, UniPCMultistepScheduler
+
+        parts = dict(
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer,
+            tokenizer_2=base.tokenizer_2,
+            unet=base.unet,
+            scheduler=scheduler or UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
+            **base.options,
+        )
+        if controlnet is None:
+            return StableDiffusionXLPipeline(**parts)
+        return StableDiffusionXLControlNetPipeline(controlnet=controlnet, **parts)
+
+
+def pipeline_options(name_or_path: str, revision: str | None) -> dict:
+    """Whether the pipeline uses zeros (SDXL base) or the empty prompt's embedding (a base trained
+    with empty captions, such as the tiny one) as the negative prompt under guidance."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+
+
+def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target: int) -> list[float]:
+    """SDXL's size and crop conditioning for one sample (the crop in the resized image's pixels)."""
+    return [*map(float, original_hw), *map(float, crop_top_left), float(target), float(target)]
+
+
+def image_time_ids(size: tuple[int, int], resolution: int) -> list[float]:
+    """The time ids of an image of ``size`` (w, h) as images_to_tensor fits it: its own size, the
+    centre crop's corner, the square target."""
+    w, h = size
+    _, _, left, top = resize_and_crop(w, h, resolution)
+    return time_ids((h, w), (top, left), resolution)
