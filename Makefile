@@ -25,7 +25,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=demo|faces, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|faces|sdxl, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb|sdxl-24gb|sdxl-40gb|sdxl-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 # VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
 # uv (pinned, from PyPI) installs the same pinned lock as pip would, several times faster; it looks

@@ -4,11 +4,16 @@ AdamW as it comes, no memory-format or compile switches), side by side in one ru
 
     python benchmarks/train_step.py                                   # CPU: tiny + SD2.1-base at 128 px
     python benchmarks/train_step.py --arch sd21-base --resolution 512 --tiers 8gb 12gb 16gb 24gb 40gb 80gb
+    python benchmarks/train_step.py --arch sdxl-base --resolution 1024 --tiers sdxl-24gb sdxl-40gb sdxl-80gb
+    python benchmarks/train_step.py --arch sdxl-base                  # CPU: 128 px, tier sdxl-24gb in bf16
     python benchmarks/train_step.py --switches channels_last=true compile=true mixed_precision=bf16
 
 The recipe's step: the latent cache, conditioning images decoded once (training/batches.py), the
 tier's switches (channels_last, compile), fused AdamW and no host sync per micro-step.
 ``--switches`` adds a row per switch, each on top of the recipe's step, to measure it alone.
+For SDXL, upstream (train_controlnet_sdxl.py) computes the text embeddings once and runs the VAE
+on every step: its per-step row does the same, with the pooled embedding and time ids of the
+SDXL family. On a CPU, fp16 tiers run in bf16 (the CPU's half precision).
 
 Each configuration runs in its own process, so peak memory (RSS on CPU; allocated and reserved
 CUDA memory on a GPU) is its own. Weights are random: architectures are built from their configs.
@@ -42,6 +47,7 @@ def child(spec: dict) -> dict:
     from controlnet_recipe.diffusion import Objective
     from controlnet_recipe.images import images_to_tensor
     from controlnet_recipe.models import architectures, tiny
+    from controlnet_recipe.models.families import FAMILIES
     from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.memory import apply_model_settings, make_optimizer, param_groups
@@ -49,10 +55,13 @@ def child(spec: dict) -> dict:
     cfg = load_config(ROOT / "params.yaml")
     per_step = spec["mode"] == "per-step encoding"
     upstream_off = {"channels_last": False, "compile": False} if per_step else {}
-    tier = cfg.tiers[spec["tier"]].model_copy(update={**upstream_off, **spec.get("switches", {})})
+    cuda = torch.cuda.is_available()
+    half = {} if cuda or cfg.tiers[spec["tier"]].mixed_precision != "fp16" else {"mixed_precision": "bf16"}
+    tier = cfg.tiers[spec["tier"]].model_copy(update={**half, **upstream_off, **spec.get("switches", {})})
     t = cfg.recipe.train
     res, micro, accum = spec["resolution"], spec["micro_batch"], spec["accumulation"]
-    cuda = torch.cuda.is_available()
+    sdxl = spec["arch"] != "tiny" and architectures.family_of(spec["arch"]) == "sdxl"
+    family = FAMILIES["sdxl" if sdxl else "sd"]
     accelerator = Accelerator(mixed_precision=tier.mixed_precision, gradient_accumulation_steps=accum, cpu=not cuda)
     device = accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
@@ -62,7 +71,8 @@ def child(spec: dict) -> dict:
         unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
         vae, text_encoder = (tiny.build_vae(res), tiny.build_text_encoder(1000)) if per_step else (None, None)
     else:
-        parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", "text_encoder") if per_step else ())))
+        encoders = () if sdxl else ("text_encoder",)  # upstream's SDXL script encodes the captions once
+        parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", *encoders) if per_step else ())))
         unet, scheduler, vae_cfg = parts["unet"], parts["scheduler"], architectures.vae_config(spec["arch"])
         vae, text_encoder = parts.get("vae"), parts.get("text_encoder")
     unet.requires_grad_(False).eval()
@@ -71,7 +81,8 @@ def child(spec: dict) -> dict:
     unet.to(device, dtype)
     if per_step:  # upstream: VAE and text encoder on the GPU, run every step
         for m in (vae, text_encoder):
-            m.requires_grad_(False).eval().to(device, dtype)
+            if m is not None:
+                m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
     controlnet.train()
     # Upstream's AdamW as it comes; the recipe's fused.
@@ -101,18 +112,27 @@ def child(spec: dict) -> dict:
         "text_embedding": torch.randn(micro, n_tokens, dim, generator=g),
     }
     empty = {"text_embedding": torch.zeros(1, n_tokens, dim)}
+    sdxl_inputs = {}
+    if sdxl:  # the pooled embedding and the time ids, as the cache stores them
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        sdxl_inputs = {
+            "pooled_embedding": torch.randn(micro, pooled, generator=g),
+            "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * micro).float(),
+        }
+        empty["pooled_embedding"] = torch.zeros(1, pooled)
 
     def batch() -> dict:
         if not per_step:
-            return {**cached, "conditioning": cond_u8.float() / 255}
+            return {**cached, **sdxl_inputs, "conditioning": cond_u8.float() / 255}
         pixels, cond = decode(image_pngs, True), decode(cond_pngs, False)  # upstream's loader, every step
         with torch.no_grad():
             dist = vae.encode(pixels.to(device, dtype)).latent_dist
-            text = text_encoder(ids.to(device))[0]
+            text = cached["text_embedding"] if sdxl else text_encoder(ids.to(device))[0]
         return {
             "latent_mean": dist.mean.float(),
             "latent_std": dist.std.float(),
             "text_embedding": text.float(),
+            **sdxl_inputs,
             "conditioning": cond,
         }
 
@@ -132,6 +152,7 @@ def child(spec: dict) -> dict:
                     device=device,
                     dtype=dtype,
                     objective=Objective(),
+                    family=family,
                     channels_last=tier.channels_last,
                 )
                 accelerator.backward(loss)
@@ -193,9 +214,14 @@ def median_round(rounds: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--arch", nargs="+", default=["tiny", "sd21-base"], help="tiny, sd15, sd21-base")
+    ap.add_argument("--arch", nargs="+", default=["tiny", "sd21-base"], help="tiny, sd15, sd21-base, sdxl-base")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (default: 64 tiny, 128 full-size on CPU, 512 on GPU)")
-    ap.add_argument("--tiers", nargs="+", default=["cpu"], help="memory tiers of params.yaml to apply")
+    ap.add_argument(
+        "--tiers",
+        nargs="+",
+        default=None,
+        help="memory tiers of params.yaml to apply (default: cpu; sdxl-24gb for SDXL on a CPU)",
+    )
     ap.add_argument("--switches", nargs="*", default=[], help="tier switches to measure alone, as key=value")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -216,8 +242,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     rows = []
     for arch in args.arch:
-        res = args.resolution or (64 if arch == "tiny" else 512 if cuda else 128)
-        for tier in args.tiers:
+        res = args.resolution or (64 if arch == "tiny" else (1024 if arch.startswith("sdxl") else 512) if cuda else 128)
+        sdxl_on_cpu = not cuda and arch.startswith("sdxl")  # fp32 SDXL training does not fit 24 GB of RAM
+        for tier in args.tiers or (["sdxl-24gb"] if sdxl_on_cpu else ["cpu"]):
             micro = cfg.tiers[tier].batch_size
             if not cuda and arch != "tiny":
                 micro = 1  # full-size on two CPU cores: one sample per step

@@ -13,6 +13,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# transformers binds its log handler to sys.stderr on first use; bind it now, to the session's
+# stream, not to a test's capsys stream that is closed by the time a later test logs a warning.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.get_logger("transformers")
+
 WORDS = ["a", "photography", "of", "face", "woman", "man", "with", "red", "blue", "hair", "smiling", "on", "the", "background"]
 PROMPT = "a photography of"
 

@@ -32,7 +32,7 @@ def one_line_error(capsys, *args: str) -> str:
         ("base", "data/captions"),
         ("evaluator", "data/captions"),
         ("cache", "data/captions"),
-        ("train", "data/captions"),
+        ("train", "models/base"),  # first: the base names the family, and so the tiers
         ("evaluate", "data/captions"),
     ],
 )

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError
 
 TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80gb": 80}
+# SDXL's tiers (its UNet is 2.6B parameters, its ControlNet 1.25B): none is sized under 24 GB.
+TIER_MEMORY_GB |= {"sdxl-24gb": 24, "sdxl-40gb": 40, "sdxl-80gb": 80}
 
 
 class ConfigError(RecipeError, ValueError):
@@ -351,23 +353,45 @@ class Config(Strict):
     tiers: dict[str, Tier]
 
     @property
+    def family(self) -> str:
+        """The base's family as params name it (``auto`` counts as ``sd`` until the base stage knows)."""
+        return "sd" if self.recipe.base.family == "auto" else self.recipe.base.family
+
+    @property
     def tier(self) -> Tier:
-        return self.tiers[resolve_tier(self.gpu)]
+        return self.tiers[resolve_tier(self.gpu, self.family)]
 
 
-def detect_tier() -> str:
-    """The largest tier whose budget fits the memory of the first CUDA device; ``cpu`` without one."""
+def tier_family(name: str) -> str:
+    """Which family a GPU tier is sized for: ``sdxl-*`` for SDXL, the others for SD 1.x/2.x."""
+    return "sdxl" if name.startswith("sdxl-") else "sd"
+
+
+def check_tier(gpu: str, family: str, where: str = "params.yaml") -> None:
+    """A tier sized for SD 1.x/2.x stops an SDXL run here, before any model loads."""
+    if family == "sdxl" and gpu not in ("auto", "cpu") and tier_family(gpu) != "sdxl":
+        sdxl = ", ".join(t for t in TIER_MEMORY_GB if tier_family(t) == "sdxl")
+        raise ConfigError(f"{where}: gpu: tier {gpu!r} is sized for SD 1.x/2.x; an SDXL base needs one of {sdxl}")
+
+
+def detect_tier(family: str = "sd") -> str:
+    """The largest tier of ``family`` whose budget fits the first CUDA device; ``cpu`` without one."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
     gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    fitting = [t for t, m in TIER_MEMORY_GB.items() if m <= gb + 0.5]
+    mine = {t: m for t, m in TIER_MEMORY_GB.items() if tier_family(t) == family}
+    fitting = [t for t, m in mine.items() if m <= gb + 0.5]
+    if not fitting and family == "sdxl":
+        raise ConfigError(
+            f"gpu: auto: the GPU has {gb:.0f} GB; an SDXL base needs at least {min(mine.values())} GB ({', '.join(mine)})"
+        )
     return fitting[-1] if fitting else "8gb"
 
 
-def resolve_tier(gpu: str) -> str:
-    return detect_tier() if gpu == "auto" else gpu
+def resolve_tier(gpu: str, family: str = "sd") -> str:
+    return detect_tier(family) if gpu == "auto" else gpu
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -420,6 +444,7 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, str] | No
         raise ConfigError(f"{path}: recipe: expected the name of a recipe block ({', '.join(blocks)}), got {name!r}")
     params = _validate(Params, {k: raw[k] for k in ("recipe", "gpu", "tiers")}, str(path))
     recipe = _validate(Recipe, raw[name], str(path), prefix=f"{name}.")
+    check_tier(params.gpu, recipe.base.family, str(path))
     return Config(recipe_name=name, recipe=recipe, gpu=params.gpu, tiers=params.tiers)
 
 

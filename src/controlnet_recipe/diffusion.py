@@ -1,4 +1,5 @@
-"""Diffusion training pieces shared by the base and ControlNet stages: encoding, noising, loss."""
+"""Diffusion training pieces shared by the base and ControlNet stages: image encoding, noising, loss.
+(Text encoding is the model family's: models/families.)"""
 
 from __future__ import annotations
 
@@ -9,31 +10,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, tokens, dim) last hidden states, as Stable Diffusion conditions its UNet."""
-    device = next(text_encoder.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids = tokenizer(
-            texts[i : i + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        out.append(text_encoder(ids)[0].float().cpu())
-    return torch.cat(out)
-
-
-def caption_embeddings(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample embeddings, the empty caption's embedding), encoding each distinct caption once."""
-    unique = sorted(set(captions))
-    emb = encode_text(tokenizer, text_encoder, unique + [""])
-    row = {c: i for i, c in enumerate(unique)}
-    return emb[[row[c] for c in captions]], emb[-1:]
 
 
 @torch.no_grad()

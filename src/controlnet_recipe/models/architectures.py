@@ -1,16 +1,14 @@
-"""Full-size Stable Diffusion architectures (SD 1.5, SD 2.1-base) built from the configs shipped in
-``configs/architectures``, with random weights: benchmarks measure the real shapes, no download.
-
-SDXL is not shipped: its UNet takes extra conditioning (pooled text, sizes) that this recipe's
-ControlNet path does not feed.
-"""
+"""Full-size Stable Diffusion architectures (SD 1.5, SD 2.1-base, SDXL-base) built from the configs
+shipped in ``configs/architectures``, with random weights: benchmarks measure the real shapes, no
+download. SDXL-base: a 2.57B-parameter UNet (its ControlNet 1.25B), a second text encoder with a
+projection (OpenCLIP bigG, 695M)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 ARCHITECTURES = Path(__file__).resolve().parents[1] / "configs" / "architectures"
 
@@ -28,9 +26,16 @@ def build(name: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "s
         "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
         "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
         "scheduler": lambda: DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler")),
     }
     return {p: builders[p]() for p in parts}
+
+
+def family_of(name: str) -> str:
+    """The model family of architecture ``name`` (models/families): from its UNet's conditioning."""
+    unet = UNet2DConditionModel.load_config(ARCHITECTURES / name / "unet")
+    return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
 
 
 def vae_config(name: str) -> dict:

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import Config, TrainCfg, accumulation_steps, resolve_tier
+from ..config import Config, TrainCfg, accumulation_steps, check_tier, resolve_tier
 from ..diffusion import Objective, diffusion_loss, drop_caption_features, loss_weights, noisy_inputs, sample_latents
 from ..models.base_model import BaseRef, load_base
 from ..models.families import FAMILIES, TEXT, Family, family
@@ -188,7 +188,9 @@ def train_controlnet(
     validation would use."""
     r, t = cfg.recipe, cfg.recipe.train
     checkpoints = train_dir / "checkpoints"
-    tier_name = resolve_tier(cfg.gpu)
+    ref = BaseRef.read()
+    check_tier(cfg.gpu, ref.family)  # family auto: known once the base stage has read the model's index
+    tier_name = resolve_tier(cfg.gpu, ref.family)
     tier = cfg.tiers[tier_name]
     cpu, zero = not torch.cuda.is_available(), tier.deepspeed is not None
     # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
@@ -218,7 +220,6 @@ def train_controlnet(
     micro_per_epoch = len(data) // (micro * world)
     max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
 
-    ref = BaseRef.read()
     base, fam = load_base(ref), family(ref.family)  # the VAE and text encoders stay on the CPU (validation only)
     for m in (base.vae, *base.text_encoders, base.unet):
         m.requires_grad_(False).eval()
@@ -375,7 +376,10 @@ def train_controlnet(
 
 
 def main(cfg: Config) -> None:
-    if relaunch(cfg.tier, sys.argv[1:]):  # several GPUs or machines, or DeepSpeed: under accelerate launch
+    ref = BaseRef.read()
+    check_tier(cfg.gpu, ref.family)
+    tier = cfg.tiers[resolve_tier(cfg.gpu, ref.family)]
+    if relaunch(tier, sys.argv[1:]):  # several GPUs or machines, or DeepSpeed: under accelerate launch
         return
     summary = train_controlnet(cfg)
     if PartialState().is_main_process:
