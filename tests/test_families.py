@@ -76,6 +76,7 @@ def test_sdxl_text_features_are_the_pipelines(parts: BaseComponents):
     ours = FAMILIES["sdxl"].encode(parts, PROMPTS)
     pipe = FAMILIES["sdxl"].pipeline(parts)
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    assert set(ours) == set(FAMILIES["sdxl"].text_features)
     assert ours[TEXT].shape == (2, tiny.MAX_TOKENS, tiny.TEXT_DIM + tiny.TEXT_DIM_2)
     assert torch.equal(ours[TEXT], embeds) and torch.equal(ours[POOLED], pooled)
 
@@ -84,7 +85,7 @@ def test_sd_text_features_are_the_pipelines(parts: BaseComponents):
     sd = BaseComponents("sd", parts.tokenizer, parts.text_encoder, parts.vae, tiny.build_unet(64), parts.noise_scheduler)
     ours = FAMILIES["sd"].encode(sd, PROMPTS)
     embeds, _ = FAMILIES["sd"].pipeline(sd).encode_prompt(PROMPTS, "cpu", 1, False)
-    assert set(ours) == {TEXT} and torch.equal(ours[TEXT], embeds)
+    assert set(ours) == set(FAMILIES["sd"].text_features) and torch.equal(ours[TEXT], embeds)
 
 
 def test_caption_features_encode_each_caption_once(parts: BaseComponents):

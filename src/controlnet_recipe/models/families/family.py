@@ -46,7 +46,6 @@ class Family:
     controlnet_pipeline_class: str  # what loads the trained ControlNet (model card, generate)
     cache_parts: tuple[str, ...]  # the base's subfolders the latent cache depends on
     text_features: tuple[str, ...]  # the cache's per-caption feature columns, TEXT first
-    default_resolution: int
 
     def load(self, name_or_path: str, revision: str | None, vae: str | None = None) -> BaseComponents:
         raise NotImplementedError

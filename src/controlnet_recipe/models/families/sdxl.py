@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...images import resize_and_crop
-from .family import TEXT, BaseComponents, Family, tokenize
-from .sd import load_vae
+from .family import TEXT, BaseComponents, tokenize
+from .sd import StableDiffusion
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,7 @@ POOLED = "pooled_embedding"  # the second encoder's projected embedding, per cap
 TIME_IDS = "time_ids"  # (original h, w, crop top, left, target h, w), per sample, from the cache stage
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     title = "Stable Diffusion XL (SDXL)"
     hub_tag = "stable-diffusion-xl"
@@ -31,22 +31,14 @@ class StableDiffusionXL(Family):
     controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_features = (TEXT, POOLED)
-    default_resolution = 1024
 
-    def load(self, name_or_path: str, revision: str | None, vae: str | None = None) -> BaseComponents:
-        from diffusers import DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    def more_components(self, name_or_path: str, revision: str | None) -> dict:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
         kw = {"revision": revision}
-        return BaseComponents(
-            family=self.name,
-            tokenizer=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kw),
+        return dict(
             tokenizer_2=AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **kw),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **kw),
-            vae=load_vae(name_or_path, revision, vae),
-            unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kw),
-            noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw),
             options=pipeline_options(name_or_path, revision),
         )
 
@@ -72,22 +64,8 @@ class StableDiffusionXL(Family):
     def added_cond_kwargs(self, text: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], device) -> dict:
         return {"text_embeds": text[POOLED].to(device), "time_ids": batch[TIME_IDS].to(device)}
 
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
-        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline, UniPCMultistepScheduler
-
-        parts = dict(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            text_encoder_2=base.text_encoder_2,
-            tokenizer=base.tokenizer,
-            tokenizer_2=base.tokenizer_2,
-            unet=base.unet,
-            scheduler=scheduler or UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
-            **base.options,
-        )
-        if controlnet is None:
-            return StableDiffusionXLPipeline(**parts)
-        return StableDiffusionXLControlNetPipeline(controlnet=controlnet, **parts)
+    def more_pipeline_parts(self, base: BaseComponents) -> dict:
+        return dict(text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, **base.options)
 
 
 def pipeline_options(name_or_path: str, revision: str | None) -> dict:
