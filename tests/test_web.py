@@ -42,14 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def web_app(project: Path, monkeypatch):
-    """The demo on the tiny pipeline's models, served from a background thread on a free port."""
+@pytest.fixture(params=["project", "sdxl_project"])
+def web_app(request, monkeypatch):
+    """The demo on the tiny pipeline's models (SD, then SDXL), served from a background thread on a
+    free port."""
     from controlnet_recipe.config import load_config
     from controlnet_recipe.generate import Generator
     from controlnet_recipe.web import build_app
 
-    monkeypatch.chdir(project)
+    monkeypatch.chdir(request.getfixturevalue(request.param))
     cfg = load_config("params.yaml")
     app = build_app(cfg, Generator(cfg))
     port = free_port()

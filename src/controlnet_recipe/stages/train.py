@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from ..config import Config, TrainCfg, accumulation_steps, check_tier, resolve_tier
 from ..diffusion import Objective, diffusion_loss, drop_caption_features, loss_weights, noisy_inputs, sample_latents
-from ..models.base_model import BaseRef, load_base
+from ..models.base_model import BASE_FILE, BaseRef, load_base
 from ..models.families import FAMILIES, TEXT, Family, family
 from ..storage import (
+    BASE_DIR,
     CAPTIONS_DIR,
     CONTROLNET_DIR,
     EVALUATOR_DIR,
@@ -167,6 +168,13 @@ def consolidated(model: ControlNetModel, checkpoint: Path) -> ControlNetModel:
     return fresh
 
 
+def tier_for(cfg: Config, ref: BaseRef) -> str:
+    """The tier's name, checked against the base's family (with ``family: auto``, known only once
+    the base stage has read the model's index) before any model loads."""
+    check_tier(cfg.gpu, ref.family, f"{BASE_DIR / BASE_FILE} (family {ref.family})")
+    return resolve_tier(cfg.gpu, ref.family)
+
+
 def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
     kept = {k: v for k, v in cfg.recipe.train.model_dump().items() if k not in NOT_IN_RUN_FINGERPRINT}
     return hashlib.sha256(json.dumps([kept, cache_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
@@ -189,8 +197,7 @@ def train_controlnet(
     r, t = cfg.recipe, cfg.recipe.train
     checkpoints = train_dir / "checkpoints"
     ref = BaseRef.read()
-    check_tier(cfg.gpu, ref.family)  # family auto: known once the base stage has read the model's index
-    tier_name = resolve_tier(cfg.gpu, ref.family)
+    tier_name = tier_for(cfg, ref)
     tier = cfg.tiers[tier_name]
     cpu, zero = not torch.cuda.is_available(), tier.deepspeed is not None
     # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
@@ -376,9 +383,7 @@ def train_controlnet(
 
 
 def main(cfg: Config) -> None:
-    ref = BaseRef.read()
-    check_tier(cfg.gpu, ref.family)
-    tier = cfg.tiers[resolve_tier(cfg.gpu, ref.family)]
+    tier = cfg.tiers[tier_for(cfg, BaseRef.read())]
     if relaunch(tier, sys.argv[1:]):  # several GPUs or machines, or DeepSpeed: under accelerate launch
         return
     summary = train_controlnet(cfg)
