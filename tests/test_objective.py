@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from controlnet_recipe.diffusion import Objective, loss_weights, sample_timesteps
+from controlnet_recipe.diffusion import Objective, condition_weights, diffusion_loss, loss_weights, sample_timesteps
 from controlnet_recipe.models import tiny
 from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
 from controlnet_recipe.training.memory import NEW_LAYERS, param_groups
@@ -164,3 +164,40 @@ def test_hint_init_reaches_the_copied_encoder_but_not_the_base(hint_init):
             assert all(d.abs().max() == 0 for d in down) and mid.abs().max() == 0
     hook.remove()
     assert torch.equal(feats[0], feats[1]) == (hint_init == "zero")
+
+
+def test_condition_weight_weighs_the_drawn_latent_pixels():
+    cond = torch.zeros(2, 3, 16, 16)
+    cond[0, 1, :8, :8] = 1.0  # sample 0 draws its top-left quarter; sample 1 draws nothing
+    assert condition_weights(cond, (4, 4), 1.0) is None  # upstream: plain MSE
+    w = condition_weights(cond, (4, 4), 3.0)
+    assert w.shape == (2, 1, 4, 4)
+    assert torch.equal(w[0, 0, :2, :2], torch.full((2, 2), 3.0)) and torch.equal(w[0, 0, 2:, 2:], torch.ones(2, 2))
+    assert torch.equal(w[1], torch.ones(1, 4, 4))
+    # A weighted mean per sample: an error of 1 at one drawn latent pixel (4 channels) of sample 0
+    # counts 3 / 1.5 (its weight over the sample's mean weight) times what it counts unweighted.
+    pred, target = torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    pred[0, :, 0, 0] = 1.0
+    assert diffusion_loss(pred, target, None, None).item() == pytest.approx(4 / 128)
+    assert diffusion_loss(pred, target, None, w).item() == pytest.approx(0.5 * (4 * 3 / 64) / 1.5)
+
+
+def test_condition_weight_changes_the_loss(models):
+    unet, controlnet = models
+    b = batch()
+    b["conditioning"][:, :, RES // 2 :] = 0  # a condition that draws only in its top half
+    common = dict(
+        controlnet=controlnet,
+        unet=unet,
+        scheduler=tiny.build_scheduler(),
+        batch=b,
+        empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
+        scaling_factor=0.18215,
+        p_empty=0.0,
+        device="cpu",
+        dtype=torch.float32,
+    )
+    with torch.no_grad():
+        a = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective())
+        b = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective(condition_weight=3.0))
+    assert not torch.equal(a, b)

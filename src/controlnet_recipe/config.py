@@ -225,6 +225,7 @@ class TrainCfg(Strict):
     ema_decay: float | None = Field(gt=0, lt=1)  # null: no EMA; else validation, checkpoints' sweep weights and export use it
     new_layers_lr_multiplier: float = Positive  # the zero convolutions and the hint encoder train at learning_rate x this
     hint_init: Literal["zero", "random"]  # the hint encoder's output conv: zero (upstream) or PyTorch's default init
+    condition_loss_weight: float = Field(ge=1)  # the MSE's weight under the condition's drawing (1: upstream's plain MSE)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainCfg:

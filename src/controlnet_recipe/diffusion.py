@@ -44,7 +44,9 @@ class Objective:
       steps are high-noise ones, where the layout is decided), ``logit_normal`` (t = sigmoid(n) T
       with n ~ N(logit_mean, logit_std), as SD3 trains);
     - ``weighting``: ``none`` (upstream) or ``min_snr`` (Hang et al. 2023: min(SNR, gamma) / SNR
-      for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction).
+      for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction);
+    - ``condition_weight``: 1 (upstream), or how much more the latent pixels under the condition's
+      drawing (its non-black pixels: the face parts, the edges) count in the MSE than the rest.
     """
 
     timesteps: Literal["uniform", "cubic", "logit_normal"] = "uniform"
@@ -52,6 +54,7 @@ class Objective:
     logit_std: float = 1.0
     weighting: Literal["none", "min_snr"] = "none"
     snr_gamma: float = 5.0
+    condition_weight: float = 1.0
 
 
 UPSTREAM = Objective()
@@ -96,12 +99,30 @@ def loss_weights(scheduler, timesteps: torch.Tensor, objective: Objective = UPST
     return clipped / snr
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE; with ``weights``, each sample's mean squared error times its weight, averaged."""
-    if weights is None:
+def diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, spatial: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE; with ``weights``, each sample's mean squared error times its weight, averaged; with
+    ``spatial`` (N, 1, h, w), each sample's error is the ``spatial``-weighted mean over its pixels."""
+    if weights is None and spatial is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    return (per_sample * weights.to(per_sample)).mean()
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    dims = tuple(range(1, pred.ndim))
+    if spatial is None:
+        per_sample = err.mean(dim=dims)
+    else:
+        spatial = spatial.to(err)
+        per_sample = (err * spatial).mean(dim=dims) / spatial.expand_as(err).mean(dim=dims)
+    return (per_sample * (1 if weights is None else weights.to(per_sample))).mean()
+
+
+def condition_weights(conditioning: torch.Tensor, latent_hw: tuple[int, int], weight: float) -> torch.Tensor | None:
+    """(N, 1, h, w) loss weights: 1 where the condition image ([0, 1], N x 3 x H x W) is black,
+    ``weight`` where it draws something, averaged over each latent pixel's patch. None at weight 1."""
+    if weight == 1:
+        return None
+    drawn = (conditioning.amax(dim=1, keepdim=True) > 0.05).float()
+    return 1 + (weight - 1) * F.adaptive_avg_pool2d(drawn, latent_hw)
 
 
 def drop_captions(

@@ -29,7 +29,15 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import Config, TrainCfg, accumulation_steps, check_tier, resolve_tier
-from ..diffusion import Objective, diffusion_loss, drop_caption_features, loss_weights, noisy_inputs, sample_latents
+from ..diffusion import (
+    Objective,
+    condition_weights,
+    diffusion_loss,
+    drop_caption_features,
+    loss_weights,
+    noisy_inputs,
+    sample_latents,
+)
 from ..models.base_model import BASE_FILE, BaseRef, load_base
 from ..models.families import FAMILIES, TEXT, Family, family
 from ..storage import (
@@ -98,12 +106,13 @@ LEVERS = (  # the convergence levers (README: Time to control), recorded in trai
     "new_layers_lr_multiplier",
     "hint_init",
     "proportion_empty_prompts",
+    "condition_loss_weight",
 )
 
 
 def objective(t: TrainCfg) -> Objective:
     """The training objective that ``train``'s levers name (``Objective()`` is upstream's)."""
-    return Objective(t.timestep_sampling, t.logit_mean, t.logit_std, t.loss_weighting, t.snr_gamma)
+    return Objective(t.timestep_sampling, t.logit_mean, t.logit_std, t.loss_weighting, t.snr_gamma, t.condition_loss_weight)
 
 
 def controlnet_loss(
@@ -143,7 +152,8 @@ def controlnet_loss(
         down_block_additional_residuals=[d.to(dtype) for d in down],
         mid_block_additional_residual=mid.to(dtype),
     ).sample
-    return diffusion_loss(pred, target, loss_weights(scheduler, ts, objective))
+    spatial = condition_weights(hint, tuple(pred.shape[-2:]), objective.condition_weight)
+    return diffusion_loss(pred, target, loss_weights(scheduler, ts, objective), spatial)
 
 
 @contextmanager
