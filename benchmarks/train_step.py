@@ -50,7 +50,12 @@ def child(spec: dict) -> dict:
     from controlnet_recipe.models.families import FAMILIES
     from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
     from controlnet_recipe.training.batches import step_generator
-    from controlnet_recipe.training.memory import apply_model_settings, make_optimizer, param_groups
+    from controlnet_recipe.training.memory import (
+        apply_model_settings,
+        direct_attention_calls,
+        make_optimizer,
+        param_groups,
+    )
 
     cfg = load_config(ROOT / "params.yaml")
     per_step = spec["mode"] == "per-step encoding"
@@ -84,6 +89,8 @@ def child(spec: dict) -> dict:
             if m is not None:
                 m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
+    if not per_step and not spec.get("plain_attention"):
+        direct_attention_calls(unet, controlnet)
     controlnet.train()
     # Upstream's AdamW as it comes; the recipe's fused.
     optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, t, 1e-5, fused=None if per_step else True)

@@ -71,3 +71,27 @@ def test_tokenizer_files_are_the_same_in_every_process(tmp_path):
     assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     # Most frequent pair first, ties by the pair itself: every word ends as one token.
     assert tiny.learn_merges(["ab", "abc"]) == [("a", "b"), ("a", "b</w>"), ("ab", "c</w>")]
+
+
+def test_direct_attention_calls_compute_the_same_step():
+    """Skipping Attention.forward's per-call signature inspection changes no output or gradient."""
+    import copy
+
+    from controlnet_recipe.training.memory import direct_attention_calls
+
+    torch.manual_seed(0)
+    unet, vae = tiny.build_unet(64), tiny.build_vae(64)
+    controlnet = controlnet_from_unet(unet, vae.config, "random")
+    unet2, controlnet2 = copy.deepcopy(unet), copy.deepcopy(controlnet)
+    assert direct_attention_calls(unet2, controlnet2) > 0
+    side = 8 * 2 ** (len(vae.config.block_out_channels) - 1)
+    x, ts = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text, hint = torch.randn(2, tiny.MAX_TOKENS, tiny.TEXT_DIM), torch.rand(2, 3, side, side)
+    results = []
+    for u, c in ((unet, controlnet), (unet2, controlnet2)):
+        down, mid = c(x, ts, encoder_hidden_states=text, controlnet_cond=hint, return_dict=False)
+        pred = u(x, ts, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        pred.sample.square().mean().backward()
+        results.append([pred.sample.detach(), *(p.grad for p in c.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    copy.deepcopy(controlnet2)  # the convergence benchmark's probes copy the model
