@@ -45,6 +45,7 @@ LEVERS = {  # each alone, on top of upstream's objective
     "empty_50": {"proportion_empty_prompts": 0.5},  # the ControlNet paper drops half the prompts
     "hint_random": {"hint_init": "random"},
     "condition_x3": {"condition_loss_weight": 3.0},  # the face parts' latent pixels count 3x in the MSE
+    "beta2_0.99": {"adam_beta2": 0.99},  # Adam's second moment over ~100 steps, not ~1,000: adapts sooner
 }
 OUT = ROOT / "benchmarks" / "results"
 STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}
