@@ -58,6 +58,21 @@ def batch(n: int = 3):
     }
 
 
+def loss_inputs(controlnet, unet, scheduler, batch: dict) -> dict:
+    """controlnet_loss's arguments other than the generator and the objective (no caption dropout)."""
+    return dict(
+        controlnet=controlnet,
+        unet=unet,
+        scheduler=scheduler,
+        batch=batch,
+        empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
+        scaling_factor=0.18215,
+        p_empty=0.0,
+        device="cpu",
+        dtype=torch.float32,
+    )
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_upstream_values_give_upstream_loss(models, prediction_type):
     unet, controlnet = models
@@ -65,19 +80,8 @@ def test_upstream_values_give_upstream_loss(models, prediction_type):
     scheduler.register_to_config(prediction_type=prediction_type)
     b, seed = batch(), 1234
     with torch.no_grad():
-        ours = controlnet_loss(
-            controlnet=controlnet,
-            unet=unet,
-            scheduler=scheduler,
-            batch=b,
-            empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
-            scaling_factor=0.18215,
-            p_empty=0.0,
-            generator=torch.Generator().manual_seed(seed),
-            device="cpu",
-            dtype=torch.float32,
-            objective=Objective(),
-        )
+        inputs = loss_inputs(controlnet, unet, scheduler, b)
+        ours = controlnet_loss(**inputs, generator=torch.Generator().manual_seed(seed), objective=Objective())
         theirs, t_up, _ = upstream_loss(
             controlnet, unet, scheduler, b["latent_mean"], b["latent_std"], b["text_embedding"], b["conditioning"], 0.18215, seed
         )
@@ -92,17 +96,7 @@ def test_upstream_values_give_upstream_loss(models, prediction_type):
 def test_other_objective_changes_the_loss(models):
     unet, controlnet = models
     scheduler = tiny.build_scheduler()
-    common = dict(
-        controlnet=controlnet,
-        unet=unet,
-        scheduler=scheduler,
-        batch=batch(),
-        empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
-        scaling_factor=0.18215,
-        p_empty=0.0,
-        device="cpu",
-        dtype=torch.float32,
-    )
+    common = loss_inputs(controlnet, unet, scheduler, batch())
     with torch.no_grad():
         a = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective())
         b = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective(weighting="min_snr"))
@@ -186,17 +180,7 @@ def test_condition_weight_changes_the_loss(models):
     unet, controlnet = models
     b = batch()
     b["conditioning"][:, :, RES // 2 :] = 0  # a condition that draws only in its top half
-    common = dict(
-        controlnet=controlnet,
-        unet=unet,
-        scheduler=tiny.build_scheduler(),
-        batch=b,
-        empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
-        scaling_factor=0.18215,
-        p_empty=0.0,
-        device="cpu",
-        dtype=torch.float32,
-    )
+    common = loss_inputs(controlnet, unet, tiny.build_scheduler(), b)
     with torch.no_grad():
         a = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective())
         b = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective(condition_weight=3.0))
