@@ -89,7 +89,7 @@ def child(spec: dict) -> dict:
             if m is not None:
                 m.requires_grad_(False).eval().to(device, dtype)
     apply_model_settings(unet, controlnet, tier)
-    if not per_step and not spec.get("plain_attention"):
+    if not per_step:
         direct_attention_calls(unet, controlnet)
     controlnet.train()
     # Upstream's AdamW as it comes; the recipe's fused.

@@ -77,9 +77,9 @@ def _call_processor(self, hidden_states, encoder_hidden_states=None, attention_m
 
 def direct_attention_calls(*models: torch.nn.Module) -> int:
     """diffusers' ``Attention.forward`` inspects its processor's signature on every call, to filter
-    cross-attention kwargs that training never passes: on the tiny models, where Python overhead is
-    much of a step, that is about 1 ms a step. Each Attention of ``models`` calls its processor
-    directly instead (the same computation). Returns how many were changed."""
+    cross-attention kwargs that training never passes; on the tiny models Python overhead is much of
+    a step. Each Attention of ``models`` calls its processor directly instead (the same
+    computation). Returns how many were changed."""
     from diffusers.models.attention_processor import Attention
 
     n = 0
