@@ -6,10 +6,13 @@ conditions with the same seeds; the evaluate stage's scorer measures redrawn mIo
 
     python benchmarks/convergence.py                        # every configuration, the recipe's steps
     python benchmarks/convergence.py --configs upstream recipe --steps 600 --every 100
+    python benchmarks/convergence.py --configs upstream recipe recipe+empty_50 --seeds 0 1 2
 
-Configurations: ``upstream`` (uniform timesteps, plain MSE, no EMA, one learning rate), each lever
-alone on top of it, and ``recipe`` (params.yaml's train block, the chosen combination). Prints a
-table and a summary line; writes benchmarks/results/convergence.{json,png}.
+Configurations: ``upstream`` (uniform timesteps, plain MSE, no EMA, one learning rate, a constant
+schedule), each lever alone on top of it, ``recipe`` (params.yaml's train block, the chosen
+combination) and ``recipe+<lever>[+<lever>...]``. With several ``--seeds`` each configuration
+trains once per seed and its curve is their mean. Prints a table and a summary line; writes
+benchmarks/results/convergence.{json,png} (after each configuration, so a stopped run keeps them).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ UPSTREAM = {  # upstream's objective; proportion_empty_prompts: the embedded def
     "hint_init": "zero",
     "proportion_empty_prompts": 0.1,
     "condition_loss_weight": 1.0,
+    "lr_scheduler": "constant",
 }
 LEVERS = {  # each alone, on top of upstream's objective
     "cubic": {"timestep_sampling": "cubic"},
@@ -46,6 +50,9 @@ LEVERS = {  # each alone, on top of upstream's objective
     "hint_random": {"hint_init": "random"},
     "condition_x3": {"condition_loss_weight": 3.0},  # the face parts' latent pixels count 3x in the MSE
     "beta2_0.99": {"adam_beta2": 0.99},  # Adam's second moment over ~100 steps, not ~1,000: adapts sooner
+    "logit_m1": {"timestep_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 1.0},  # noisier steps still
+    "cosine": {"lr_scheduler": "cosine"},  # the learning rate decays to 0 over the run, after the warm-up
+    "linear": {"lr_scheduler": "linear"},
 }
 OUT = ROOT / "benchmarks" / "results"
 STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}
@@ -55,9 +62,13 @@ def configurations(recipe_train: dict, names: list[str] | None) -> dict[str, dic
     """name -> the train block's lever settings."""
     out = {"upstream": UPSTREAM, **{k: {**UPSTREAM, **v} for k, v in LEVERS.items()}}
     out["recipe"] = {k: recipe_train[k] for k in (*UPSTREAM, "logit_mean", "logit_std", "snr_gamma")}
-    for name in names or []:  # "recipe+<lever>": a lever on top of the recipe's combination
-        if name.startswith("recipe+") and name.removeprefix("recipe+") in LEVERS:
-            out[name] = {**out["recipe"], **LEVERS[name.removeprefix("recipe+")]}
+    for name in names or []:  # "recipe+<lever>[+<lever>...]": levers on top of the recipe's combination
+        first, *added = name.split("+")
+        if first == "recipe" and added and all(a in LEVERS for a in added):
+            out[name] = {**out["recipe"], **{k: v for a in added for k, v in LEVERS[a].items()}}
+    unknown = [n for n in names or [] if n not in out]
+    if unknown:
+        raise SystemExit(f"convergence: unknown configuration(s) {unknown}: see --help")
     return {k: v for k, v in out.items() if names is None or k in names}
 
 
@@ -81,6 +92,7 @@ def run(args) -> dict:
     cfg = load_config(ROOT / "params.yaml")
     r = cfg.recipe
     steps = args.steps or r.train.max_train_steps
+    configs = configurations(r.train.model_dump(), args.configs)  # unknown names stop here, before any work
     val = load_dataset_dir(CAPTIONS_DIR)["validation"]
     n = min(args.samples, len(val))
     val = val.select(range(n))
@@ -101,10 +113,28 @@ def run(args) -> dict:
         "base": {k: float(np.nanmean(v)) for k, v in base_scores.items()},
         "configs": {},
     }
-    ctx = {"sampler": sampler, "scorer": scorer, "prompts": prompts, "seeds": seeds, "conditions": conditions, "targets": targets}
-    for name, levers in configurations(r.train.model_dump(), args.configs).items():
-        results["configs"][name] = train_one(cfg, name, levers, steps, args.every, ctx)
+    ctx = {"seeds_trained": args.seeds, "sampler": sampler, "scorer": scorer, "prompts": prompts, "seeds": seeds}
+    ctx.update(conditions=conditions, targets=targets)
+    if len(args.seeds) > 1:
+        results["seeds"] = args.seeds
+    for name, levers in configs.items():
+        runs = [train_one(cfg, name, {**levers, "seed": s}, steps, args.every, ctx) for s in args.seeds]
+        results["configs"][name] = runs[0] if len(runs) == 1 else mean_of(runs, levers)
+        save(results, args.out)  # each finished configuration survives a later crash or Ctrl-C
     return results
+
+
+def mean_of(runs: list[dict], levers: dict) -> dict:
+    """Several seeds of one configuration as one: each probe's scores averaged over the seeds, and
+    each held-out condition's final score averaged over them (the paired interval's unit)."""
+    curve = []
+    for rows in zip(*(run["curve"] for run in runs)):
+        row = {"step": rows[0]["step"], "samples": rows[0]["samples"]}
+        row.update({k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in row})
+        curve.append(row)
+    keys = runs[0]["last_scores"]
+    last = {k: np.nanmean([run["last_scores"][k] for run in runs], axis=0).tolist() for k in keys}
+    return {"levers": levers, "curve": curve, "last_scores": last, "seed_curves": [run["curve"] for run in runs]}
 
 
 def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -> dict:
@@ -131,23 +161,24 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
     run_cfg = cfg.model_copy(update={"recipe": r.model_copy(update={"train": t})})
     curve, clock, out = [], {"probes": 0.0, "t0": 0.0}, {"levers": levers}
     fk = ctx["scorer"].fidelity_key
+    label = name if len(ctx["seeds_trained"]) == 1 else f"{name} seed {t.seed}"
 
     def probe(step: int, controlnet) -> None:
         p0 = time.time()
         if not curve:  # the first call comes before the first step: the clock starts here
             clock["t0"] = p0
         model = copy.deepcopy(controlnet).eval()  # the sampler casts it (fp16 on CUDA): never the trained one
-        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], model, ctx["conditions"], desc=f"{name} {step}")
+        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], model, ctx["conditions"], desc=f"{label} {step}")
         scores = ctx["scorer"].fidelity(imgs, ctx["conditions"], ctx["targets"])
         row = {"step": step, "samples": step * t.batch_size, "seconds": round(p0 - clock["t0"] - clock["probes"], 1)}
         row.update({k: float(np.nanmean(v)) for k, v in scores.items()})
         curve.append(row)
         out["last_scores"] = {k: v.tolist() for k, v in scores.items()}
         clock["probes"] += time.time() - p0
-        print(f"convergence: {name} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
+        print(f"convergence: {label} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
+        torch.manual_seed(t.seed)
         train_controlnet(run_cfg, train_dir=Path(tmp) / "train", out_dir=Path(tmp) / "model", probe=probe, probe_every=every)
     out["curve"] = curve
     return out
@@ -173,6 +204,13 @@ def summarize(results: dict, reference: str, candidate: str, n_boot: int = 2000)
             "gain": gain,
         }
     return out
+
+
+def save(results: dict, out: Path) -> None:
+    """The results so far, as JSON and as the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "convergence.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "convergence.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -202,20 +240,23 @@ def plot(results: dict, path: Path) -> None:
     fig.suptitle(f"Time to control: {results['held_out']} held-out conditions, batch {results['batch_size']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--configs", nargs="+", default=None, help="subset of: upstream recipe " + " ".join(LEVERS) + " recipe+<lever>"
+        "--configs", nargs="+", default=None, help="of: upstream recipe " + " ".join(LEVERS) + " recipe+<lever>[+<lever>...]"
     )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per configuration (default: the recipe's)")
     ap.add_argument("--every", type=int, default=100, help="probe every this many steps")
     ap.add_argument("--samples", type=int, default=32, help="held-out conditions per probe")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds per configuration; several: curves averaged"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     fk = results["fidelity_key"]
     print(f"\n{'config':<14} {'samples':>8} {'seconds':>8} {fk:>7} {'nme':>7}")
     for name, c in results["configs"].items():
@@ -235,8 +276,7 @@ def main() -> None:
                     f"final {v['candidate_final']:.3f} vs {v['reference_final']:.3f}, "
                     f"gain {g[0]:+.3f} [95% CI {g[1]:+.3f}, {g[2]:+.3f}]"
                 )
-    (args.out / "convergence.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "convergence.png")
+    save(results, args.out)
     print(f"-> {args.out / 'convergence.json'}, {args.out / 'convergence.png'}")
 
 
