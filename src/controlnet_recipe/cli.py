@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from .config import load_config
 from .errors import RecipeError
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in COMMANDS:
             return importlib.import_module(f".{args.stage}", __package__).main(cfg, rest)
         module = ".publish" if args.stage == "publish" else f".stages.{args.stage}"
-        importlib.import_module(module, __package__).main(cfg)
+        t0 = time.perf_counter()
+        stage = importlib.import_module(module, __package__)
+        t1 = time.perf_counter()
+        stage.main(cfg)
+        print(f"{args.stage}: done in {time.perf_counter() - t0:.1f} s (imports {t1 - t0:.1f} s)")
     except RecipeError as e:  # expected (a bad params file, a missing input): one line; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
