@@ -113,12 +113,22 @@ def run(args) -> dict:
         "base": {k: float(np.nanmean(v)) for k, v in base_scores.items()},
         "configs": {},
     }
-    ctx = {"seeds_trained": args.seeds, "sampler": sampler, "scorer": scorer, "prompts": prompts, "seeds": seeds}
-    ctx.update(conditions=conditions, targets=targets)
+    ctx = {
+        "sampler": sampler,
+        "scorer": scorer,
+        "prompts": prompts,
+        "seeds": seeds,
+        "conditions": conditions,
+        "targets": targets,
+    }
     if len(args.seeds) > 1:
         results["seeds"] = args.seeds
     for name, levers in configs.items():
-        runs = [train_one(cfg, name, {**levers, "seed": s}, steps, args.every, ctx) for s in args.seeds]
+        several = len(args.seeds) > 1
+        runs = [
+            train_one(cfg, f"{name} seed {s}" if several else name, {**levers, "seed": s}, steps, args.every, ctx)
+            for s in args.seeds
+        ]
         results["configs"][name] = runs[0] if len(runs) == 1 else mean_of(runs, levers)
         save(results, args.out)  # each finished configuration survives a later crash or Ctrl-C
     return results
@@ -138,7 +148,8 @@ def mean_of(runs: list[dict], levers: dict) -> dict:
 
 
 def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -> dict:
-    """Train one configuration for ``steps`` steps, probing its fidelity every ``every`` steps."""
+    """Train one configuration (``name``: its label in the progress lines) for ``steps`` steps,
+    probing its fidelity every ``every`` steps."""
     import torch
 
     from controlnet_recipe.config import TrainCfg
@@ -161,21 +172,20 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
     run_cfg = cfg.model_copy(update={"recipe": r.model_copy(update={"train": t})})
     curve, clock, out = [], {"probes": 0.0, "t0": 0.0}, {"levers": levers}
     fk = ctx["scorer"].fidelity_key
-    label = name if len(ctx["seeds_trained"]) == 1 else f"{name} seed {t.seed}"
 
     def probe(step: int, controlnet) -> None:
         p0 = time.time()
         if not curve:  # the first call comes before the first step: the clock starts here
             clock["t0"] = p0
         model = copy.deepcopy(controlnet).eval()  # the sampler casts it (fp16 on CUDA): never the trained one
-        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], model, ctx["conditions"], desc=f"{label} {step}")
+        imgs = ctx["sampler"].generate(ctx["prompts"], ctx["seeds"], model, ctx["conditions"], desc=f"{name} {step}")
         scores = ctx["scorer"].fidelity(imgs, ctx["conditions"], ctx["targets"])
         row = {"step": step, "samples": step * t.batch_size, "seconds": round(p0 - clock["t0"] - clock["probes"], 1)}
         row.update({k: float(np.nanmean(v)) for k, v in scores.items()})
         curve.append(row)
         out["last_scores"] = {k: v.tolist() for k, v in scores.items()}
         clock["probes"] += time.time() - p0
-        print(f"convergence: {label} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
+        print(f"convergence: {name} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(t.seed)

@@ -10,7 +10,6 @@ Stable Diffusion pipeline folder (SDXL's with ``base.family: sdxl``) that later 
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -99,7 +98,6 @@ def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
     """Train the embedded default's VAE and UNet (of ``family_name``'s architecture); save its
     pipeline folder."""
     r = cfg.recipe
-    t0 = time.time()
     seed_everything(r.base.tiny.seed)
     g = torch.Generator().manual_seed(r.base.tiny.seed)
     ds = load_dataset_dir(CAPTIONS_DIR)["train"]
@@ -158,7 +156,6 @@ def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
         out / "samples.png",
         row_titles=["real", "VAE recon", "base samples"],
     )
-    print(f"base: trained in {time.time() - t0:.0f} s")  # printed, not saved: the folder is byte-identical run to run
     return {
         "vae_final_loss": float(np.mean(vae_losses[-50:])),
         "unet_final_loss": float(np.mean(unet_losses[-100:])),
