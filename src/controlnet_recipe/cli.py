@@ -11,7 +11,7 @@ from .config import load_config
 from .errors import RecipeError
 
 STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
-COMMANDS = ("generate", "web")  # try a trained model; their own options: <command> --help
+COMMANDS = ("generate", "web", "plan")  # their own options: <command> --help
 OWN_OPTIONS = (*COMMANDS, "doctor")  # doctor checks the machine and needs no params file
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage",
         choices=(*STAGES, "check", "publish", *COMMANDS, "doctor"),
         help="pipeline stage to run, 'check' to validate params, 'publish' to push to the Hub, "
-        "'generate' or 'web' to try a trained model",
+        "'generate' or 'web' to try a trained model, 'plan' to predict GPU memory per tier",
     )
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
             return 0
         if args.stage in COMMANDS:
-            return importlib.import_module(f".{args.stage}", __package__).main(cfg, rest)
+            module = ".planning.cli" if args.stage == "plan" else f".{args.stage}"
+            return importlib.import_module(module, __package__).main(cfg, rest)
         module = ".publish" if args.stage == "publish" else f".stages.{args.stage}"
         t0 = time.perf_counter()
         stage = importlib.import_module(module, __package__)

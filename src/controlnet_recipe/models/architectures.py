@@ -1,4 +1,4 @@
-"""Full-size Stable Diffusion architectures (SD 1.5, SD 2.1-base, SDXL-base) built from the configs
+"""Full-size architectures (SD 1.5, SD 2.1-base, SDXL-base; FLUX.1-dev for the planner) built from the configs
 shipped in ``configs/architectures``, with random weights: benchmarks measure the real shapes, no
 download. SDXL-base: a 2.57B-parameter UNet (its ControlNet 1.25B), a second text encoder with a
 projection (OpenCLIP bigG, 695M)."""
@@ -17,11 +17,19 @@ def names() -> list[str]:
     return sorted(p.name for p in ARCHITECTURES.iterdir() if p.is_dir())
 
 
+def folder_of(name: str) -> Path:
+    """The configs of architecture ``name``: a folder shipped here, or a diffusers model folder."""
+    folder = ARCHITECTURES / name
+    if folder.is_dir():
+        return folder
+    if Path(name).is_dir() and (Path(name) / "model_index.json").is_file():
+        return Path(name)
+    raise ValueError(f"architecture {name!r}: expected one of {', '.join(names())}, or a diffusers model folder")
+
+
 def build(name: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "scheduler")) -> dict:
     """The named ``parts`` of architecture ``name``, randomly initialised."""
-    folder = ARCHITECTURES / name
-    if not folder.is_dir():
-        raise ValueError(f"architecture {name!r}: expected one of {', '.join(names())}")
+    folder = folder_of(name)
     builders = {
         "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
         "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
@@ -34,10 +42,10 @@ def build(name: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "s
 
 def family_of(name: str) -> str:
     """The model family of architecture ``name`` (models/families): from its UNet's conditioning."""
-    unet = UNet2DConditionModel.load_config(ARCHITECTURES / name / "unet")
+    unet = UNet2DConditionModel.load_config(folder_of(name) / "unet")
     return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
 
 
 def vae_config(name: str) -> dict:
     """The VAE's config alone (its downsampling sets the ControlNet's hint encoder)."""
-    return AutoencoderKL.load_config(ARCHITECTURES / name / "vae")
+    return AutoencoderKL.load_config(folder_of(name) / "vae")

@@ -1,0 +1,70 @@
+"""``python -m controlnet_recipe plan [--gpu TIER] [--json]``: the predicted peak GPU memory of
+the recipe's training step and validation on every tier, without a GPU or any download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import Config, check_tier
+from .plan import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_GIB, USABLE_FRACTION, TierPlan, architecture, plan_tier
+
+SHORT = {"gradients": "grads", "optimizer": "adam", "optimizer_8bit": "adam8bit", "activations": "act"}
+
+
+def _terms(p: TierPlan) -> str:
+    weights = sum(v for k, v in p.terms.items() if k.startswith("weights_"))
+    parts = [f"weights {weights:.2f}"]
+    for k, v in p.terms.items():
+        if not k.startswith("weights_") and k not in ("allocator_overhead", "cuda_context"):
+            parts.append(f"{SHORT.get(k, k)} {v:.2f}")
+    parts.append(f"alloc+ctx {p.terms['allocator_overhead'] + p.terms['cuda_context']:.2f}")
+    return ", ".join(parts)
+
+
+def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
+    r = cfg.recipe
+    lines = [
+        f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
+        f"{r.data.resolution} px, effective batch {r.train.batch_size}, "
+        f"validation {r.train.validation.num_images} image(s) per prompt",
+        f"{'tier':<10} {'batch':>6} {'peak GiB':>9} {'val GiB':>8} {'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
+    ]
+    for p in plans:
+        budget = "-" if p.budget_gib is None else f"{p.budget_gib:.1f}"
+        fits = {None: "-", True: "yes", False: "NO"}[p.fits]
+        lines.append(
+            f"{p.tier:<10} {p.micro_batch:>3}x{p.accumulation:<2} {p.peak_gib:>9.2f} {p.validation_peak_gib:>8.2f} "
+            f"{budget:>9} {fits:<5} {_terms(p)}" + (f"  [{'; '.join(p.notes)}]" if p.notes else "")
+        )
+    lines.append(
+        f"assumptions: allocator overhead {ALLOCATOR_OVERHEAD:.0%} of the allocated peak, CUDA context "
+        f"{CUDA_CONTEXT_GIB} GiB, a card reports {USABLE_FRACTION:.1%} of its nominal size"
+    )
+    return "\n".join(lines)
+
+
+def main(cfg: Config, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="controlnet-recipe plan", description=__doc__)
+    p.add_argument("--json", action="store_true", help="one JSON object per tier")
+    args = p.parse_args(argv)
+    arch = architecture(cfg.recipe.base.pretrained_model)  # a one-line error for an unknown base
+    if cfg.gpu == "auto":
+        names = list(cfg.tiers)
+    else:
+        check_tier(cfg.gpu, cfg.recipe.base.family)
+        names = [cfg.gpu]
+    plans = []
+    for i, name in enumerate(names):
+        if not args.json and sys.stderr.isatty():
+            print(f"\rplan: measuring tier {name} ({i + 1}/{len(names)}) on fake tensors...", end="", file=sys.stderr, flush=True)
+        plans.append(plan_tier(cfg.recipe, name, cfg.tiers[name], arch))
+    if not args.json and sys.stderr.isatty():
+        print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+    if args.json:
+        for plan in plans:
+            print(json.dumps(plan.as_dict()))
+    else:
+        print(render(cfg, arch, plans))
+    return 0

@@ -1,0 +1,66 @@
+"""``gpu: auto``: the tier that fits this run on this card, chosen by the planner.
+
+From the fewest memory-saving switches to the most (none; gradient checkpointing; checkpointing
+and 8-bit AdamW), the largest micro-batch whose predicted peak, training and validation, stays
+under the free memory less ``MARGIN``. The first level with any micro-batch that fits wins: a
+switch costs more speed than a smaller micro-batch with accumulation.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError, Recipe, Tier
+from .plan import GIB, TierPlan, plan_step, step_spec
+
+MARGIN = 0.05  # of the free memory, kept free: other processes, the allocator's bad days
+LEVELS = (
+    ("no memory-saving switch", {"gradient_checkpointing": False, "use_8bit_adam": False}),
+    ("gradient checkpointing", {"gradient_checkpointing": True, "use_8bit_adam": False}),
+    ("gradient checkpointing + 8-bit AdamW", {"gradient_checkpointing": True, "use_8bit_adam": True}),
+)
+
+
+def micro_batches(effective: int) -> list[int]:
+    """The micro-batches that divide the effective batch, largest first."""
+    return [b for b in range(effective, 0, -1) if effective % b == 0]
+
+
+def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = None) -> tuple[Tier, TierPlan, str]:
+    """(the tier, its plan, why) for ``free_bytes`` of GPU memory; ConfigError if nothing fits."""
+    budget = free_bytes / GIB * (1 - MARGIN)
+    precision = "bf16" if bf16 else "fp16"
+    tried = []
+    for what, switches in LEVELS:
+        for micro in micro_batches(recipe.train.batch_size):
+            tier = Tier(
+                batch_size=micro,
+                set_grads_to_none=True,
+                mixed_precision=precision,
+                attention="sdpa",
+                deepspeed=None,
+                channels_last=False,
+                compile=False,
+                **switches,
+            )
+            plan = plan_step(step_spec(recipe, tier, arch), use_8bit_adam=tier.use_8bit_adam, name="auto")
+            need = max(plan.peak_gib, plan.validation_peak_gib)
+            tried.append(f"{what}, micro-batch {micro}: {need:.1f} GiB")
+            if need <= budget:
+                why = (
+                    f"{what}, micro-batch {micro} x {plan.accumulation} accumulation, {precision}: predicted "
+                    f"{plan.peak_gib:.1f} GiB training, {plan.validation_peak_gib:.1f} GiB validating, "
+                    f"under {budget:.1f} GiB ({free_bytes / GIB:.1f} GiB free less {MARGIN:.0%})"
+                )
+                return tier, plan, why
+    raise ConfigError(
+        f"gpu: auto: nothing fits {free_bytes / GIB:.1f} GiB free (less {MARGIN:.0%}); smallest: {tried[-1]}. "
+        "Try a DeepSpeed tier (gpu: 8gb-zero2) or a lower data.resolution"
+    )
+
+
+def detect_and_fit(recipe: Recipe, arch: str | None = None) -> tuple[Tier, str]:
+    """On the first CUDA device: its free memory, whether it does bf16, and the fitting tier."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(0)
+    tier, _plan, why = fit_tier(recipe, free, torch.cuda.is_bf16_supported(), arch)
+    return tier, why

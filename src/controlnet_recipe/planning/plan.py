@@ -1,0 +1,198 @@
+"""The memory plan of a recipe on a tier: the measured step (``measure``) plus the terms that
+cannot run on fake tensors, each named, and the assumptions about what lies around PyTorch's
+allocations.
+
+    peak = (measured step peak + 8-bit optimizer state + attention workspace + DeepSpeed buffers)
+           x (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_GIB
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, Recipe, Tier, accumulation_steps
+from .measure import Measured, StepSpec, measure
+
+GIB = 1024**3
+# Assumptions, stated (checked against the GPU check's measurements, README: Know before you rent):
+ALLOCATOR_OVERHEAD = 0.10  # the caching allocator reserves about this much above the peak it hands out
+CUDA_CONTEXT_GIB = 0.5  # the CUDA context, cuBLAS/cuDNN handles and kernels (lazy loading), outside PyTorch's pools
+USABLE_FRACTION = 0.9375  # of a card's nominal size that it reports: 24 GB cards report 22.5-24 GiB, 16 GB 15-16
+DEEPSPEED_BUCKET_ELEMENTS = 200_000_000  # configs/deepspeed/zero2.json: reduce_bucket_size
+BNB_BLOCK, BNB_MIN_8BIT = (
+    256,
+    4096,
+)  # bitsandbytes' blockwise 8-bit state: one fp32 absmax per 256 values; smaller tensors stay fp32
+
+# The bases the recipes name, and where their configs ship (configs/architectures).
+KNOWN_BASES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-2-1-base": "sd21-base",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
+    "black-forest-labs/FLUX.1-dev": "flux1-dev",
+}
+
+
+def architecture(pretrained_model: str | None) -> str:
+    """The architecture a recipe's base names: ``tiny`` for the demo's own base, a shipped config
+    for a known hub id, or a local diffusers folder as it is."""
+    from pathlib import Path
+
+    if pretrained_model is None:
+        return "tiny"
+    if pretrained_model in KNOWN_BASES:
+        return KNOWN_BASES[pretrained_model]
+    if (Path(pretrained_model) / "model_index.json").is_file():
+        return pretrained_model
+    raise ConfigError(
+        f"base.pretrained_model: the planner knows no architecture for {pretrained_model!r}; "
+        f"known: {', '.join(KNOWN_BASES)}, or a local diffusers folder"
+    )
+
+
+def bnb_state_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """bitsandbytes' AdamW8bit state (optim/optimizer.py, Optimizer2State.init_state): two uint8
+    buffers and two fp32 absmax vectors per tensor of 4096 values or more, two fp32 buffers below."""
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        if n < BNB_MIN_8BIT:
+            total += 2 * 4 * n
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BNB_BLOCK)
+    return total
+
+
+@dataclass
+class TierPlan:
+    tier: str
+    micro_batch: int
+    accumulation: int
+    budget_gib: float | None  # what a card of the tier's size reports; None for the cpu tier
+    peak_gib: float
+    validation_peak_gib: float
+    terms: dict[str, float]  # GiB: they add up to peak_gib
+    validation_terms: dict[str, float]  # GiB: they add up to validation_peak_gib
+    host_gib: float = 0.0  # CPU memory DeepSpeed's offloaded optimizer holds
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.budget_gib is None:
+            return None
+        return max(self.peak_gib, self.validation_peak_gib) <= self.budget_gib
+
+    def as_dict(self) -> dict:
+        return {
+            "tier": self.tier,
+            "micro_batch": self.micro_batch,
+            "accumulation": self.accumulation,
+            "budget_gib": self.budget_gib,
+            "peak_gib": round(self.peak_gib, 3),
+            "validation_peak_gib": round(self.validation_peak_gib, 3),
+            "fits": self.fits,
+            "terms": {k: round(v, 4) for k, v in self.terms.items()},
+            "validation_terms": {k: round(v, 4) for k, v in self.validation_terms.items()},
+            "host_gib": round(self.host_gib, 3),
+            "notes": self.notes,
+            "assumptions": {
+                "allocator_overhead": ALLOCATOR_OVERHEAD,
+                "cuda_context_gib": CUDA_CONTEXT_GIB,
+                "usable_fraction_of_nominal": USABLE_FRACTION,
+            },
+        }
+
+
+def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -> StepSpec:
+    """The train stage's step for ``recipe`` on ``tier`` (``override``: any StepSpec field)."""
+    micro, accum = accumulation_steps(recipe.train.batch_size, override.pop("micro_batch", tier.batch_size))
+    spec = dict(
+        arch=arch or architecture(recipe.base.pretrained_model),
+        resolution=recipe.data.resolution,
+        micro_batch=micro,
+        accumulation=accum,
+        mixed_precision=tier.mixed_precision,
+        gradient_checkpointing=tier.gradient_checkpointing,
+        set_grads_to_none=tier.set_grads_to_none,
+        attention=tier.attention,
+        adam="none" if tier.use_8bit_adam or tier.deepspeed else "fused",
+        deepspeed=tier.deepspeed is not None,
+        validation_images=recipe.train.validation.num_images,
+    )
+    return StepSpec(**{**spec, **override})
+
+
+def _groups_gib(groups: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in groups.items():
+        key = k.removeprefix("weights: ").replace(" ", "_") if k.startswith("weights: ") else k
+        key = f"weights_{key}" if k.startswith("weights: ") else key
+        out[key] = out.get(key, 0.0) + v / GIB
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def plan_step(
+    spec: StepSpec, *, use_8bit_adam: bool = False, name: str = "", budget_gb: float | None = None, processes: int = 1
+) -> TierPlan:
+    """Measure ``spec`` and add the named terms; ``budget_gb``: the card's nominal size;
+    ``processes`` > 1: DistributedDataParallel, whose gradient buckets copy every gradient."""
+    m: Measured = measure(spec)
+    extra = {}
+    notes = []
+    if use_8bit_adam:
+        extra["optimizer_8bit"] = bnb_state_bytes(m.param_shapes)
+    if spec.attention != "math" and m.attention_workspace:
+        extra["attention_workspace"] = m.attention_workspace
+    host = 0.0
+    if processes > 1 and not spec.deepspeed:
+        # DDP (gradient_as_bucket_view off, accelerate's default): flat buckets as large as the gradients
+        extra["ddp_buckets"] = 4 * m.trainable_params
+    if spec.deepspeed:
+        # ZeRO-2: two fp16/bf16 gradient buckets (overlap_comm); fp32 master weights, gradients and
+        # both Adam moments of the ControlNet held in host memory (offload_optimizer: cpu)
+        extra["deepspeed_buckets"] = 2 * 2 * DEEPSPEED_BUCKET_ELEMENTS
+        host = 16 * m.trainable_params / GIB
+        notes.append(f"DeepSpeed offload holds {host:.1f} GiB of host memory")
+    if spec.attention == "xformers":
+        notes.append("xformers planned as PyTorch's memory-efficient SDPA (the same saved tensors)")
+
+    def total(peak: int, groups: dict[str, int]) -> tuple[float, dict[str, float]]:
+        terms = _groups_gib(groups)
+        for k, v in extra.items():
+            terms[k] = terms.get(k, 0.0) + v / GIB
+        allocated = (peak + sum(extra.values())) / GIB
+        # the groups at the peak add up to the peak (rounding aside): activations take the remainder
+        terms["activations"] = terms.get("activations", 0.0) + allocated - sum(terms.values())
+        terms["allocator_overhead"] = allocated * ALLOCATOR_OVERHEAD
+        terms["cuda_context"] = CUDA_CONTEXT_GIB
+        return sum(terms.values()), terms
+
+    peak, terms = total(m.step_peak, m.step_groups)
+    vgroups = dict(m.validation_groups)
+    if not spec.empty_cache_before_validation:  # the step's freed blocks stay reserved under validation
+        vgroups["cached_training_blocks"] = m.step_peak - m.validation_start
+    vpeak, vterms = total(m.validation_peak + vgroups.get("cached_training_blocks", 0), vgroups)
+    vterms.pop("attention_workspace", None)  # no backward in validation
+    vpeak = sum(vterms.values())
+    return TierPlan(
+        tier=name,
+        micro_batch=spec.micro_batch,
+        accumulation=spec.accumulation,
+        budget_gib=None if budget_gb is None else budget_gb * USABLE_FRACTION,
+        peak_gib=peak,
+        validation_peak_gib=vpeak,
+        terms=terms,
+        validation_terms=vterms,
+        host_gib=host,
+        notes=notes,
+    )
+
+
+def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) -> TierPlan:
+    from ..config import TIER_MEMORY_GB
+
+    spec = step_spec(recipe, tier, arch)
+    return plan_step(spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=TIER_MEMORY_GB.get(name))
