@@ -48,7 +48,6 @@ def child(spec: dict) -> dict:
     from controlnet_recipe.images import images_to_tensor
     from controlnet_recipe.models import architectures, tiny
     from controlnet_recipe.models.families import FAMILIES
-    from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.memory import (
         apply_model_settings,
@@ -56,6 +55,7 @@ def child(spec: dict) -> dict:
         make_optimizer,
         param_groups,
     )
+    from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
 
     cfg = load_config(ROOT / "params.yaml")
     per_step = spec["mode"] == "per-step encoding"

@@ -144,8 +144,8 @@ def test_auto_picks_the_families_tiers(monkeypatch):
 def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switches: dict):
     from controlnet_recipe.config import Tier
     from controlnet_recipe.diffusion import Objective
-    from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
     from controlnet_recipe.training.memory import apply_model_settings
+    from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
 
     tier = Tier(
         **{

@@ -13,7 +13,7 @@ LAYERS = [
     ["faces"],  # landmarks, drawing, the synthetic generator
     ["conditions", "metrics", "models", "sources", "captioning", "report"],  # the domain's parts
     ["training"],  # the ControlNet engine
-    ["evaluation"],  # scoring, sampling and the sweep (reads training's checkpoints)
+    ["evaluation", "planning"],  # scoring, sampling and the sweep; the GPU-memory planner (runs training's step)
     ["publish", "generate", "doctor"],  # applications
     ["stages", "web"],
     ["cli"],

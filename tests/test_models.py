@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from controlnet_recipe.faces.synthetic import CAPTION_WORDS
 from controlnet_recipe.models import tiny
-from controlnet_recipe.stages.train import controlnet_from_unet
+from controlnet_recipe.training.step import controlnet_from_unet
 
 
 def test_tokenizer_keeps_caption_words_whole(tmp_path):

@@ -10,8 +10,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from controlnet_recipe.diffusion import Objective, condition_weights, diffusion_loss, loss_weights, sample_timesteps
 from controlnet_recipe.models import tiny
-from controlnet_recipe.stages.train import controlnet_from_unet, controlnet_loss
 from controlnet_recipe.training.memory import NEW_LAYERS, param_groups
+from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
 
 RES = 32
 

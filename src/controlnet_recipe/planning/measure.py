@@ -133,7 +133,7 @@ class _UNetModels(_Models):
         vae_cfg = _build(parts["vae"], torch.float32).config if spec.arch == "tiny" else architectures.vae_config(spec.arch)
         self.down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         self.latent_channels = vae_cfg["latent_channels"]
-        from ..stages.train import DEFAULT_HINT_CHANNELS
+        from ..training.step import DEFAULT_HINT_CHANNELS
 
         cn_dtype = self.dtype if spec.deepspeed else torch.float32
         self.controlnet = _build(
