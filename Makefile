@@ -130,3 +130,34 @@ docker-smoke: ## check the image: GPU, bitsandbytes, xformers (DOCKER_GPU_FLAGS=
 
 docker-train: ## the whole pipeline in the image: make docker-train GPU=24gb [RECIPE=faces]
 	$(DOCKER_RUN) make train repro $(if $(GPU),GPU=$(GPU)) $(if $(RECIPE),RECIPE=$(RECIPE))
+
+# The prepared GPU check (README: Know before you rent). On a GPU machine whose Python has torch but
+# not this project's pins: `make gpu-wheels` here (PyPI reachable), carry .gpu-wheels there, then
+# `make gpu-check` installs them into a scratch folder and runs benchmarks/gpu_check.py.
+# DRY_RUN=1: everything but CUDA, at a tiny size, in this project's environment (tested).
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+GPU_SITE ?= /tmp/gpu-check-site
+DRY_RUN ?=
+# what a machine with torch, transformers, accelerate and huggingface_hub lacks (versions: requirements.lock)
+GPU_CHECK_PINS = $(shell grep -i -E '^(diffusers|pydantic|pydantic_core|annotated-types|typing-inspection|bitsandbytes)==' requirements.lock)
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: ## download the wheels for make gpu-check on a bare GPU machine into .gpu-wheels (bitsandbytes: its CUDA 13 build alone)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+	  $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014,--platform $(p)_x86_64) \
+	  -d $(GPU_WHEELS) $(GPU_CHECK_PINS)
+	cd $(GPU_WHEELS) && for w in bitsandbytes-*.whl; do \
+	  zip -q -d "$$w" $$(unzip -Z1 "$$w" | grep -E 'libbitsandbytes_(cuda1[12]|rocm|xpu)' ) >/dev/null; done
+	@du -sh $(GPU_WHEELS)
+
+gpu-check: ## the GPU check: peak memory and samples/s per tier beside the planner's prediction [DRY_RUN=1 on a CPU]
+ifeq ($(DRY_RUN),1)
+	$(MAKE) env
+	$(BIN)/python benchmarks/gpu_check.py --dry-run
+else
+	@if [ -d $(GPU_WHEELS) ]; then \
+	  $(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR)/src:$$PYTHONPATH PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py
+endif

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def child(spec: dict) -> dict:
     """Build the models, run warm-up + timed optimizer steps of one configuration, measure."""
     import io
+    from contextlib import nullcontext
 
     import torch
     from accelerate import Accelerator
@@ -72,22 +73,27 @@ def child(spec: dict) -> dict:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
     torch.manual_seed(0)
     # With the cache, the VAE and the text encoder are never built: training does not need them.
-    if spec["arch"] == "tiny":
-        unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
-        vae, text_encoder = (tiny.build_vae(res), tiny.build_text_encoder(1000)) if per_step else (None, None)
-    else:
-        encoders = () if sdxl else ("text_encoder",)  # upstream's SDXL script encodes the captions once
-        parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", *encoders) if per_step else ())))
-        unet, scheduler, vae_cfg = parts["unet"], parts["scheduler"], architectures.vae_config(spec["arch"])
-        vae, text_encoder = parts.get("vae"), parts.get("text_encoder")
-    unet.requires_grad_(False).eval()
-    controlnet = controlnet_from_unet(unet, vae_cfg)
+    # On a GPU the models are made there (random init of billions of weights on the CPU is slow).
+    text_encoder_2 = None
+    with torch.device(device) if cuda else nullcontext():
+        if spec["arch"] == "tiny":
+            unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
+            vae, text_encoder = (tiny.build_vae(res), tiny.build_text_encoder(1000)) if per_step else (None, None)
+        else:
+            # upstream's SDXL script encodes the captions once, but leaves both encoders on the GPU
+            encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+            parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", *encoders) if per_step else ())))
+            unet, scheduler, vae_cfg = parts["unet"], parts["scheduler"], architectures.vae_config(spec["arch"])
+            vae, text_encoder, text_encoder_2 = parts.get("vae"), parts.get("text_encoder"), parts.get("text_encoder_2")
+        unet.requires_grad_(False).eval()
+        controlnet = controlnet_from_unet(unet, vae_cfg)
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # the VAE's downsampling
     unet.to(device, dtype)
-    if per_step:  # upstream: VAE and text encoder on the GPU, run every step
-        for m in (vae, text_encoder):
+    if per_step:  # upstream: VAE and text encoder(s) on the GPU, the VAE (and SD's encoder) run every step
+        for m in (vae, text_encoder, text_encoder_2):
             if m is not None:
-                m.requires_grad_(False).eval().to(device, dtype)
+                # upstream's SDXL VAE stays fp32 (its own VAE overflows in fp16) unless given the fp16-fixed one
+                m.requires_grad_(False).eval().to(device, torch.float32 if sdxl and m is vae else dtype)
     apply_model_settings(unet, controlnet, tier)
     if not per_step:
         direct_attention_calls(unet, controlnet)
@@ -133,7 +139,7 @@ def child(spec: dict) -> dict:
             return {**cached, **sdxl_inputs, "conditioning": cond_u8.float() / 255}
         pixels, cond = decode(image_pngs, True), decode(cond_pngs, False)  # upstream's loader, every step
         with torch.no_grad():
-            dist = vae.encode(pixels.to(device, dtype)).latent_dist
+            dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
             text = cached["text_embedding"] if sdxl else text_encoder(ids.to(device))[0]
         return {
             "latent_mean": dist.mean.float(),

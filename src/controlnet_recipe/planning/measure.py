@@ -78,6 +78,8 @@ def _build(builder, dtype: torch.dtype):
 class _Models:
     """The modules of one architecture on fake tensors, and how to run them."""
 
+    device_type = "cpu"  # autocast's: the GPU check runs these models for real on "cuda"
+
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
         self.dtype = DTYPES[spec.mixed_precision]
@@ -102,7 +104,7 @@ class _Models:
     def autocast(self):
         if self.dtype == torch.float32:
             return nullcontext()
-        return torch.autocast("cpu", dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 class _UNetModels(_Models):
@@ -238,7 +240,7 @@ class _FluxModels(_Models):
 
     TEXT_TOKENS = 512  # T5's max_sequence_length in upstream's script
 
-    def __init__(self, spec: StepSpec) -> None:
+    def __init__(self, spec: StepSpec, validation_models: bool = True) -> None:
         super().__init__(spec)
         from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -269,14 +271,16 @@ class _FluxModels(_Models):
             self.frozen["vae"] = self.vae
         else:
             self.for_validation["vae"] = self.vae
+        self.latent_channels = self.vae.config.latent_channels
+        self.joint_dim = cfg["joint_attention_dim"]
+        self.pooled_dim = cfg["pooled_projection_dim"]
+        if not validation_models:  # the GPU check's training step: T5 would only take memory
+            return
         clip = _build(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")), self.dtype)
         t5 = _build(lambda: T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2")), self.dtype)
         for m in (clip, t5):
             m.requires_grad_(False).eval()
         self.for_validation.update({"text_encoder": clip, "text_encoder_2": t5})
-        self.latent_channels = self.vae.config.latent_channels
-        self.joint_dim = cfg["joint_attention_dim"]
-        self.pooled_dim = cfg["pooled_projection_dim"]
 
     def _inputs(self, b: int, side: int | None = None) -> dict:
         side = side or self.spec.resolution // 16  # 8x VAE, then 2x2 patches

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import Config, accumulation_steps, check_tier, resolve_tier
+from ..config import Config, ConfigError, Tier, accumulation_steps, check_tier, resolve_tier
 from ..models.base_model import BASE_FILE, BaseRef, load_base
 from ..models.families import family
 from ..storage import (
@@ -114,11 +114,26 @@ def consolidated(model: ControlNetModel, checkpoint: Path) -> ControlNetModel:
     return fresh
 
 
-def tier_for(cfg: Config, ref: BaseRef) -> str:
-    """The tier's name, checked against the base's family (with ``family: auto``, known only once
-    the base stage has read the model's index) before any model loads."""
+def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
+    """The tier, checked against the base's family (with ``family: auto``, known only once the base
+    stage has read the model's index) before any model loads. ``gpu: auto`` on a GPU: the planner's
+    fit for this run and the card's free memory (planning/fit.py), said with its reasons."""
     check_tier(cfg.gpu, ref.family, f"{BASE_DIR / BASE_FILE} (family {ref.family})")
-    return resolve_tier(cfg.gpu, ref.family)
+    if cfg.gpu == "auto" and torch.cuda.is_available():
+        from ..planning.fit import detect_and_fit
+        from ..planning.plan import architecture
+
+        try:
+            arch = architecture(ref.name_or_path)
+        except ConfigError as e:
+            name = resolve_tier(cfg.gpu, ref.family)
+            print(f"train: gpu: auto: {e}; tier {name} from the card's size")
+            return name, cfg.tiers[name]
+        tier, why = detect_and_fit(cfg.recipe, arch)
+        print(f"train: gpu: auto: {why}")
+        return "auto", tier
+    name = resolve_tier(cfg.gpu, ref.family)
+    return name, cfg.tiers[name]
 
 
 def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
@@ -143,8 +158,7 @@ def train_controlnet(
     r, t = cfg.recipe, cfg.recipe.train
     checkpoints = train_dir / "checkpoints"
     ref = BaseRef.read()
-    tier_name = tier_for(cfg, ref)
-    tier = cfg.tiers[tier_name]
+    tier_name, tier = tier_for(cfg, ref)
     cpu, zero = not torch.cuda.is_available(), tier.deepspeed is not None
     # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
     world = (PartialState(backend="gloo") if cpu and zero and launched() else PartialState(cpu=cpu)).num_processes
@@ -330,7 +344,7 @@ def train_controlnet(
 
 
 def main(cfg: Config) -> None:
-    tier = cfg.tiers[tier_for(cfg, BaseRef.read())]
+    _, tier = tier_for(cfg, BaseRef.read())
     if relaunch(tier, sys.argv[1:]):  # several GPUs or machines, or DeepSpeed: under accelerate launch
         return
     summary = train_controlnet(cfg)

@@ -1,0 +1,328 @@
+"""The prepared GPU check: per tier, the peak allocated and reserved memory and samples/s of the
+recipe's training step and of upstream's (per-step VAE/text encoding), side by side, each with the
+planner's prediction beside it. Full-size architectures, random weights, one process.
+
+    make gpu-check                      # on a GPU machine (carries .gpu-wheels if there: make gpu-wheels)
+    python benchmarks/gpu_check.py --dry-run      # everything but CUDA, at a tiny size, on the CPU
+    python benchmarks/gpu_check.py --predict-only # the predictions alone, written for the device run
+
+Configurations: SD 2.1-base at 512 px on the SD tiers, SDXL-base at 1024 px on the SDXL tiers,
+then FLUX.1-dev (the planner's Flux step, upstream's train_controlnet_flux.py computation: the
+recipe has no Flux training yet) where the planner says it fits the card. Each row's effective
+batch is its micro-batch (no accumulation). Predictions are the planner's allocated peak (without
+its allocator and context assumptions) and its full peak; they are computed here, or read from
+benchmarks/results/gpu_check_plan.json when that file holds the same configurations (the device
+has no time to spare for fake-tensor runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PLAN_FILE = ROOT / "benchmarks" / "results" / "gpu_check_plan.json"
+GIB = 1024**3
+MODES = ("per-step encoding", "recipe")  # upstream's step, then the recipe's
+
+SD_TIERS = ["8gb", "12gb", "16gb", "24gb", "40gb", "80gb"]
+SDXL_TIERS = ["sdxl-24gb", "sdxl-40gb", "sdxl-80gb"]
+# Flux: upstream README_flux.md's run (512 px, bf16, 4 double + 0 single layers, no checkpointing,
+# torch's AdamW), and 1024 px with gradient checkpointing.
+FLUX = [
+    dict(resolution=512, gradient_checkpointing=False, adam="foreach", per_step_encoding=True, label="upstream README_flux"),
+    dict(resolution=1024, gradient_checkpointing=True, adam="fused", per_step_encoding=False, label="1024 px, checkpointing"),
+]
+
+
+def configs(dry: bool) -> list[dict]:
+    """Every configuration to run, in order (SD first: the cheapest and the most used)."""
+    if dry:
+        sd = [("tiny", 64, t) for t in ("8gb", "80gb")]
+        sdxl: list = []
+        flux_arch, flux_res = str(tiny_flux_folder()), {512: 64, 1024: 128}
+    else:
+        sd = [("sd21-base", 512, t) for t in SD_TIERS]
+        sdxl = [("sdxl-base", 1024, t) for t in SDXL_TIERS]
+        flux_arch, flux_res = "flux1-dev", {512: 512, 1024: 1024}
+    out = [dict(kind="unet", arch=a, resolution=r, tier=t, mode=m) for a, r, t in sd + sdxl for m in MODES]
+    for f in FLUX:
+        fields = {**f, "resolution": flux_res[f["resolution"]]}
+        out.append(dict(kind="flux", arch=flux_arch, tier="flux", mode=f["label"], **fields))
+    return out
+
+
+def tiny_flux_folder() -> Path:
+    """A two-block FLUX-shaped model's configs (the dry run's stand-in for FLUX.1-dev)."""
+    folder = Path(tempfile.gettempdir()) / "controlnet-recipe-tiny-flux"
+    configs_ = {
+        "transformer": {
+            "_class_name": "FluxTransformer2DModel",
+            "attention_head_dim": 16,
+            "guidance_embeds": True,
+            "in_channels": 64,
+            "joint_attention_dim": 32,
+            "num_attention_heads": 2,
+            "num_layers": 1,
+            "num_single_layers": 1,
+            "patch_size": 1,
+            "pooled_projection_dim": 32,
+            "axes_dims_rope": [4, 6, 6],
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL",
+            "block_out_channels": [8, 8, 8, 8],
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "latent_channels": 16,
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        "text_encoder": {
+            "model_type": "clip_text_model",
+            "vocab_size": 1000,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "projection_dim": 32,
+        },
+        "text_encoder_2": {
+            "model_type": "t5",
+            "vocab_size": 1000,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 1,
+            "num_heads": 2,
+            "feed_forward_proj": "gated-gelu",
+            "is_gated_act": True,
+        },
+    }
+    for name, cfg in configs_.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxControlNetPipeline"}))
+    return folder
+
+
+def step_spec(c: dict, cfg, cuda: bool):
+    """The planner's StepSpec for configuration ``c`` (what train_step.child or the Flux step runs)."""
+    from controlnet_recipe.planning.measure import StepSpec
+
+    if c["kind"] == "flux":
+        return StepSpec(
+            arch=c["arch"],
+            resolution=c["resolution"],
+            micro_batch=1,
+            mixed_precision="bf16",
+            gradient_checkpointing=c["gradient_checkpointing"],
+            adam=c["adam"],
+            per_step_encoding=c["per_step_encoding"],
+            set_grads_to_none=True,
+        )
+    tier = cfg.tiers[c["tier"]]
+    upstream = c["mode"] == "per-step encoding"
+    precision = tier.mixed_precision if cuda or tier.mixed_precision != "fp16" else "bf16"  # CPU: bf16 for fp16
+    adam = "none" if tier.use_8bit_adam else ("foreach" if upstream else "fused")
+    return StepSpec(
+        arch=c["arch"],
+        resolution=c["resolution"],
+        micro_batch=tier.batch_size,
+        mixed_precision=precision,
+        gradient_checkpointing=tier.gradient_checkpointing,
+        set_grads_to_none=tier.set_grads_to_none,
+        attention=tier.attention,
+        adam=adam,
+        per_step_encoding=upstream,
+    )
+
+
+def predict(c: dict, cfg, cuda: bool) -> dict:
+    from controlnet_recipe.planning.plan import plan_step
+
+    use_8bit = c["kind"] == "unet" and cfg.tiers[c["tier"]].use_8bit_adam
+    p = plan_step(step_spec(c, cfg, cuda), use_8bit_adam=use_8bit)
+    allocated = p.peak_gib - p.terms["allocator_overhead"] - p.terms["cuda_context"]
+    return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.peak_gib, "fits_card": None}
+
+
+def key(c: dict) -> str:
+    return json.dumps({k: c[k] for k in sorted(c)}, sort_keys=True)
+
+
+def run_unet(c: dict, steps: int, warmup: int) -> dict:
+    import train_step
+
+    from controlnet_recipe.config import load_config
+
+    micro = load_config(ROOT / "params.yaml").tiers[c["tier"]].batch_size
+    spec = dict(arch=c["arch"], tier=c["tier"], mode=c["mode"], resolution=c["resolution"], micro_batch=micro, accumulation=1)
+    spec.update(steps=steps, warmup=warmup, switches={})
+    return train_step.child(spec)
+
+
+def run_flux(c: dict, cfg, cuda: bool, steps: int, warmup: int) -> dict:
+    """The planner's Flux step on real tensors: its allocations and its speed."""
+    import contextlib
+
+    import torch
+
+    from controlnet_recipe.planning import measure
+
+    spec = step_spec(c, cfg, cuda)
+    device = torch.device("cuda" if cuda else "cpu")
+    with torch.device(device) if cuda else contextlib.nullcontext():
+        m = measure._FluxModels(spec, validation_models=False)
+        m.device_type = device.type
+        m.set_switches()
+        params = [p for p in m.controlnet.parameters() if p.requires_grad]
+        kw = {"fused": True} if spec.adam == "fused" else {"foreach": True}
+        opt = torch.optim.AdamW(params, lr=1e-5, **kw)
+
+        seconds = 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            loss = m.training_loss()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    out = {"steps_per_s": steps / seconds, "samples_per_s": steps * spec.micro_batch / seconds, "micro_batch": 1}
+    if cuda:
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
+    return out
+
+
+def fresh_state() -> None:
+    """Between configurations: nothing of the last one left on the GPU or in accelerate's state."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def table(rows: list[dict], dry: bool) -> str:
+    """The rows side by side, then the ranges of predicted/measured and reserved/allocated, then
+    the recipe's step against upstream's, tier by tier."""
+    cols = ("batch", "samples/s", "alloc GiB", "reserved", "predicted", "pred/meas")
+    lines = [f"{'arch':<10} {'tier':<10} {'res':>4} {'mode':<24} " + " ".join(f"{c:>9}" for c in cols)]
+    for r in rows:
+        arch = ("tiny-flux" if dry else "flux1-dev") if r["kind"] == "flux" else r["arch"]
+        lead = f"{arch:<10} {r['tier']:<10} {r['resolution']:>4} {r['mode']:<24}"
+        if "skipped" in r or "error" in r:
+            lines.append(f"{lead} {r.get('skipped') or r.get('error')}")
+            continue
+        cells = [r.get("micro_batch", 1), r["samples_per_s"], r.get("peak_allocated_gb"), r.get("peak_reserved_gb")]
+        cells += [r["predicted_allocated_gib"], r.get("predicted_over_measured")]
+        lines.append(
+            lead
+            + " "
+            + " ".join(f"{'-':>9}" if v is None else f"{v:>9.2f}" if isinstance(v, float) else f"{v:>9}" for v in cells)
+        )
+    measured = [r for r in rows if "predicted_over_measured" in r]
+    if measured:
+        ratios = [r["predicted_over_measured"] for r in measured]
+        reserved = [r["reserved_over_allocated"] for r in measured]
+        lines.append(
+            f"predicted/measured allocated peak: {min(ratios):.2f} to {max(ratios):.2f} over {len(ratios)} configurations; "
+            f"reserved/allocated: {min(reserved):.2f} to {max(reserved):.2f}"
+        )
+    ran = {(r["arch"], r["tier"], r["mode"]): r for r in rows if "samples_per_s" in r}
+    for (arch, tier, mode), r in ran.items():
+        up = ran.get((arch, tier, "per-step encoding"))
+        if mode == "recipe" and up:
+            lines.append(f"{arch} {tier}: recipe / upstream step = {r['samples_per_s'] / up['samples_per_s']:.2f}x samples/s")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: everything but CUDA")
+    ap.add_argument("--predict-only", action="store_true", help=f"write the predictions to {PLAN_FILE.name} and stop")
+    ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; configurations past it are skipped")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    import torch
+
+    from controlnet_recipe.config import load_config
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not (args.dry_run or args.predict_only):
+        sys.exit("gpu_check: no CUDA device (use --dry-run to check the script on a CPU)")
+    cfg = load_config(ROOT / "params.yaml")
+    todo = configs(args.dry_run)
+    known = json.loads(PLAN_FILE.read_text()) if PLAN_FILE.is_file() and not args.dry_run else {}
+    predictions = {}
+    for c in todo:
+        k = key(c)
+        predictions[k] = known.get(k) or predict(c, cfg, cuda or args.predict_only)
+    if args.predict_only:
+        PLAN_FILE.write_text(json.dumps(predictions, indent=1))
+        print(f"gpu_check: {len(predictions)} predictions written to {PLAN_FILE}")
+        return
+    print(f"gpu_check: predictions ready after {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    device = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
+    total = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else None
+    steps, warmup = (4, 2) if cuda else (1, 1)
+    rows = []
+    for c in todo:
+        pred = predictions[key(c)]
+        if total is not None and pred["predicted_peak_gib"] > total:
+            rows.append({**c, **pred, "skipped": f"predicted {pred['predicted_peak_gib']:.1f} GiB > {total:.0f} GiB"})
+            continue
+        if time.perf_counter() - t_start > args.time_budget:
+            rows.append({**c, **pred, "skipped": "time budget"})
+            continue
+        fresh_state()
+        t0 = time.perf_counter()
+        try:
+            got = run_flux(c, cfg, cuda, steps, warmup) if c["kind"] == "flux" else run_unet(c, steps, warmup)
+        except Exception as e:  # one configuration's failure (an OOM) must not lose the others
+            got = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        row = {**c, **pred, **{k: v for k, v in got.items() if k not in c}, "seconds": time.perf_counter() - t0}
+        if "peak_allocated_gb" in row:
+            row["predicted_over_measured"] = row["predicted_allocated_gib"] / row["peak_allocated_gb"]
+            row["reserved_over_allocated"] = row["peak_reserved_gb"] / row["peak_allocated_gb"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print()
+    print(f"device: {device}" + (f", {total:.0f} GiB" if total else ""))
+    print(table(rows, args.dry_run))
+    out_dir = args.out or Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_check_dry_run.json" if args.dry_run else "gpu_check.json"
+    (out_dir / name).write_text(json.dumps({"device": device, "total_gib": total, "rows": rows}, indent=1))
+    print(f"gpu_check: {len(rows)} configurations in {time.perf_counter() - t_start:.0f} s; {out_dir / name}")
+
+
+if __name__ == "__main__":
+    main()
