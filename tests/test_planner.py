@@ -5,6 +5,7 @@ matches what a real step allocates (measured by PyTorch's profiler, not by the p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_plan_cli_prints_every_tier_and_json(capsys):
 
 def test_plan_refuses_an_unknown_base_in_one_line(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    text = open("params.yaml").read().replace("pretrained_model: null", "pretrained_model: someone/unknown-model", 1)
+    text = Path("params.yaml").read_text().replace("pretrained_model: null", "pretrained_model: someone/unknown-model", 1)
     params.write_text(text)
     assert cli_main(["plan", "--params", str(params)]) == 2
     err = capsys.readouterr().err.strip()
