@@ -265,6 +265,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: everything but CUDA")
     ap.add_argument("--predict-only", action="store_true", help=f"write the predictions to {PLAN_FILE.name} and stop")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json (default: $OUT, else benchmarks/results)")
+    ap.add_argument("--only", choices=("unet", "flux"), default=None, help="only the UNet (SD, SDXL) or the Flux configurations")
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; configurations past it are skipped")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -277,7 +278,7 @@ def main() -> None:
     if not cuda and not (args.dry_run or args.predict_only):
         sys.exit("gpu_check: no CUDA device (use --dry-run to check the script on a CPU)")
     cfg = load_config(ROOT / "params.yaml")
-    todo = configs(args.dry_run)
+    todo = [c for c in configs(args.dry_run) if args.only in (None, c["kind"])]
     known = json.loads(PLAN_FILE.read_text()) if PLAN_FILE.is_file() and not args.dry_run else {}
     predictions = {}
     for c in todo:
@@ -306,6 +307,9 @@ def main() -> None:
         try:
             got = run_flux(c, cfg, cuda, steps, warmup) if c["kind"] == "flux" else run_unet(c, steps, warmup)
         except Exception as e:  # one configuration's failure (an OOM) must not lose the others
+            import traceback
+
+            traceback.print_exc(limit=-6)
             got = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
         row = {**c, **pred, **{k: v for k, v in got.items() if k not in c}, "seconds": time.perf_counter() - t0}
         if "peak_allocated_gb" in row:
