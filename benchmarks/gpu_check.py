@@ -184,6 +184,9 @@ def run_flux(c: dict, cfg, cuda: bool, steps: int, warmup: int) -> dict:
 
     spec = step_spec(c, cfg, cuda)
     device = torch.device("cuda" if cuda else "cpu")
+    # cuDNN's fused attention backward failed on an H200 (torch 2.11+cu130: "mha_graph.execute ...
+    # is_good()", then an illegal memory access) for Flux's shapes; flash attention runs them.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     with torch.device(device) if cuda else contextlib.nullcontext():
         m = measure._FluxModels(spec, validation_models=False)
         m.device_type = device.type

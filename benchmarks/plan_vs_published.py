@@ -219,6 +219,9 @@ def main() -> None:
         args.json.write_text(json.dumps(out, indent=1))
     failed = [r["label"] for r in out if not r["ok"]]
     print(f"{len(out) - len(failed)}/{len(out)} rows ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    # the stated assumption, shown: the first row with today's attention
+    today = predict({**ROWS[0][5], "attention": "sdpa"}, False, 1, "both")["predicted_gib"]
+    print(f"note: with PyTorch 2's SDPA (diffusers' default today) the ~38 GB configuration is predicted {today:.1f} GiB")
     print(f"largest deviation: {worst[0]:.1%} ({worst[1]})")
 
 

@@ -55,6 +55,7 @@ class Measured:
     validation_peak: int
     validation_groups: dict[str, int]
     validation_start: int  # what stays allocated between the last step and validation
+    validation_weights: int  # what validation loads onto the GPU (VAE, text encoders)
     attention_workspace: int
     weights: dict[str, int]  # "<model> <dtype>" -> bytes
     trainable_params: int
@@ -368,7 +369,8 @@ def _register_weights(mem: LiveMemory, models: dict[str, torch.nn.Module]) -> di
     return weights
 
 
-def _train_steps(m: _Models, mem: LiveMemory, spec: StepSpec) -> None:
+def _train_steps(m: _Models, mem: LiveMemory, spec: StepSpec):
+    """Two optimizer steps; returns the optimizer (its state stays allocated through validation)."""
     params = [p for p in m.controlnet.parameters() if p.requires_grad]
     opt = None
     if spec.adam != "none":
@@ -392,6 +394,7 @@ def _train_steps(m: _Models, mem: LiveMemory, spec: StepSpec) -> None:
                 p.grad = None
     for h in hooks:
         h.remove()
+    return opt
 
 
 @lru_cache(maxsize=64)
@@ -402,17 +405,19 @@ def measure(spec: StepSpec) -> Measured:
         mem = LiveMemory()
         with mem:
             weights = _register_weights(mem, {"controlnet": m.controlnet, **m.frozen})
-            _train_steps(m, mem, spec)
+            opt = _train_steps(m, mem, spec)
             step_peak, step_groups = mem.peak, dict(mem.peak_groups)
             if spec.set_grads_to_none:
                 for p in m.controlnet.parameters():
                     p.grad = None
             mem.reset_peak()
             validation_start = mem.current
-            weights.update(_register_weights(mem, m.for_validation))
+            loaded = _register_weights(mem, m.for_validation)
+            weights.update(loaded)
             m.controlnet.eval()
             m.validate()
             validation_peak, validation_groups = mem.peak, dict(mem.peak_groups)
+            del opt
         trainable = [p for p in m.controlnet.parameters() if p.requires_grad]
         return Measured(
             step_peak=step_peak,
@@ -420,6 +425,7 @@ def measure(spec: StepSpec) -> Measured:
             validation_peak=validation_peak,
             validation_groups={k: v for k, v in validation_groups.items() if v},
             validation_start=validation_start,
+            validation_weights=sum(loaded.values()),
             attention_workspace=mem.attention_workspace,
             weights=weights,
             trainable_params=sum(p.numel() for p in trainable),

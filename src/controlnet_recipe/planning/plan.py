@@ -172,8 +172,11 @@ def plan_step(
 
     peak, terms = total(m.step_peak, m.step_groups)
     vgroups = dict(m.validation_groups)
-    if not spec.empty_cache_before_validation:  # the step's freed blocks stay reserved under validation
-        vgroups["cached_training_blocks"] = m.step_peak - m.validation_start
+    if not spec.empty_cache_before_validation:
+        # Without empty_cache the blocks the step's activations freed stay reserved: validation's own
+        # activations (the same models' tensors) reuse them, the weights it loads come on top.
+        reused = m.validation_peak - m.validation_weights
+        vgroups["cached_training_blocks"] = max(0, m.step_peak - reused)
     vpeak, vterms = total(m.validation_peak + vgroups.get("cached_training_blocks", 0), vgroups)
     vterms.pop("attention_workspace", None)  # no backward in validation
     vpeak = sum(vterms.values())
@@ -195,4 +198,5 @@ def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) ->
     from ..config import TIER_MEMORY_GB
 
     spec = step_spec(recipe, tier, arch)
-    return plan_step(spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=TIER_MEMORY_GB.get(name))
+    budget = TIER_MEMORY_GB.get(name, TIER_MEMORY_GB.get(name.split("-")[0]))  # 8gb-zero2: an 8 GB card
+    return plan_step(spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=budget)

@@ -59,6 +59,10 @@ def run_validation(
     (condition | images) and, with an evaluator, the images' condition mIoU."""
     device = next(base.unet.parameters()).device
     train_dtype = next(base.unet.parameters()).dtype
+    if device.type == "cuda":
+        # the blocks that held the step's activations go back first: what validation loads (the
+        # VAE, the text encoders) then fits where they were instead of on top (planning/plan.py)
+        torch.cuda.empty_cache()
     # CPU autocast leaves group_norm in mixed dtypes: validate in fp32 there (the round trip of the
     # frozen UNet through fp32 is lossless).
     dtype = torch.float32 if device.type == "cpu" else train_dtype
