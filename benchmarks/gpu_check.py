@@ -55,6 +55,21 @@ def configs(dry: bool) -> list[dict]:
         sdxl = [("sdxl-base", 1024, t) for t in SDXL_TIERS]
         flux_arch, flux_res = "flux1-dev", {512: 512, 1024: 1024}
     out = [dict(kind="unet", arch=a, resolution=r, tier=t, mode=m) for a, r, t in sd + sdxl for m in MODES]
+    # the recipe's validation (training/validation.py: the pipeline, num_images per prompt under
+    # guidance, the VAE decoding) with a training state of the tier's optimizer beside it
+    if dry:
+        validations = [("tiny", 64, "24gb", "demo")]
+    else:
+        validations = [
+            ("sd21-base", 512, "24gb", "faces"),
+            ("sd21-base", 512, "16gb", "faces"),
+            ("sdxl-base", 1024, "sdxl-24gb", "sdxl"),
+        ]
+    # vae_slicing: make_pipeline decodes one image at a time on a GPU (validations measured before it did: false)
+    out += [
+        dict(kind="validation", arch=a, resolution=r, tier=t, mode="validation", recipe=n, vae_slicing=not dry)
+        for a, r, t, n in validations
+    ]
     for f in FLUX:
         fields = {**f, "resolution": flux_res[f["resolution"]]}
         out.append(dict(kind="flux", arch=flux_arch, tier="flux", mode=f["label"], **fields))
@@ -120,6 +135,7 @@ def tiny_flux_folder() -> Path:
 
 def step_spec(c: dict, cfg, cuda: bool):
     """The planner's StepSpec for configuration ``c`` (what train_step.child or the Flux step runs)."""
+    from controlnet_recipe.config import load_config
     from controlnet_recipe.planning.measure import StepSpec
 
     if c["kind"] == "flux":
@@ -134,6 +150,21 @@ def step_spec(c: dict, cfg, cuda: bool):
             set_grads_to_none=True,
         )
     tier = cfg.tiers[c["tier"]]
+    if c["kind"] == "validation":
+        from controlnet_recipe.planning.plan import step_spec as recipe_spec
+
+        recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
+        precision = tier.mixed_precision if cuda or tier.mixed_precision != "fp16" else "bf16"
+        # what runs: the architecture's own VAE (SDXL's upcasts), slicing on a GPU as make_pipeline does
+        return recipe_spec(
+            recipe,
+            tier,
+            c["arch"],
+            resolution=c["resolution"],
+            mixed_precision=precision,
+            vae_force_upcast=None,
+            vae_slicing=c.get("vae_slicing", False),
+        )
     upstream = c["mode"] == "per-step encoding"
     precision = tier.mixed_precision if cuda or tier.mixed_precision != "fp16" else "bf16"  # CPU: bf16 for fp16
     adam = "none" if tier.use_8bit_adam else ("foreach" if upstream else "fused")
@@ -153,8 +184,11 @@ def step_spec(c: dict, cfg, cuda: bool):
 def predict(c: dict, cfg, cuda: bool) -> dict:
     from controlnet_recipe.planning.plan import plan_step
 
-    use_8bit = c["kind"] == "unet" and cfg.tiers[c["tier"]].use_8bit_adam
+    use_8bit = c["kind"] != "flux" and cfg.tiers[c["tier"]].use_8bit_adam
     p = plan_step(step_spec(c, cfg, cuda), use_8bit_adam=use_8bit)
+    if c["kind"] == "validation":
+        allocated = p.validation_peak_gib - p.validation_terms["allocator_overhead"] - p.validation_terms["cuda_context"]
+        return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.validation_peak_gib, "fits_card": None}
     allocated = p.peak_gib - p.terms["allocator_overhead"] - p.terms["cuda_context"]
     return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.peak_gib, "fits_card": None}
 
@@ -216,6 +250,76 @@ def run_flux(c: dict, cfg, cuda: bool, steps: int, warmup: int) -> dict:
     return out
 
 
+def run_recipe_validation(c: dict, cfg, cuda: bool) -> dict:
+    """The train stage's validation on full-size random weights: the frozen base in the tier's
+    dtype, the ControlNet in fp32 with its optimizer's state (gradients set to None), then
+    training/validation.py's run_validation with the recipe's images per prompt (2 denoising
+    steps: memory does not grow with them). Peak allocated and reserved during validation."""
+    import contextlib
+
+    import torch
+    from PIL import Image
+
+    from controlnet_recipe.config import load_config
+    from controlnet_recipe.models import architectures, tiny
+    from controlnet_recipe.models.families.family import BaseComponents
+    from controlnet_recipe.training.memory import make_optimizer, param_groups
+    from controlnet_recipe.training.step import controlnet_from_unet
+    from controlnet_recipe.training.validation import ValidationPairs, run_validation
+
+    recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
+    spec = step_spec(c, cfg, cuda)
+    tier = cfg.tiers[c["tier"]].model_copy(update={"mixed_precision": spec.mixed_precision})
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
+    device = torch.device("cuda" if cuda else "cpu")
+    res = c["resolution"]
+    with torch.device(device) if cuda else contextlib.nullcontext():
+        if c["arch"] == "tiny":
+            parts = {"unet": tiny.build_unet(res), "vae": tiny.build_vae(res), "text_encoder": tiny.build_text_encoder(1000)}
+            parts["scheduler"] = tiny.build_scheduler()
+        else:
+            sdxl = architectures.family_of(c["arch"]) == "sdxl"
+            names = ("unet", "vae", "text_encoder", "scheduler", *(("text_encoder_2",) if sdxl else ()))
+            parts = architectures.build(c["arch"], names)
+        controlnet = controlnet_from_unet(parts["unet"], parts["vae"].config).to(device)
+    tok = tiny.build_tokenizer(["a", "photo", "of", "face"], Path(tempfile.mkdtemp()))
+    tok.model_max_length = parts["text_encoder"].config.max_position_embeddings  # 77 for the real encoders
+    sdxl = "text_encoder_2" in parts
+    base = BaseComponents(
+        family="sdxl" if sdxl else "sd",
+        tokenizer=tok,
+        text_encoder=parts["text_encoder"],
+        vae=parts["vae"],
+        unet=parts["unet"].requires_grad_(False).to(device, dtype),
+        noise_scheduler=parts["scheduler"],
+        tokenizer_2=tok if sdxl else None,
+        text_encoder_2=parts.get("text_encoder_2"),
+        options={"force_zeros_for_empty_prompt": True} if sdxl else {},
+    )
+    for m in (base.vae, *base.text_encoders):
+        m.requires_grad_(False).to("cpu")  # where the train stage keeps them between validations
+    opt = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, recipe.train, 1e-5)
+    for p in controlnet.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the optimizer's state, as after a training step
+    opt.zero_grad(set_to_none=tier.set_grads_to_none)  # 16gb keeps them (zeroed) through validation
+    v = recipe.train.validation.model_copy(update={"num_inference_steps": 2})
+    pairs = ValidationPairs([Image.new("RGB", (res, res))], ["a photo of a face"])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run_validation(base, controlnet, pairs, v, res, 0)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"samples_per_s": v.num_images / seconds, "micro_batch": v.num_images, "validation_images": v.num_images}
+    if cuda:
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
+    return out
+
+
 def fresh_state() -> None:
     """Between configurations: nothing of the last one left on the GPU or in accelerate's state."""
     import torch
@@ -236,6 +340,8 @@ def table(rows: list[dict], dry: bool) -> str:
     lines = [f"{'arch':<10} {'tier':<10} {'res':>4} {'mode':<24} " + " ".join(f"{c:>9}" for c in cols)]
     for r in rows:
         arch = ("tiny-flux" if dry else "flux1-dev") if r["kind"] == "flux" else r["arch"]
+        if r["kind"] == "validation":
+            r = {**r, "tier": f"{r['tier']} {r['recipe']}"}
         lead = f"{arch:<10} {r['tier']:<10} {r['resolution']:>4} {r['mode']:<24}"
         if "skipped" in r or "error" in r:
             lines.append(f"{lead} {r.get('skipped') or r.get('error')}")
@@ -263,12 +369,47 @@ def table(rows: list[dict], dry: bool) -> str:
     return "\n".join(lines)
 
 
+CONFIG_KEYS = ("kind", "arch", "resolution", "tier", "mode", "recipe", "vae_slicing", "gradient_checkpointing", "adam")
+CONFIG_KEYS += ("per_step_encoding", "label")
+
+
+def compare(files: list[Path]) -> None:
+    """Rows measured on a GPU against the planner's predictions for them, computed now."""
+    from controlnet_recipe.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    rows = []
+    for f in files:
+        for r in json.loads(f.read_text())["rows"]:
+            if "peak_allocated_gb" not in r:
+                continue
+            c = {k: r[k] for k in CONFIG_KEYS if k in r}
+            if c["kind"] == "validation":
+                c.setdefault("vae_slicing", False)
+            p = predict(c, cfg, True)
+            rows.append({**r, **p, "predicted_over_measured": p["predicted_allocated_gib"] / r["peak_allocated_gb"]})
+            rows[-1]["reserved_over_allocated"] = r["peak_reserved_gb"] / r["peak_allocated_gb"]
+    print(table(rows, dry=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: everything but CUDA")
     ap.add_argument("--predict-only", action="store_true", help=f"write the predictions to {PLAN_FILE.name} and stop")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json (default: $OUT, else benchmarks/results)")
-    ap.add_argument("--only", choices=("unet", "flux"), default=None, help="only the UNet (SD, SDXL) or the Flux configurations")
+    ap.add_argument(
+        "--only",
+        choices=("unet", "flux", "validation"),
+        default=None,
+        help="only the UNet (SD, SDXL) steps, the Flux steps, or the validations",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="measured gpu_check JSON files: their rows against today's predictions",
+    )
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; configurations past it are skipped")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -277,6 +418,9 @@ def main() -> None:
 
     from controlnet_recipe.config import load_config
 
+    if args.compare:
+        compare(args.compare)
+        return
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not (args.dry_run or args.predict_only):
         sys.exit("gpu_check: no CUDA device (use --dry-run to check the script on a CPU)")
@@ -308,7 +452,12 @@ def main() -> None:
         fresh_state()
         t0 = time.perf_counter()
         try:
-            got = run_flux(c, cfg, cuda, steps, warmup) if c["kind"] == "flux" else run_unet(c, steps, warmup)
+            if c["kind"] == "flux":
+                got = run_flux(c, cfg, cuda, steps, warmup)
+            elif c["kind"] == "validation":
+                got = run_recipe_validation(c, cfg, cuda)
+            else:
+                got = run_unet(c, steps, warmup)
         except Exception as e:  # one configuration's failure (an OOM) must not lose the others
             import traceback
 

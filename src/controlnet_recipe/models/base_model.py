@@ -58,4 +58,8 @@ def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None
             m.to(device, dtype)
     pipe = family(b.family).pipeline(b, controlnet)
     pipe.set_progress_bar_config(disable=True)
+    if next(b.vae.parameters()).device.type == "cuda":
+        # one image at a time through the VAE's decoder: on an H200, decoding SDXL's four validation
+        # images at 1024 px at once took 16 GiB beyond the weights (benchmarks/gpu_check.py)
+        b.vae.enable_slicing()
     return pipe

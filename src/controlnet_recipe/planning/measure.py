@@ -43,6 +43,10 @@ class StepSpec:
     # the recipe empties PyTorch's cache before validating; upstream does not, so the blocks that
     # held the step's activations stay reserved (fragmented) under what validation loads
     empty_cache_before_validation: bool = True
+    vae_slicing: bool = True  # the recipe decodes validation images one at a time on a GPU; upstream one per call
+    # SDXL pipelines decode in fp32 when the VAE's config says force_upcast (SDXL's own VAE); None:
+    # as the architecture's config says; False: a replacement VAE that is fp16-safe (the fp16-fixed one)
+    vae_force_upcast: bool | None = None
     flux_layers: tuple[int, int] = (4, 0)  # Flux ControlNet: double-stream, single-stream blocks
 
 
@@ -80,6 +84,7 @@ class _Models:
     """The modules of one architecture on fake tensors, and how to run them."""
 
     device_type = "cpu"  # autocast's: the GPU check runs these models for real on "cuda"
+    upcast_vae = None  # the VAE the pipeline decodes with, when it upcasts
 
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
@@ -157,6 +162,12 @@ class _UNetModels(_Models):
             m.requires_grad_(False).eval()
         self.vae = vae
         self.text_encoder = text.get("text_encoder")
+        # the SDXL pipeline's decoding upcasts a force_upcast VAE to fp32 (its weights too)
+        upcast = spec.vae_force_upcast if spec.vae_force_upcast is not None else bool(vae.config.get("force_upcast"))
+        self.upcast_vae = None
+        if self.sdxl and upcast and vae_dtype != torch.float32:
+            self.upcast_vae = _build(parts["vae"], torch.float32).requires_grad_(False).eval()
+            self.for_validation["vae upcast to fp32"] = self.upcast_vae
         if spec.per_step_encoding:  # upstream: VAE and text encoders on the GPU throughout
             # (SDXL's script runs its encoders once, over the dataset, and leaves them there)
             self.frozen.update({"vae": vae, **text})
@@ -230,8 +241,11 @@ class _UNetModels(_Models):
                 mid_block_additional_residual=mid,
             )
         del down, mid
-        vae_dtype = next(self.vae.parameters()).dtype
-        self.vae.decode(torch.randn(n, self.latent_channels, lat, lat).to(vae_dtype))
+        vae = self.upcast_vae or self.vae
+        vae_dtype = next(vae.parameters()).dtype
+        with self.autocast():  # the recipe's validation runs the whole pipeline under autocast
+            for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
+                vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(vae_dtype))
 
 
 class _FluxModels(_Models):
@@ -336,6 +350,30 @@ class _FluxModels(_Models):
         self.vae.decode(torch.randn(n, self.latent_channels, 2 * side, 2 * side).to(self.dtype))
 
 
+def _norm_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm/LayerNorm as CUDA's autocast runs them: half inputs cast up, the output fp32 (CPU
+    autocast, which the fake run has, leaves them in half)."""
+    if torch.is_autocast_enabled("cpu") and x.dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cpu", enabled=False):
+            w = None if self.weight is None else self.weight.float()
+            b = None if self.bias is None else self.bias.float()
+            if isinstance(self, torch.nn.GroupNorm):
+                return torch.nn.functional.group_norm(x.float(), self.num_groups, w, b, self.eps)
+            return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+    return type(self).forward(self, x)
+
+
+def cuda_autocast_norms(*models: torch.nn.Module) -> None:
+    """Give the models' norms CUDA's autocast behaviour (per instance, so checkpointing's
+    recomputation runs the same code)."""
+    import types
+
+    for model in models:
+        for mod in model.modules():
+            if type(mod) in (torch.nn.GroupNorm, torch.nn.LayerNorm):
+                mod.forward = types.MethodType(_norm_in_fp32, mod)
+
+
 _FAKE = FakeTensorMode(allow_non_fake_inputs=True)  # one for the process: its models serve every spec
 _BUILT: dict[tuple, _Models] = {}
 
@@ -345,11 +383,12 @@ def _models(spec: StepSpec) -> _Models:
     (checkpointing, attention, batch) are set on them for each spec."""
     from ..models import architectures
 
-    key = (spec.arch, spec.mixed_precision, spec.deepspeed, spec.per_step_encoding, spec.flux_layers)
+    key = (spec.arch, spec.mixed_precision, spec.deepspeed, spec.per_step_encoding, spec.flux_layers, spec.vae_force_upcast)
     m = _BUILT.get(key)
     if m is None:
         flux = spec.arch != "tiny" and (architectures.folder_of(spec.arch) / "transformer").is_dir()
         m = _BUILT[key] = (_FluxModels if flux else _UNetModels)(spec)
+        cuda_autocast_norms(m.controlnet, *m.frozen.values(), *m.for_validation.values())
     m.spec = spec
     m.set_switches()
     for p in m.controlnet.parameters():

@@ -121,6 +121,7 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
         adam="none" if tier.use_8bit_adam or tier.deepspeed else "fused",
         deepspeed=tier.deepspeed is not None,
         validation_images=recipe.train.validation.num_images,
+        vae_force_upcast=False if recipe.base.vae else None,  # a replacement VAE: the fp16-fixed one
     )
     return StepSpec(**{**spec, **override})
 
