@@ -37,17 +37,24 @@ ENV PYTHONUNBUFFERED=1 \
 ENV PATH=/opt/venv/bin:$PATH
 
 # Distribution packages float with the base image (Ubuntu and Debian versions differ); every Python
-# package is pinned below.
+# package is pinned below. g++ and python3-dev: PyTorch compiles C++ extensions on first use, among
+# them DeepSpeed's shared-memory op wherever DeepSpeed runs on the CPU (the 8gb-zero2 tier's test),
+# and torch.compile's kernels (tiers with compile: true).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv git make ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ git make ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/recipe
 COPY requirements.lock docker/requirements-gpu.txt ./
 RUN python3 -m venv /opt/venv \
  && gpu="" && if [ "$GPU_EXTRAS" = 1 ]; then gpu=requirements-gpu.txt; fi \
- && PIP_FIND_LINKS="$TORCH_WHEELS" pip install --requirement requirements.lock ${gpu:+--requirement "$gpu"} \
+ && PIP_FIND_LINKS="$TORCH_WHEELS" pip install --requirement requirements.lock ${gpu:+--requirement "$gpu"}
+# DeepSpeed (the 8gb-zero2 tier) after the lock, as `make env` installs it: a source build that
+# imports the torch installed above (no build isolation, which would fetch another torch), its
+# dependencies pinned in that file or the lock (--no-deps), no CUDA ops compiled (DS_BUILD_OPS=0).
+COPY requirements-deepspeed.txt ./
+RUN DS_BUILD_OPS=0 pip install --no-deps --no-build-isolation --requirement requirements-deepspeed.txt \
  && touch /opt/venv/.installed
 
 # The package itself (for use without a mounted repository; with one, /work/src wins).
