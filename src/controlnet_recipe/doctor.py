@@ -78,8 +78,6 @@ def check_workdir(r: Report) -> None:
 def check_torch(r: Report) -> bool:
     import torch
 
-    from .config import detect_tier
-
     r.line("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
     if not torch.cuda.is_available():
         r.line("gpu", "no GPU: torch sees no CUDA device; training runs on the CPU (tier cpu)")
@@ -90,7 +88,12 @@ def check_torch(r: Report) -> bool:
     try:
         x = torch.randn(256, 256, device="cuda")
         torch.testing.assert_close((x @ x).cpu(), x.cpu() @ x.cpu(), rtol=1e-2, atol=1e-2)
-        r.line("gpu", f"a matmul on cuda:0 agrees with the CPU; gpu: auto picks tier {detect_tier()}")
+        free = torch.cuda.mem_get_info(0)[0] / 1024**3
+        r.line(
+            "gpu",
+            f"a matmul on cuda:0 agrees with the CPU; {free:.1f} GiB free, which gpu: auto fits the run to "
+            "(python -m controlnet_recipe plan shows each tier's prediction)",
+        )
     except Exception as e:  # a broken driver/runtime pairing shows up here
         r.fail("gpu", f"a matmul on cuda:0 failed: {e}")
     return True
