@@ -124,6 +124,43 @@ def test_hostile_files_are_each_kept_or_counted(hostile_folder: Path, undecodabl
         assert report["skipped"]["undecodable_caption"] == 1 and report["skipped"]["unreadable_caption"] == 1
 
 
+def test_filesystem_oddities_are_skipped_and_counted(tmp_path: Path, monkeypatch):
+    """A symlink loop, a dangling link, a FIFO, a folder that cannot be listed and a file name in
+    latin-1 bytes: the data stage keeps the good images and counts each of the others."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "images"
+    (folder / "locked").mkdir(parents=True)
+    for i in range(4):
+        _face(i).save(folder / f"good{i}.png")
+    _face(5).save(folder / "locked" / "hidden.png")
+    (folder / "loop_a.png").symlink_to(folder / "loop_b.png")
+    (folder / "loop_b.png").symlink_to(folder / "loop_a.png")
+    (folder / "dangling.png").symlink_to(folder / "nowhere.png")
+    (folder / "linked_dir").symlink_to(folder)  # a link back to the root: followed once, not forever
+    os.mkfifo(folder / "pipe.png")
+    _face(6).save(os.fsencode(folder) + b"/caf\xe9.png")
+    locked = str(folder / "locked")
+    real_scandir = os.scandir
+
+    def scandir(path):  # the tests run as root, who can list a chmod 000 folder: refuse it here
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report, _, _ = _run(_cfg(tmp_path, {"source": "imagefolder", "location": str(folder)}, {"kind": "canny"}))
+    assert sum(report["splits"].values()) == 4
+    assert report["skipped"] == {
+        "symlink_loop": 2,
+        "broken_link": 1,
+        "special_file": 1,
+        "unreadable_folder": 1,
+        "name_not_utf8": 1,
+    }
+
+
 def test_facesynthetics_ground_truth_drops_bad_landmarks(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "fs"

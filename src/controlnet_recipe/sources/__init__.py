@@ -42,6 +42,7 @@ class SourceRow:
     caption: str | None = None
     caption_encoding: str | None = None  # a caption file's encoding when not UTF-8, or text.UNDECODABLE
     conditioning_image: bytes | str | None = None
+    skip: str | None = None  # a source entry that is no sample (a symlink loop, a FIFO, ...): counted by this reason
 
 
 from . import facesynthetics, hub, imagefolder, parquet  # noqa: E402  (they import the classes above)

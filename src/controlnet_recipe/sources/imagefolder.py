@@ -10,13 +10,21 @@
   ``problem="missing_conditioning"``.
 
 Rows carry file paths, not bytes; ids are the relative paths (posix), in sorted order.
+
+The walk never stops on an odd entry: symbolic links are followed once (a loop is an entry, not a
+hang), and a symlink loop, a special file (FIFO, socket, device), a folder that cannot be listed
+and a name that is not UTF-8 each become a row with ``skip`` set to the reason, which the data
+stage counts. A link to nothing is listed as an image and counted when it cannot be read.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +36,57 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_FIELDS = ("text", "caption")
 CONDITIONING_FIELDS = ("conditioning_image_file_name", "conditioning_file_name")
+
+
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown escaped."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk(root: Path) -> tuple[list[str], dict[str, str]]:
+    """(regular files and links to them, as posix paths relative to ``root``, sorted; the entries
+    that are no file, relative path -> reason). Links to folders are followed, each real folder
+    once; nothing here raises for an odd entry."""
+    files: list[str] = []
+    odd: dict[str, str] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: Path, rel: str) -> None:
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            odd[(rel or ".") + "/"] = "unreadable_folder"
+            return
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                odd[printable(name)] = "name_not_utf8"
+                continue
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    odd[name] = "symlink_loop"
+                elif entry.is_symlink():  # a link to nothing: listed, counted when it cannot be read
+                    files.append(name)
+                else:
+                    odd[name] = "unreadable_entry"
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                visit(Path(entry.path), name)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(name)
+            else:
+                odd[name] = "special_file"
+
+    visit(root, "")
+    return sorted(files), odd
 
 
 def _is_image(p: Path) -> bool:
@@ -56,12 +115,12 @@ def _records(path: Path) -> Iterator[dict]:
                 raise BadInput(f"{path}:{n}: not JSON: {e.msg}") from None
 
 
-def _metadata(root: Path, spec: SourceSpec) -> dict[str, dict[str, str]]:
+def _metadata(root: Path, spec: SourceSpec, files: list[str]) -> dict[str, dict[str, str]]:
     """Relative image path -> {"caption": ..., "conditioning_image": absolute path} from all metadata files."""
     caption_fields = [k for k, v in spec.columns.items() if v == "caption"] + list(CAPTION_FIELDS)
     cond_fields = [k for k, v in spec.columns.items() if v == "conditioning_image"] + list(CONDITIONING_FIELDS)
     out: dict[str, dict[str, str]] = {}
-    for meta in sorted(p for name in METADATA_FILES for p in root.rglob(name)):
+    for meta in sorted(root / f for f in files if Path(f).name in METADATA_FILES):
         base = meta.parent
         for rec in _records(meta):
             if "file_name" not in rec:
@@ -108,19 +167,23 @@ def read(spec: SourceSpec) -> Iterator[SourceRow]:
     if not root.is_dir():
         raise MissingInput(f"{root}: no image folder here")
     cond_folder = _conditioning_folder(spec, root)
-    skip = cond_folder.resolve() if cond_folder is not None else None
-    metadata = _metadata(root, spec)
-    cond_files = {str(Path(m["conditioning_image"]).resolve()) for m in metadata.values() if "conditioning_image" in m}
+    skip = Path(os.path.realpath(cond_folder)) if cond_folder is not None else None
+    files, odd = walk(root)
+    metadata = _metadata(root, spec, files)
+    cond_files = {os.path.realpath(m["conditioning_image"]) for m in metadata.values() if "conditioning_image" in m}
     uses_conditioning = cond_folder is not None or bool(cond_files)
 
-    def is_target(p: Path) -> bool:  # an image, and not a conditioning image kept inside the folder
-        if not (_is_image(p) and (p.is_file() or p.is_symlink())):  # a broken link is listed, then counted as one
+    def is_target(rel: str) -> bool:  # an image, and not a conditioning image kept inside the folder
+        if not _is_image(Path(rel)):
             return False
-        resolved = p.resolve()
+        resolved = Path(os.path.realpath(root / rel))
         return str(resolved) not in cond_files and not (skip is not None and skip in resolved.parents)
 
-    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if is_target(p))
+    rels = sorted([r for r in files if is_target(r)] + list(odd))
     for rel in rels:
+        if rel in odd:
+            yield SourceRow(id=rel, image=b"", skip=odd[rel])
+            continue
         path = root / rel
         meta = metadata.get(rel, {})
         side = path.with_suffix(".txt")

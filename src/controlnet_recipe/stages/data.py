@@ -65,6 +65,8 @@ def materialize(item, min_size: int, undecodable_captions: str = "empty") -> tup
         img, lm, attrs = make_face(item.seed, item.size)
         row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
         return {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}, None, None
+    if item.skip is not None:  # the source met something that is no sample (a symlink loop, a FIFO, ...)
+        return None, item.skip, None
     if item.caption_encoding in (UNDECODABLE, UNREADABLE) and undecodable_captions == "skip":
         return None, f"{item.caption_encoding}_caption", None
     decoded = decode_image(item.image, min_size=min_size)
