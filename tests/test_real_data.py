@@ -247,6 +247,44 @@ def test_blip_captions_through_the_stage(bad_folder: Path, tiny_blip: Path):
     assert all(isinstance(t, str) for t in texts)
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["data", "conditions", "captions"])
+def test_a_killed_stage_resumes_to_the_same_bytes(bad_folder: Path, tmp_path: Path, monkeypatch, stage: str):
+    """Each sharded stage killed after its first shard, then rerun: every file it writes (the
+    shards, the preview) and its report are those of a run that was never interrupted."""
+    from controlnet_recipe import storage
+    from controlnet_recipe.stages import captions
+
+    cfg = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"})
+    clean = _run(cfg)
+    clean_tree = _tree(Path("data"))
+    shutil.rmtree("data")
+    real_write = storage.write_shard
+    written = []
+
+    def killed(root, split, index, ds, stats=None):
+        if root.name == {"data": "source"}.get(stage, stage):
+            if written:
+                raise KeyboardInterrupt("killed mid-stage")
+            written.append(index)
+        return real_write(root, split, index, ds, stats)
+
+    monkeypatch.setattr(storage, "write_shard", killed)
+    monkeypatch.setattr(captions, "write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg)
+    monkeypatch.setattr(storage, "write_shard", real_write)
+    monkeypatch.setattr(captions, "write_shard", real_write)
+    resumed = _run(cfg)
+    assert resumed == clean
+    assert _tree(Path("data")).keys() == clean_tree.keys()
+    different = [k for k, v in _tree(Path("data")).items() if v != clean_tree[k]]
+    assert different == []
+
+
 def test_interrupted_stage_resumes_without_redoing_shards(bad_folder: Path, monkeypatch):
     cfg = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"})
     build_data(cfg, cache_dir=Path("downloads"))

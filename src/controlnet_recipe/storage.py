@@ -125,6 +125,9 @@ def load_dataset_dir(path: Path):
     )
 
 
+STATS_FILE = "stage_stats.json"  # beside a shard's data: what the stage counted while making it
+
+
 class ShardedOutput:
     """A stage's output written shard by shard: ``<root>/<split>/shard-NNNNN`` (each a saved
     Dataset, renamed into place when complete), then ``splits.json``. A rerun with the same ``key``
@@ -149,12 +152,18 @@ class ShardedOutput:
             return True
         return False
 
-    def write(self, split: str, index: int, ds) -> None:
-        """Save a finished shard (an empty one is not saved: it is cheap to find empty again)."""
+    def write(self, split: str, index: int, ds, stats: dict | None = None) -> None:
+        """Save a finished shard (an empty one is not saved: it is cheap to find empty again) with
+        its ``stats`` (what the stage counted making it), so a resumed run reports them too."""
         self.shards.setdefault(split, set())
         if len(ds):
-            write_shard(self.root, split, index, ds)
+            write_shard(self.root, split, index, ds, stats)
             self.shards[split].add(shard_path(self.root, split, index).name)
+
+    def stats(self, split: str, index: int) -> dict:
+        """The ``stats`` a finished shard was written with ({} if none)."""
+        f = shard_path(self.root, split, index) / STATS_FILE
+        return read_json(f) if f.is_file() else {}
 
     def finish(self) -> None:
         """Write splits.json: the stage is complete. Every split is listed, even when empty."""
@@ -165,10 +174,12 @@ def shard_path(root: Path, split: str, index: int) -> Path:
     return root / split / f"shard-{index:05d}"
 
 
-def write_shard(root: Path, split: str, index: int, ds) -> None:
-    """Save one shard: into a temporary folder, renamed into place when complete."""
+def write_shard(root: Path, split: str, index: int, ds, stats: dict | None = None) -> None:
+    """Save one shard (and its stats): into a temporary folder, renamed into place when complete."""
     with atomic_dir(shard_path(root, split, index)) as tmp:
         ds.save_to_disk(str(tmp))
+        if stats:
+            write_json(tmp / STATS_FILE, stats)
 
 
 def digest(*parts: Any) -> str:

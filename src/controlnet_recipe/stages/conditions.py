@@ -66,13 +66,13 @@ def build_conditions(cfg: Config) -> dict:
     ds = load_dataset_dir(src_dir)
     out = ShardedOutput(CONDITIONS_DIR, digest(c.model_dump(), r.columns.model_dump(), dataset_key(src_dir)), stage="conditions")
     report = {"kind": c.kind, "detector": c.detector if c.kind == "face_segmentation" else None, "splits": {}}
-    samples = []
     procs = num_workers(c.num_proc)
     shard = r.data.shard_size
     for split, data in ds.items():
         dropped: Counter = Counter()
         for i, lo in enumerate(range(0, max(len(data), 1), shard)):
-            if out.done(split, i):
+            if out.done(split, i):  # finished by an earlier, interrupted run: its counts still count
+                dropped.update(out.stats(split, i).get("dropped", {}))
                 continue
             part = data.select(range(lo, min(lo + shard, len(data))))
             part = part.map(
@@ -83,18 +83,19 @@ def build_conditions(cfg: Config) -> dict:
                 num_proc=procs if len(part) >= 64 * procs else None,
                 desc=f"conditions ({split}, shard {i})",
             )
-            dropped.update(x for x in part["drop_reason"] if x)
+            shard_dropped = Counter(x for x in part["drop_reason"] if x)
+            dropped.update(shard_dropped)
             part = part.filter(lambda reason: reason is None, input_columns=["drop_reason"]).remove_columns("drop_reason")
-            out.write(split, i, part)
-            if split == "train" and len(samples) < 8 and len(part):
-                rows = part.select(range(min(8 - len(samples), len(part))))
-                samples += list(zip(rows[r.columns.image], rows[r.columns.conditioning_image]))
+            out.write(split, i, part, stats={"dropped": dict(shard_dropped)})
         report["splits"][split] = {"in": len(data), "dropped": dict(dropped)}
     out.finish()
-    for split, data in load_dataset_dir(CONDITIONS_DIR).items():
+    done = load_dataset_dir(CONDITIONS_DIR)
+    for split, data in done.items():
         report["splits"][split]["kept"] = len(data)
-    if samples:
-        save_grid([list(s) for s in samples], CONDITIONS_DIR / "samples.png", col_titles=["image", "condition"], cell=128)
+    if "train" in done and len(done["train"]):  # the preview from the finished dataset: resumed or not
+        rows = done["train"].select(range(min(8, len(done["train"]))))
+        samples = [list(s) for s in zip(rows[r.columns.image], rows[r.columns.conditioning_image])]
+        save_grid(samples, CONDITIONS_DIR / "samples.png", col_titles=["image", "condition"], cell=128)
     return report
 
 

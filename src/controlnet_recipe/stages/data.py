@@ -121,7 +121,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
     report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter(), "caption_encodings": Counter()}
     buffers: dict[str, list] = {"train": [], "validation": []}
     index = Counter()
-    samples: list = []
+    counted = ("skipped", "converted", "caption_encodings")
     ctx = mp.get_context("fork")
     with ctx.Pool(num_workers()) as pool:
 
@@ -129,25 +129,30 @@ def build_data(cfg: Config, cache_dir) -> dict:
             items, buffers[split] = buffers[split], []
             i = index[split]
             index[split] += 1
-            if not items or out.done(split, i):
+            if not items:
+                return
+            if out.done(split, i):  # finished by an earlier, interrupted run: its counts still count
+                for k, v in out.stats(split, i).items():
+                    report[k].update(v)
                 return
             rows = []
+            stats = {k: Counter() for k in counted}
             work = functools.partial(materialize, min_size=d.min_size, undecodable_captions=d.undecodable_captions)
             for item, (row, reason, converted) in zip(items, pool.imap(work, items, chunksize=8)):
                 if row is None:
-                    report["skipped"][reason] += 1
+                    stats["skipped"][reason] += 1
                     continue
                 if converted:
-                    report["converted"][converted] += 1
+                    stats["converted"][converted] += 1
                 if getattr(item, "caption_encoding", None):  # kept: decoded from another encoding, or emptied
-                    report["caption_encodings"][item.caption_encoding] += 1
+                    stats["caption_encodings"][item.caption_encoding] += 1
                 rows.append(
                     {k if k not in ("image", "conditioning_image", "caption") else getattr(cols, k): v for k, v in row.items()}
                 )
             ds = Dataset.from_list(rows, features=feats) if rows else Dataset.from_dict({k: [] for k in feats}, features=feats)
-            out.write(split, i, ds)
-            if split == "train" and len(samples) < 8:
-                samples.extend(ds.select(range(min(8 - len(samples), len(ds))))[cols.image])
+            out.write(split, i, ds, stats={k: dict(v) for k, v in stats.items()})
+            for k, v in stats.items():
+                report[k].update(v)
 
         bar = tqdm(desc=f"data: {d.source}", unit=" samples")
         for split, item in routed_rows(d, cache_dir):
@@ -163,8 +168,9 @@ def build_data(cfg: Config, cache_dir) -> dict:
 
     ds = load_dataset_dir(DATA_DIR)
     report["splits"] = {s: len(v) for s, v in ds.items()}
-    if samples:
-        save_grid([samples], DATA_DIR / "samples.png", cell=96)
+    # the preview from the finished dataset: the same whether or not the run was interrupted
+    if "train" in ds and len(ds["train"]):
+        save_grid([ds["train"].select(range(min(8, len(ds["train"]))))[cols.image]], DATA_DIR / "samples.png", cell=96)
     for k in ("skipped", "converted", "caption_encodings"):
         report[k] = dict(report[k])
     return report

@@ -52,7 +52,6 @@ def build_photoreal(cfg: Config) -> dict:
     out = ShardedOutput(PHOTOREAL_DIR, digest(p.model_dump(), dataset_key(DATA_DIR)), stage="photoreal")
     pipe = load_img2img(p)
     col, shard = r.columns.image, r.data.shard_size
-    before_after = []
     for split, data in ds.items():
         for i, lo in enumerate(range(0, max(len(data), 1), shard)):
             if out.done(split, i):
@@ -62,13 +61,14 @@ def build_photoreal(cfg: Config) -> dict:
             for b in tqdm(range(0, len(part), p.batch_size), desc=f"photoreal ({split}, shard {i})"):
                 imgs = part[b : b + p.batch_size][col]
                 new += photoreal_batch(pipe, imgs, p, [p.seed + lo + b + k for k in range(len(imgs))])
-            if len(before_after) < 4:
-                before_after += [[a, b] for a, b in zip(part[col][: 4 - len(before_after)], new)]
             encoded = [{"bytes": encode_png(im), "path": None} for im in new]
             out.write(split, i, part.remove_columns(col).add_column(col, encoded, feature=part.features[col]))
     out.finish()
-    if before_after:
-        save_grid(before_after, PHOTOREAL_DIR / "samples.png", col_titles=["render", "img2img"])
+    after = load_dataset_dir(PHOTOREAL_DIR)
+    if "train" in after and len(after["train"]):  # the preview from the finished datasets: resumed or not
+        n = min(4, len(after["train"]))
+        pairs = zip(ds["train"].select(range(n))[col], after["train"].select(range(n))[col])
+        save_grid([[a, b] for a, b in pairs], PHOTOREAL_DIR / "samples.png", col_titles=["render", "img2img"])
     return {"enabled": True, "model": p.model, "strength": p.strength}
 
 
