@@ -4,6 +4,7 @@ sweep sees them, and a run resumes from them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def test_zero2_checkpoints_are_saved_by_every_rank_swept_and_resumed(project: Pa
 
     params = _params(project, work, steps=6)
     _train(work, params)
-    root = work / "train/checkpoints"
+    rel = json.loads((work / FINAL / "training.json").read_text())["checkpoints"]  # this run's folder
+    root = work / rel
     for step in (2, 4, 6):
         ckpt = root / f"checkpoint-{step}"
         shards = sorted(p.name for p in (ckpt / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))
@@ -72,7 +74,7 @@ def test_zero2_checkpoints_are_saved_by_every_rank_swept_and_resumed(project: Pa
     # Lose the last checkpoint and the model: the rerun resumes from step 4, on both ranks, exactly.
     shutil.rmtree(root / "checkpoint-6")
     shutil.rmtree(work / FINAL)
-    assert "resuming from train/checkpoints/checkpoint-4" in _train(work, params)
+    assert f"resuming from {rel}/checkpoint-4" in _train(work, params)
     resumed = load_file(work / FINAL / "diffusion_pytorch_model.safetensors")
     diffs = {k: (resumed[k] - final[k]).abs().max().item() for k in final}
     assert all(torch.equal(resumed[k], final[k]) for k in final), f"largest difference {max(diffs.values())}"

@@ -119,7 +119,7 @@ def test_ema_weights_are_checkpointed_swept_and_exported(project: Path, tmp_path
     t.update(max_train_steps=3, checkpointing_steps=3, ema_decay=0.9, resume_from_checkpoint=None)
     (project / "ema.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "ema.yaml"], project)
-    ckpt = project / "train/checkpoints/checkpoint-3"
+    ckpt = project / json.loads((project / "models/controlnet/training.json").read_text())["checkpoints"] / "checkpoint-3"
     ema, trained = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "model.safetensors")
     assert ema.keys() == trained.keys()
     assert any(not torch.equal(ema[k], trained[k]) for k in ema)

@@ -1,10 +1,14 @@
 """Kill training with SIGKILL at random moments, during checkpoint saves too, and resume: the final
-ControlNet must equal, bit for bit, the one of an uninterrupted run with the same seed."""
+ControlNet must equal, bit for bit, the one of an uninterrupted run with the same seed. A longer
+run extends a shorter one; a run with settings that change what its checkpoints mean starts beside
+the earlier run and never touches its checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +21,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from controlnet_recipe.training.checkpoints import STATE, clean_partial, find_resume, list_checkpoints, save_checkpoint
+from controlnet_recipe.training.checkpoints import (
+    STATE,
+    clean_partial,
+    find_resume,
+    list_checkpoints,
+    run_dir,
+    save_checkpoint,
+)
 
 from .conftest import _env, run
 
@@ -38,6 +49,11 @@ def _copy(project: Path, dest: Path, resume: str | None) -> Path:
     return dest
 
 
+def _run_folder(work: Path) -> Path:
+    """The one run's checkpoint folder (train/checkpoints/run-<key>), or the root before there is one."""
+    return next((work / "train/checkpoints").glob("run-*"), work / "train/checkpoints")
+
+
 def _train_cmd() -> list[str]:
     return [sys.executable, "-m", "controlnet_recipe", "train", "--params", "resume.yaml"]
 
@@ -51,7 +67,7 @@ def _kill_when(work: Path, during_save: bool, after_step: int, rng: random.Rando
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
-            names = [p.name for p in root.iterdir()] if root.is_dir() else []
+            names = [p.name for p in root.glob("run-*/*")]
             if during_save and any(n.startswith(".checkpoint-") for n in names):
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -76,10 +92,10 @@ def test_sigkill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path):
     rng = random.Random(int(os.environ.get("RESUME_TEST_SEED", "0")))
     kills, kills_during_save = 0, 0
     for during_save in (True, False, True, False):
-        last = max((int(p.name.split("-")[1]) for p in list_checkpoints(work / "train/checkpoints")), default=0)
+        last = max((int(p.name.split("-")[1]) for p in list_checkpoints(_run_folder(work))), default=0)
         if _kill_when(work, during_save, last, rng):
             kills += 1
-            leftovers = [p for p in (work / "train/checkpoints").iterdir() if p.name.startswith(".checkpoint-")]
+            leftovers = [p for p in _run_folder(work).iterdir() if p.name.startswith(".checkpoint-")]
             kills_during_save += bool(leftovers)
     assert kills >= 3, "the runs finished before they could be killed"
     assert kills_during_save >= 1, "no kill landed during a checkpoint save"
@@ -92,34 +108,96 @@ def test_sigkill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path):
     # Run again after the end (DVC reruns train when its code changes): it resumes at the last step,
     # trains nothing, and still writes every output.
     (work / "train/validation.png").unlink()
-    assert f"resuming from train/checkpoints/checkpoint-{STEPS}" in run(_train_cmd(), work)
+    assert re.search(f"resuming from train/checkpoints/run-[0-9a-f]+/checkpoint-{STEPS}", run(_train_cmd(), work))
     assert (work / "train/validation.png").is_file()
     assert all(torch.equal(v, expected[k]) for k, v in load_file(work / WEIGHTS).items())
 
 
 def test_interrupted_save_is_never_resumed(tmp_path: Path):
     root = tmp_path / "ckpt"
+    mine = run_dir(root, "k")
 
     def write(folder: Path) -> None:
         (folder / "weights.bin").write_bytes(b"x" * 10)
 
     for step in (2, 4, 6):
-        save_checkpoint(root, step, write, {"fingerprint": "f"}, keep=2)
-    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-4", "checkpoint-6"]
+        save_checkpoint(mine, step, write, {"run": "k", "settings": {}}, keep=2)
+    assert [p.name for p in list_checkpoints(mine)] == ["checkpoint-4", "checkpoint-6"]
     # What a kill leaves: a half-written temp folder, and a renamed folder without its state file.
-    (root / ".checkpoint-8.tmp").mkdir()
-    (root / "checkpoint-10").mkdir()
-    path, _ = find_resume(root, "latest", "f")
-    assert path == root / "checkpoint-6"
-    assert sorted(clean_partial(root)) == [".checkpoint-8.tmp", "checkpoint-10"]
-    assert (root / "checkpoint-6" / STATE).is_file()
+    (mine / ".checkpoint-8.tmp").mkdir()
+    (mine / "checkpoint-10").mkdir()
+    path, _ = find_resume(root, "latest", "k", {})
+    assert path == mine / "checkpoint-6"
+    assert sorted(clean_partial(mine)) == [".checkpoint-8.tmp", "checkpoint-10"]
+    assert (mine / "checkpoint-6" / STATE).is_file()
 
 
-def test_resume_refuses_another_runs_checkpoint(tmp_path: Path):
+def test_resume_names_the_setting_and_keeps_the_other_runs_checkpoints(tmp_path: Path):
     root = tmp_path / "ckpt"
-    save_checkpoint(root, 2, lambda f: None, {"fingerprint": "run-a"}, keep=None)
-    path, why = find_resume(root, "latest", "run-b")
-    assert path is None and "other data or settings" in why
-    with pytest.raises(ValueError, match="resume_from_checkpoint"):
-        find_resume(root, str(root / "checkpoint-2"), "run-b")
-    assert find_resume(root, None, "run-a")[0] is None
+    old = {"optimizer": "AdamW", "learning_rate": 1e-5}
+    new = {"optimizer": "AdamW8bit", "learning_rate": 1e-5}
+    save_checkpoint(run_dir(root, "run-a"), 2, lambda f: None, {"run": "run-a", "settings": old}, keep=1)
+    path, why = find_resume(root, "latest", "run-b", new)
+    assert path is None
+    assert "optimizer: 'AdamW' -> 'AdamW8bit'" in why and "kept" in why and "learning_rate" not in why
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint: .*optimizer: 'AdamW' -> 'AdamW8bit'"):
+        find_resume(root, str(run_dir(root, "run-a") / "checkpoint-2"), "run-b", new)
+    # the new run's pruning never reaches the old run's folder
+    for step in (2, 4, 6):
+        save_checkpoint(run_dir(root, "run-b"), step, lambda f: None, {"run": "run-b", "settings": new}, keep=1)
+    assert [p.name for p in list_checkpoints(run_dir(root, "run-a"))] == ["checkpoint-2"]
+    assert find_resume(root, None, "run-a", old)[0] is None
+
+
+def _params(work: Path, **train) -> None:
+    p = yaml.safe_load((work / "resume.yaml").read_text())
+    p["demo"]["train"].update(train)
+    (work / "resume.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_longer_run_extends_the_shorter_one_bitwise(project: Path, tmp_path: Path):
+    """max_train_steps raised from 4 to 8 (constant schedule): the rerun resumes at step 4 and ends
+    on the weights of a run that asked for 8 from the start."""
+    ref = _copy(project, tmp_path / "ref", resume="latest")
+    _params(ref, max_train_steps=8, checkpoints_total_limit=None)
+    run(_train_cmd(), ref)
+    work = _copy(project, tmp_path / "work", resume="latest")
+    _params(work, max_train_steps=4, checkpoints_total_limit=None)
+    run(_train_cmd(), work)
+    first = _files(_run_folder(work))
+    _params(work, max_train_steps=8)
+    out = run(_train_cmd(), work)
+    assert re.search(r"resuming from train/checkpoints/run-[0-9a-f]+/checkpoint-4", out)
+    assert json.loads((work / "models/controlnet/training.json").read_text())["resumed_from_step"] == 4
+    after = _files(_run_folder(work))
+    assert all(after[k] == v for k, v in first.items()), "the shorter run's checkpoints were rewritten"
+    expected, got = load_file(ref / WEIGHTS), load_file(work / WEIGHTS)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_another_optimizer_starts_a_new_run_and_keeps_the_old_one(project: Path, tmp_path: Path):
+    work = _copy(project, tmp_path / "work", resume="latest")
+    _params(work, max_train_steps=4)
+    run(_train_cmd(), work)
+    old_folder = _run_folder(work)
+    before = _files(old_folder)
+    p = yaml.safe_load((work / "resume.yaml").read_text())
+    p["tiers"]["cpu"]["use_8bit_adam"] = True  # the optimizer's kind: its state means something else
+    (work / "resume.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = run(_train_cmd(), work)
+    said = [line for line in out.splitlines() if "is another run's" in line]
+    assert len(said) == 1 and "optimizer: 'AdamW' -> 'AdamW8bit'" in said[0] and "kept" in said[0]
+    assert _files(old_folder) == before, "the earlier run's checkpoints were touched"
+    assert len(list((work / "train/checkpoints").glob("run-*"))) == 2
+    # naming the old run's checkpoint explicitly stops in one line
+    _params(work, resume_from_checkpoint=str(old_folder.relative_to(work) / "checkpoint-4"))
+    proc = subprocess.run(_train_cmd(), cwd=work, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "optimizer: 'AdamW' -> 'AdamW8bit'" in errors[0]

@@ -116,9 +116,11 @@ def score_model(h: HeldOut, k: int, controlnet=None, desc: str = "base") -> Scor
 def sweep(h: HeldOut, base: Scored, m: int) -> tuple[list[dict], dict[int, tuple]]:
     """Every checkpoint on the first ``m`` conditions: one row of mean scores each."""
     fk = h.scorer.fidelity_key
-    final_step = read_json(CONTROLNET_DIR / "training.json")["steps"]
+    training = read_json(CONTROLNET_DIR / "training.json")
+    final_step = training["steps"]
     rows, found = [], {}
-    for c in candidates(TRAIN_DIR / "checkpoints", CONTROLNET_DIR, final_step):
+    # the checkpoints of the run that made the ControlNet (other runs' stay beside them, untouched)
+    for c in candidates(Path(training.get("checkpoints", TRAIN_DIR / "checkpoints")), CONTROLNET_DIR, final_step):
         s = score_model(h, m, load_controlnet(c, CONTROLNET_DIR), desc=f"step {c.step}")
         row = {"step": c.step, **{k: float(np.nanmean(v)) for k, v in s.scores.items()}}
         row.update(

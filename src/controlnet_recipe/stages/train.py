@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ from ..training.checkpoints import (
     consolidate_zero,
     find_resume,
     read_state,
+    run_dir,
     save_checkpoint,
 )
 from ..training.latent_cache import LatentCache, current_fingerprint
@@ -66,8 +68,8 @@ from ..training.tracking import Trackers
 from ..training.validation import load_segmenter, run_validation, validation_pairs
 
 CHECKPOINTS = TRAIN_DIR / "checkpoints"
-# Settings that do not change what a run computes: a checkpoint stays resumable across them.
-NOT_IN_RUN_FINGERPRINT = {
+# Settings that leave the steps already taken alone: a run resumes across them.
+NOT_IN_RUN = {
     "checkpointing_steps",
     "checkpoints_total_limit",
     "resume_from_checkpoint",
@@ -75,7 +77,35 @@ NOT_IN_RUN_FINGERPRINT = {
     "report_to",
     "tracker_project_name",
     "dataloader_num_workers",
+    "max_train_steps",  # the length: in the run only where the schedule depends on it (below)
+    "num_train_epochs",
 }
+# Learning-rate schedules that do not depend on the run's length: a longer run extends a shorter one.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def run_settings(cfg: Config, tier: Tier, cache_fingerprint: str, micro: int, accum: int, world: int, max_steps: int) -> dict:
+    """What the steps a checkpoint holds depend on: the data (the cache), the training settings
+    and levers, the optimizer's kind, DeepSpeed, precision and the batch's split (the noise is
+    drawn per micro-batch), and the length where the schedule depends on it."""
+    t = cfg.recipe.train
+    settings = {k: v for k, v in t.model_dump().items() if k not in NOT_IN_RUN}
+    settings.update(
+        cache=cache_fingerprint,
+        optimizer="AdamW8bit" if tier.use_8bit_adam else "AdamW",
+        deepspeed=tier.deepspeed,
+        mixed_precision=tier.mixed_precision,
+        micro_batch=micro,
+        accumulation=accum,
+        processes=world,
+    )
+    if t.lr_scheduler not in LENGTH_FREE_SCHEDULES:
+        settings["max_steps"] = max_steps
+    return settings
+
+
+def run_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 LEVERS = (  # the convergence levers (README: Time to control), recorded in training.json
@@ -134,11 +164,6 @@ def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
         return "auto", tier
     name = resolve_tier(cfg.gpu, ref.family)
     return name, cfg.tiers[name]
-
-
-def run_fingerprint(cfg: Config, cache_fingerprint: str) -> str:
-    kept = {k: v for k, v in cfg.recipe.train.model_dump().items() if k not in NOT_IN_RUN_FINGERPRINT}
-    return hashlib.sha256(json.dumps([kept, cache_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
 
 
 Probe = Callable[[int, ControlNetModel], None]  # (step, the weights validation would use)
@@ -214,18 +239,24 @@ def train_controlnet(
         accelerator.register_for_checkpointing(ema)  # saved and restored with the run's state
     obj = objective(t)
 
-    run_fp = run_fingerprint(cfg, cache.fingerprint)
+    settings = run_settings(cfg, tier, cache.fingerprint, micro, accum, world, max_steps)
+    key = run_key(settings)
+    run_checkpoints = run_dir(checkpoints, key)
     if main:
-        for name in clean_partial(checkpoints):
+        for name in clean_partial(run_checkpoints):
             print(f"train: removed {name}, left by an interrupted save")
-    resume, why = find_resume(checkpoints, t.resume_from_checkpoint, run_fp)
+    resume, why = find_resume(checkpoints, t.resume_from_checkpoint, key, settings)
     accelerator.print(f"train: {why}")
     start = 0
     if resume is not None:
         accelerator.load_state(str(resume))
         start = read_state(resume)["step"]
-    elif main:
-        fresh_dir(train_dir)
+    elif main:  # a fresh start: this run's logs and checkpoints go; other runs' checkpoints stay
+        for p in train_dir.iterdir() if train_dir.is_dir() else []:
+            if p.name != checkpoints.name:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(run_checkpoints, ignore_errors=True)
+        train_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
     sampler = ResumableBatches(len(data), micro, t.seed, start=start * accum, rank=rank, world=world)
@@ -303,10 +334,10 @@ def train_controlnet(
             trackers.log({"loss": float(np.mean(losses[-10:])), "lr": lr_scheduler.get_last_lr()[0]}, done)
         if done % t.checkpointing_steps == 0 or done == max_steps:
             save_checkpoint(
-                checkpoints,
+                run_checkpoints,
                 done,
                 write_state,
-                {"fingerprint": run_fp, "micro_batches_read": done * accum, "tier": tier_name},
+                {"run": key, "settings": settings, "micro_batches_read": done * accum, "tier": tier_name},
                 t.checkpoints_total_limit,
                 main=main,
                 barrier=accelerator.wait_for_everyone,
@@ -325,7 +356,7 @@ def train_controlnet(
         out = fresh_dir(out_dir)
         with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
             if zero and ema is None:  # DeepSpeed's fp32 master weights, not the engine's half-precision copy
-                model = consolidated(model, checkpoints / f"checkpoint-{max_steps}")
+                model = consolidated(model, run_checkpoints / f"checkpoint-{max_steps}")
             model.save_pretrained(out)
     return {
         "tier": tier_name,
@@ -335,6 +366,7 @@ def train_controlnet(
         "effective_batch": micro * accum * world,
         "steps": max_steps,
         "resumed_from_step": start,
+        "checkpoints": run_checkpoints.as_posix(),  # this run's: the evaluate stage sweeps them
         "levers": {k: getattr(t, k) for k in LEVERS},
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         **last_val,

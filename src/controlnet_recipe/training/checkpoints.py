@@ -2,8 +2,14 @@
 
 A checkpoint is written into a hidden ``.checkpoint-N.tmp`` folder, flushed to disk, and renamed
 to ``checkpoint-N`` only when complete; ``latest`` only ever sees renamed folders, and leftovers
-of an interrupted save are removed on the next start. Each checkpoint records a fingerprint of
-what the run's trajectory depends on, so a run never resumes from another run's state.
+of an interrupted save are removed on the next start.
+
+Each run keeps its checkpoints apart, in ``run-<key>/`` where the key digests the settings that
+the steps already taken depend on (the data, the optimizer's kind, DeepSpeed, the levers, the
+batch; the length of the run only where the learning-rate schedule depends on it). So settings
+that leave those steps alone (a larger ``max_train_steps`` on a constant schedule, validation,
+logging and checkpoint cadence) resume the same run, and any other change starts a new run
+beside the earlier one, whose checkpoints nothing prunes or overwrites.
 """
 
 from __future__ import annotations
@@ -20,6 +26,19 @@ STATE = "training_state.json"  # written last: its presence marks a complete che
 WEIGHTS = "model.safetensors"  # the ControlNet's weights: accelerate's save_state, or consolidated from ZeRO
 EMA_WEIGHTS = "ema.safetensors"  # the EMA of the ControlNet (train.ema_decay set), keyed like the model
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+RUN_PREFIX = "run-"
+
+
+def run_dir(root: Path, key: str) -> Path:
+    """Where the run with settings digest ``key`` keeps its checkpoints."""
+    return root / f"{RUN_PREFIX}{key}"
+
+
+def difference(saved: dict, current: dict, most: int = 3) -> str:
+    """The settings that differ, as ``key: saved -> current`` (the first ``most`` of them)."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    shown = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys[:most]]
+    return ", ".join(shown) + (f" and {len(keys) - most} more" if len(keys) > most else "") or "no recorded setting"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -57,7 +76,7 @@ def save_checkpoint(
     barrier: Callable[[], None] = _alone,
 ) -> Path:
     """``write(folder)`` saves the model, optimizer, scheduler and RNG states; ``state`` (the step,
-    the data position, the fingerprint) goes in last. Keeps the newest ``keep`` checkpoints.
+    the data position, the run's key and settings) goes in last. Keeps the newest ``keep`` checkpoints.
 
     Every process calls this (``main`` on one of them, ``barrier`` waiting for all): each writes
     its own part (its RNG state; DeepSpeed's optimizer shards) into the one hidden folder, which
@@ -91,25 +110,43 @@ def consolidate_zero(folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
 
 
-def find_resume(root: Path, resume: str | None, fingerprint: str) -> tuple[Path | None, str]:
-    """The checkpoint to resume from (or None) and why, for the log. ``resume`` is ``latest``, a
-    checkpoint folder, or None (start fresh)."""
+def _other_runs(root: Path, mine: Path) -> list[Path]:
+    """Other runs' newest checkpoints (the flat layout of earlier versions counts as one run), newest first."""
+    if not root.is_dir():
+        return []
+    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(RUN_PREFIX) and p != mine] + [root]
+    newest = [found[-1] for f in folders if (found := list_checkpoints(f))]
+    return sorted(newest, key=lambda p: (p / STATE).stat().st_mtime, reverse=True)
+
+
+def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tuple[Path | None, str]:
+    """The checkpoint to resume from (or None) and why, for the log. ``resume`` is ``latest`` (this
+    run's newest checkpoint), a checkpoint folder (which must belong to this run), or None (start
+    fresh). ``key`` and ``settings``: this run's (see the module's docstring)."""
+    mine = run_dir(root, key)
     if resume is None:
         return None, "resume_from_checkpoint is null: starting fresh"
     if resume == "latest":
-        found = list_checkpoints(root)
-        if not found:
+        found = list_checkpoints(mine)
+        if found:
+            return found[-1], f"resuming from {found[-1]}"
+        others = _other_runs(root, mine)
+        if not others:
             return None, f"no checkpoint in {root}: starting fresh"
-        path = found[-1]
-    else:
-        path = Path(resume)
-        if not (path / STATE).is_file():
-            raise MissingInput(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
-    saved = read_json(path / STATE).get("fingerprint")
-    if saved != fingerprint:
-        if resume == "latest":
-            return None, f"{path} belongs to a run with other data or settings: starting fresh"
-        raise BadInput(f"train.resume_from_checkpoint: {path} belongs to a run with other data or settings")
+        saved = read_json(others[0] / STATE).get("settings", {})
+        return None, (
+            f"{others[0]} is another run's ({difference(saved, settings)}): starting a new run in {mine}; "
+            "its checkpoints are kept"
+        )
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise MissingInput(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
+    state = read_json(path / STATE)
+    if state.get("run") != key:
+        raise BadInput(
+            f"train.resume_from_checkpoint: {path} belongs to a run with other settings "
+            f"({difference(state.get('settings', {}), settings)})"
+        )
     return path, f"resuming from {path}"
 
 
