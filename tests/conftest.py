@@ -126,6 +126,13 @@ def dvc(*args: str, cwd: Path) -> str:
     return run([sys.executable, "-m", "dvc", *args], cwd)
 
 
+@pytest.fixture
+def own_project(project: Path, tmp_path: Path) -> Path:
+    """A copy of the built project for a test that changes it: the shared one stays as built, so
+    no test depends on which ran before it."""
+    return Path(shutil.copytree(project, tmp_path / "own", symlinks=True))
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
     """A copy of the project (code, dvc.yaml) with tiny params, in its own git + DVC repo, after

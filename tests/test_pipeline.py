@@ -62,7 +62,8 @@ def test_second_repro_does_nothing(project: Path):
 
 
 @pytest.mark.slow
-def test_caption_param_reruns_only_downstream(project: Path):
+def test_caption_param_reruns_only_downstream(own_project: Path):
+    project = own_project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["demo"]["captions"]["prefix"] = "photo, "
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -76,9 +77,10 @@ def test_caption_param_reruns_only_downstream(project: Path):
 
 
 @pytest.mark.slow
-def test_memory_tier_settings_train_for_real(project: Path):
+def test_memory_tier_settings_train_for_real(own_project: Path):
     """A GPU tier's switches (micro-batch 1 + accumulation, gradient checkpointing, 8-bit AdamW,
     bf16 autocast, keeping zeroed grads) run through the same train stage; on CPU here."""
+    project = own_project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tiers"]["cpu"] = {
         "batch_size": 1,
@@ -135,9 +137,10 @@ def _lock_outs(project: Path) -> dict[str, str]:
     return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
 
 
-def test_rerun_from_scratch_is_byte_identical(project: Path):
+def test_rerun_from_scratch_is_byte_identical(own_project: Path):
     """Data stages give the same bytes and the tiny base the same weights when made again from
     nothing (their folders deleted, so no finished shard is reused)."""
+    project = own_project
     outs = ("data/source", "data/photoreal", "data/conditions", "data/captions", "models/base")
     before = _lock_outs(project)
     for out in outs:
