@@ -149,35 +149,29 @@ def step_spec(c: dict, cfg, cuda: bool):
             per_step_encoding=c["per_step_encoding"],
             set_grads_to_none=True,
         )
-    tier = cfg.tiers[c["tier"]]
-    if c["kind"] == "validation":
-        from controlnet_recipe.planning.plan import step_spec as recipe_spec
+    from controlnet_recipe.planning.plan import step_spec as recipe_spec
 
-        recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
-        precision = tier.mixed_precision if cuda or tier.mixed_precision != "fp16" else "bf16"
-        # what runs: the architecture's own VAE (SDXL's upcasts), slicing on a GPU as make_pipeline does
-        return recipe_spec(
-            recipe,
-            tier,
-            c["arch"],
-            resolution=c["resolution"],
-            mixed_precision=precision,
-            vae_force_upcast=None,
-            vae_slicing=c.get("vae_slicing", False),
-        )
-    upstream = c["mode"] == "per-step encoding"
+    tier = cfg.tiers[c["tier"]]
     precision = tier.mixed_precision if cuda or tier.mixed_precision != "fp16" else "bf16"  # CPU: bf16 for fp16
-    adam = "none" if tier.use_8bit_adam else ("foreach" if upstream else "fused")
-    return StepSpec(
-        arch=c["arch"],
+    if c["kind"] == "validation":
+        recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
+        # what runs: the architecture's own VAE (SDXL's upcasts), slicing on a GPU as make_pipeline does
+        vae = dict(vae_force_upcast=None, vae_slicing=c.get("vae_slicing", False))
+        return recipe_spec(recipe, tier, c["arch"], resolution=c["resolution"], mixed_precision=precision, **vae)
+    # train_step.child's step: the tier's micro-batch with no accumulation; upstream's AdamW as it comes
+    upstream = c["mode"] == "per-step encoding"
+    adam = "foreach" if upstream and not tier.use_8bit_adam else None
+    return recipe_spec(
+        cfg.recipe,
+        tier,
+        c["arch"],
         resolution=c["resolution"],
         micro_batch=tier.batch_size,
+        accumulation=1,
         mixed_precision=precision,
-        gradient_checkpointing=tier.gradient_checkpointing,
-        set_grads_to_none=tier.set_grads_to_none,
-        attention=tier.attention,
-        adam=adam,
         per_step_encoding=upstream,
+        validation_images=1,  # the step alone is measured; validation's own rows are "validation"
+        **({"adam": adam} if adam else {}),
     )
 
 

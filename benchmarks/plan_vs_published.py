@@ -32,6 +32,11 @@ UPSTREAM = dict(
 )
 SD15 = dict(UPSTREAM, arch="sd15", resolution=512)
 SDXL = dict(UPSTREAM, arch="sdxl-base", resolution=1024)
+# upstream's SD 1.5 ladder, each rung the one before plus its README section's switches
+SD15_ACC = dict(SD15, micro_batch=1, accumulation=4, mixed_precision="no", attention="math")
+SD15_16GB = dict(SD15_ACC, gradient_checkpointing=True, adam="none")  # + 8-bit Adam (the row's use_8bit)
+SD15_12GB = dict(SD15_16GB, attention="xformers", set_grads_to_none=True)
+SD15_8GB = dict(SD15_12GB, mixed_precision="fp16", deepspeed=True)
 FLUX = dict(
     UPSTREAM, arch="flux1-dev", resolution=512, validation_resolution=1024, mixed_precision="bf16", micro_batch=1, accumulation=16
 )
@@ -54,7 +59,7 @@ ROWS = [
         "both",
         20,
         "about",
-        dict(SD15, micro_batch=1, accumulation=4, mixed_precision="no", attention="math"),
+        SD15_ACC,
         False,
         1,
     ),
@@ -64,9 +69,7 @@ ROWS = [
         "both",
         16,
         "card",
-        dict(
-            SD15, micro_batch=1, accumulation=4, mixed_precision="no", attention="math", gradient_checkpointing=True, adam="none"
-        ),
+        SD15_16GB,
         True,
         1,
     ),
@@ -76,16 +79,7 @@ ROWS = [
         "both",
         12,
         "card",
-        dict(
-            SD15,
-            micro_batch=1,
-            accumulation=4,
-            mixed_precision="no",
-            attention="xformers",
-            gradient_checkpointing=True,
-            adam="none",
-            set_grads_to_none=True,
-        ),
+        SD15_12GB,
         True,
         1,
     ),
@@ -95,17 +89,7 @@ ROWS = [
         "both",
         8,
         "card",
-        dict(
-            SD15,
-            micro_batch=1,
-            accumulation=4,
-            mixed_precision="fp16",
-            attention="xformers",
-            gradient_checkpointing=True,
-            adam="none",
-            set_grads_to_none=True,
-            deepspeed=True,
-        ),
+        SD15_8GB,
         False,
         1,
     ),

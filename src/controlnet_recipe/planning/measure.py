@@ -93,19 +93,12 @@ class _Models:
         self.for_validation: dict[str, torch.nn.Module] = {}  # loaded onto the GPU to validate
 
     def set_switches(self) -> None:
-        """Gradient checkpointing and the attention computation, on the ControlNet and the base."""
+        """Gradient checkpointing on the ControlNet and the base."""
         for model in (self.controlnet, self.base):
             if self.spec.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
-        if isinstance(self, _UNetModels):
-            # math: attention as diffusers computed it before PyTorch 2's SDPA (scores materialised)
-            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-            proc = AttnProcessor if self.spec.attention == "math" else AttnProcessor2_0
-            for model in (self.controlnet, self.base):
-                model.set_attn_processor(proc())
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -173,6 +166,16 @@ class _UNetModels(_Models):
             self.frozen.update({"vae": vae, **text})
         else:
             self.for_validation.update({"vae": vae, **text})
+
+    def set_switches(self) -> None:
+        """Checkpointing, and the attention: ``math`` as diffusers computed it before PyTorch 2's
+        SDPA (scores materialised), else SDPA."""
+        super().set_switches()
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        proc = AttnProcessor if self.spec.attention == "math" else AttnProcessor2_0
+        for model in (self.controlnet, self.base):
+            model.set_attn_processor(proc())
 
     def _text(self, b: int) -> tuple[torch.Tensor, dict | None]:
         added = None

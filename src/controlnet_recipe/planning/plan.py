@@ -8,6 +8,7 @@ allocations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, Recipe, Tier, accumulation_steps
@@ -56,9 +57,7 @@ def bnb_state_bytes(shapes: list[tuple[int, ...]]) -> int:
     buffers and two fp32 absmax vectors per tensor of 4096 values or more, two fp32 buffers below."""
     total = 0
     for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         if n < BNB_MIN_8BIT:
             total += 2 * 4 * n
         else:
@@ -129,8 +128,7 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
 def _groups_gib(groups: dict[str, int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in groups.items():
-        key = k.removeprefix("weights: ").replace(" ", "_") if k.startswith("weights: ") else k
-        key = f"weights_{key}" if k.startswith("weights: ") else key
+        key = "weights_" + k.removeprefix("weights: ").replace(" ", "_") if k.startswith("weights: ") else k
         out[key] = out.get(key, 0.0) + v / GIB
     return {k: v for k, v in out.items() if v > 0}
 
