@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import yaml
 
+from controlnet_recipe import storage
 from controlnet_recipe.config import load_config
 from controlnet_recipe.stages.photoreal import build_photoreal
 from controlnet_recipe.storage import PHOTOREAL_DIR, load_dataset_dir
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -33,6 +38,23 @@ def test_img2img_changes_images_and_keeps_everything_else(project: Path, tmp_pat
     assert a["id"] == b["id"] and a["landmarks"] == b["landmarks"]
     assert a["image"].size == b["image"].size and not np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
     assert (PHOTOREAL_DIR / "samples.png").is_file()
+    # Killed after its first shard and rerun: the same bytes, preview included.
+    clean = _tree(PHOTOREAL_DIR)
+    shutil.rmtree(PHOTOREAL_DIR)
+    real_write, written = storage.write_shard, []
+
+    def killed(root, split, index, ds, stats=None):
+        if written:
+            raise KeyboardInterrupt("killed mid-stage")
+        written.append((split, index))
+        return real_write(root, split, index, ds, stats)
+
+    monkeypatch.setattr(storage, "write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_photoreal(cfg)
+    monkeypatch.setattr(storage, "write_shard", real_write)
+    build_photoreal(cfg)
+    assert _tree(PHOTOREAL_DIR) == clean
     # Turned off again: a pointer to data/source, nothing copied.
     params["demo"]["photoreal"]["enabled"] = False
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -125,18 +125,17 @@ def test_sdxl_kill_and_resume_is_bitwise_exact(sdxl_project: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_an_sd_tier_stops_an_sdxl_run_in_one_line(sdxl_project: Path):
+def test_an_sd_tier_stops_an_sdxl_run_in_one_line(sdxl_project: Path, tmp_path: Path):
     """With ``family: auto`` only the base stage knows the family: the train stage checks the tier
     against base.json before it loads any model."""
     p = yaml.safe_load((sdxl_project / "params.yaml").read_text())
     p[SDXL_RECIPE]["base"]["family"] = "auto"
     p["gpu"] = "16gb"
-    (sdxl_project / "auto.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(p, sort_keys=False))  # the project stays as built
     out = subprocess.run(
-        [sys.executable, "-m", "controlnet_recipe", "train", "--params", "auto.yaml"],
+        [sys.executable, "-m", "controlnet_recipe", "train", "--params", str(tmp_path / "auto.yaml")],
         cwd=sdxl_project, env=_env(), capture_output=True, text=True,
     )  # fmt: skip
-    (sdxl_project / "auto.yaml").unlink()
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
         "error: models/base/base.json (family sdxl): gpu: tier '16gb' is sized for SD 1.x/2.x; "
