@@ -25,7 +25,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=demo|faces|sdxl, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb|sdxl-24gb|sdxl-40gb|sdxl-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|depth|faces|sdxl, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb|sdxl-24gb|sdxl-40gb|sdxl-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 # VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
 # uv (pinned, from PyPI) installs the same pinned lock as pip would, several times faster; it looks
@@ -53,7 +53,14 @@ env: $(VENV)/.installed ## create the virtualenv with the pinned versions (CPU t
 check: env ## validate params.yaml (one-line errors, nothing is built)
 	$(BIN)/python -m controlnet_recipe check
 
-demo: env ## run the whole pipeline on the embedded default (CPU, offline, under 10 min)
+# RECIPE=name: checked, then written into params.yaml (what dvc repro runs)
+SET_RECIPE = @if [ -n "$(RECIPE)" ]; then \
+	  $(BIN)/python -m controlnet_recipe check --recipe "$(RECIPE)" && \
+	  sed -i -E 's/^recipe:[[:space:]]*[^[:space:]\#]+/recipe: $(RECIPE)/' params.yaml && echo "params.yaml: recipe: $(RECIPE)"; \
+	fi
+
+demo: env ## run the whole pipeline on the embedded default (CPU, offline, under 10 min): make demo [RECIPE=depth]
+	$(SET_RECIPE)
 	$(BIN)/python -m controlnet_recipe check
 	$(BIN)/dvc repro
 	@echo
@@ -65,10 +72,7 @@ repro: env ## rerun only the stages whose code, params or inputs changed
 	$(BIN)/dvc repro
 
 train: env ## train the ControlNet (and what it needs): make train [RECIPE=faces] [GPU=16gb]
-	@if [ -n "$(RECIPE)" ]; then \
-	  $(BIN)/python -m controlnet_recipe check --recipe "$(RECIPE)" && \
-	  sed -i -E 's/^recipe:[[:space:]]*[^[:space:]#]+/recipe: $(RECIPE)/' params.yaml && echo "params.yaml: recipe: $(RECIPE)"; \
-	fi
+	$(SET_RECIPE)
 	@if [ -n "$(GPU)" ]; then \
 	  $(BIN)/python -m controlnet_recipe check --gpu "$(GPU)" && \
 	  sed -i -E 's/^gpu:[[:space:]]*[^[:space:]#]+/gpu: $(GPU)/' params.yaml && echo "params.yaml: gpu: $(GPU)"; \

@@ -85,7 +85,7 @@ def first_reaching(curve: list[dict], key: str, target: float, higher: bool) -> 
 def run(args) -> dict:
     from controlnet_recipe.config import load_config
     from controlnet_recipe.evaluation.sampling import Sampler
-    from controlnet_recipe.evaluation.scorer import Scorer, target_landmarks
+    from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.models.base_model import BaseRef, load_base
     from controlnet_recipe.storage import CAPTIONS_DIR, load_dataset_dir
 
@@ -99,10 +99,10 @@ def run(args) -> dict:
     cols = r.columns
     conditions = [c.convert("RGB") for c in val[cols.conditioning_image]]
     prompts = list(val[cols.caption])
-    targets = target_landmarks(val["landmarks"], conditions, r.data.resolution)
     seeds = [r.evaluate.seed + i for i in range(n)]
     sampler = Sampler(load_base(BaseRef.read()), r.evaluate, r.data.resolution)
     scorer = Scorer(r)
+    targets = scorer.condition.targets(val["landmarks"], conditions, r.data.resolution)
     fk = scorer.fidelity_key
     base_scores = scorer.fidelity(sampler.generate(prompts, seeds, desc="base"), conditions, targets)
     results = {

@@ -29,7 +29,7 @@ def main() -> None:
 
     from controlnet_recipe.config import load_config
     from controlnet_recipe.diffusion import encode_images
-    from controlnet_recipe.evaluation.scorer import Scorer, target_landmarks
+    from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.images import images_to_tensor, tensor_to_images
     from controlnet_recipe.models import tiny
     from controlnet_recipe.stages.base import train_vae
@@ -49,8 +49,8 @@ def main() -> None:
     val = ds["validation"].select(range(min(args.samples, len(ds["validation"]))))
     real = [im.convert("RGB") for im in val[cols.image]]
     conditions = [c.convert("RGB") for c in val[cols.conditioning_image]]
-    targets = target_landmarks(val["landmarks"], conditions, res)
     scorer = Scorer(r)
+    targets = scorer.condition.targets(val["landmarks"], conditions, res)
 
     def score(images) -> dict:
         s = scorer.fidelity(images, conditions, targets)

@@ -165,7 +165,7 @@ def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
     scorer = Scorer(cfg.recipe, folder)
     photo = Image.fromarray(skimage_data.astronaut()).resize((cfg.recipe.data.resolution,) * 2)
     blank = Image.new("RGB", photo.size, (128, 128, 128))
-    found = scorer.detect([photo, blank])
+    found = scorer.reextract.detect([photo, blank])
     assert found[0] is not None and found[0].shape == (68, 2) and found[1] is None
     condition = draw_segmentation([found[0]], photo.size)
     scores = scorer.fidelity([photo, blank], [condition, condition], [found[0], found[0]])
@@ -177,8 +177,8 @@ def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
 
 
 def test_scorer_for_canny_conditions(tiny_clip, tmp_path):
-    """A Canny recipe's evaluator has no segmenter and no landmark network: fidelity is edge F1,
-    and dlib tells whether a face appears."""
+    """A Canny recipe's fidelity is edge F1 of Canny run again on the image (its extractor, when
+    the evaluator stage has made one, adds its own line F1); no face metric or probe applies."""
     import yaml
     from skimage import data as skimage_data
 
@@ -205,4 +205,4 @@ def test_scorer_for_canny_conditions(tiny_clip, tmp_path):
     edges = canny(photo, r.conditions.canny_low, r.conditions.canny_high)
     scores = scorer.fidelity([photo, blank], [edges, edges], [None, None])
     assert scores["edge_f1"][0] == 1.0 and scores["edge_f1"][1] == 0.0 and scorer.fidelity_key == "edge_f1"
-    assert scorer.face_found([photo, blank]).tolist() == [True, False]
+    assert not scorer.about_faces and set(scores) == {"edge_f1"}  # no extractor in this folder

@@ -11,7 +11,8 @@ LAYERS = [
     ["config"],  # the typed params
     ["storage", "images", "diffusion", "fit"],  # shared plumbing: folders, images, noise and loss, one fit loop
     ["faces"],  # landmarks, drawing, the synthetic generator
-    ["conditions", "metrics", "models", "sources", "captioning", "report"],  # the domain's parts
+    ["metrics", "models", "sources", "captioning", "report"],  # the domain's parts
+    ["conditions"],  # one module per condition kind: making, map type, fidelity (uses metrics and models)
     ["training"],  # the ControlNet engine
     ["evaluation", "planning"],  # scoring, sampling and the sweep; the GPU-memory planner (runs training's step)
     ["publish", "generate", "doctor"],  # applications

@@ -26,7 +26,9 @@ def test_pipeline_outputs(project: Path):
         assert 0.0 <= metrics[key] <= 1.0
     for key in ("nme", "nme_base", "nme_ceiling", "fid", "fid_base", "kid", "clip_score", "clip_score_base"):
         assert metrics[key] is None or np.isfinite(metrics[key]), key
-    assert metrics["fidelity_metric"] == "miou"
+    assert metrics["fidelity_metric"] == "miou"  # the face map redrawn from re-detected landmarks
+    summary = json.loads((project / "eval/summary.json").read_text())
+    assert summary["fidelity"]["map_type"] == "categorical" and "extractor_miou" in summary["controlnet"]
     assert metrics["fidelity_gain_low"] <= metrics["fidelity_gain"] <= metrics["fidelity_gain_high"]
     # The sweep: checkpoints at steps 2 and the final model at step 3; the chosen one is exported.
     sweep = (project / "eval/sweep.csv").read_text().splitlines()
@@ -50,7 +52,7 @@ def test_pipeline_outputs(project: Path):
     shown = dvc("metrics", "show", cwd=project)
     assert "miou_base" in shown and "concept_survival" in shown
     assert (project / "train/live/plots/metrics/loss.tsv").is_file()
-    assert (project / "train/live/plots/metrics/val/miou.tsv").is_file()  # validation scored during training
+    assert (project / "train/live/plots/metrics/val/fidelity.tsv").is_file()  # validation scored during training
     assert (project / "train/validation.png").is_file()
 
 

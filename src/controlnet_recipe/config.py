@@ -75,14 +75,28 @@ class DataCfg(Strict):
 
 
 class ConditionsCfg(Strict):
-    """``face_segmentation``: landmarks (``detector``: the source's ground truth, dlib or SPIGA)
-    drawn into the face-part map; ``canny``: OpenCV edges; ``given``: the source's own images."""
+    """The condition kind (one module each in ``conditions/``): ``face_segmentation``: landmarks
+    (``detector``: the source's ground truth, dlib or SPIGA) drawn into the face-part map;
+    ``canny``: OpenCV edges; ``given``: the source's own images (``map_type``: what they are, or
+    ``auto`` to read it from them); ``depth``, ``segmentation``: a transformers model (``model``,
+    ``revision``) makes them, batched; the evaluation re-extracts them with ``reextract_model``."""
 
-    kind: Literal["face_segmentation", "canny", "given"]
+    kind: Literal["face_segmentation", "face_depth", "canny", "given", "depth", "segmentation"]
     detector: Literal["ground_truth", "dlib", "spiga"]
     canny_low: int = Field(ge=0, le=255)
     canny_high: int = Field(ge=0, le=255)
+    map_type: Literal["auto", "categorical", "binary", "continuous"] = "auto"
+    model: str | None = None  # depth, segmentation: a hub id or a local folder
+    revision: str | None = None
+    reextract_model: str | None = None  # null: the model that made the conditions
+    batch_size: int = Field(default=16, gt=0)
     num_proc: int | None = Field(gt=0)  # worker processes; null: every core
+
+    @model_validator(mode="after")
+    def _model_for_model_made(self) -> ConditionsCfg:
+        if self.kind in ("depth", "segmentation") and not self.model:
+            raise ConfigError(f"conditions.model: expected a transformers model id or folder for kind {self.kind}")
+        return self
 
 
 class CaptionsCfg(Strict):
@@ -141,10 +155,10 @@ class CacheCfg(Strict):
 
 
 class EvaluatorCfg(Strict):
-    """The models the evaluation scores images with. A segmenter (validation's val/miou) is always
-    trained on the training pairs; landmarks are re-detected by a heatmap network trained the same
-    way (``learned``) or by dlib; CLIP (prompt adherence, zero-shot probes, FID/KID features) is a
-    pretrained model pinned by revision and sha256, or (``clip_model: null``) a small CLIP trained
+    """The models the evaluation scores images with. A condition extractor (validation's
+    val/fidelity) is always trained on the training pairs; face landmarks are re-detected by a
+    heatmap network trained the same way (``learned``) or by dlib; CLIP (prompt adherence, zero-shot
+    probes, FID/KID features) is a pretrained model pinned by revision and sha256, or (``clip_model: null``) a small CLIP trained
     on the (image, caption) pairs."""
 
     num_samples: int = Positive  # training pairs it learns from
@@ -290,7 +304,7 @@ class Recipe(Strict):
         if self.data.conditioning_folder:
             given.add("conditioning_image")
         if (
-            self.conditions.kind == "face_segmentation"
+            self.conditions.kind in ("face_segmentation", "face_depth")
             and self.conditions.detector == "ground_truth"
             and src
             not in (

@@ -1,8 +1,9 @@
-"""Try a trained ControlNet: a face photo (or a ready condition image) and a prompt in, images out.
+"""Try a trained ControlNet: a photo (or a ready condition image) and a prompt in, images out.
 
-``python -m controlnet_recipe generate --photo face.jpg --prompt "..."`` draws the condition from
-the photo exactly as the conditions stage would (the recipe's detector, dlib when the recipe uses
-ground-truth landmarks, since a photo has none; Canny edges for a ``canny`` recipe), brings it to
+``python -m controlnet_recipe generate --photo face.jpg --prompt "..."`` makes the condition from
+the photo exactly as the conditions stage would, by the recipe's condition kind (face landmarks
+drawn by the recipe's detector, dlib when the recipe uses ground truth, since a photo has none;
+Canny edges; a model's depth or segmentation), brings it to
 the recipe's resolution as training does (shorter side resized, centre crop), and generates with
 the base model and the ControlNet (``models/best``, the checkpoint the evaluate stage chose, else
 ``models/controlnet``). :class:`Generator` is the core, shared with the web demo (``web.py``).
@@ -95,48 +96,24 @@ def read_image(path: str | Path) -> Image.Image:
     return d.image
 
 
-def detector_name(cfg: Config) -> str:
-    """The recipe's landmark detector; dlib where the recipe uses ground truth (a photo has none)."""
-    d = cfg.recipe.conditions.detector
-    return "dlib" if d == "ground_truth" else d
-
-
-def condition_from_photo(cfg: Config, photo: Image.Image, name: str = "the photo", detector=None) -> Image.Image:
-    """The condition the recipe's conditions stage would draw for ``photo``, at the recipe's resolution."""
-    from .faces.draw import draw_segmentation
-
-    c, res = cfg.recipe.conditions, cfg.recipe.data.resolution
-    photo = centre_square(photo.convert("RGB"))
-    if c.kind == "canny":
-        from .conditions.canny import canny
-
-        return fit(canny(photo, c.canny_low, c.canny_high), res)
-    if c.kind == "given":
-        raise GenerateError("this recipe's conditions come from its data source (conditions.kind: given); pass a condition image")
-    if detector is None:
-        from .faces.landmarks import get_detector
-
-        detector = get_detector(detector_name(cfg))
-    import numpy as np
-
-    try:
-        faces = detector.detect(np.asarray(photo))
-    except RuntimeError as e:  # detector not installed, SPIGA without CUDA: already one line
-        raise GenerateError(str(e)) from None
-    if not faces:
-        raise GenerateError(f"no face found in {name} (detector: {detector.name})")
-    return fit(draw_segmentation(faces, photo.size), res)
-
-
 def make_condition(
-    cfg: Config, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo", detector=None
+    cfg: Config, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo", kind=None
 ) -> Image.Image:
-    """The condition at the recipe's resolution: drawn from ``photo``, or ``condition`` as given."""
+    """The condition at the recipe's resolution: made from ``photo`` by the recipe's condition kind
+    (``kind``: one already loaded), as the conditions stage makes it, or ``condition`` as given."""
+    from .conditions import ConditionError
+    from .conditions import condition as condition_kind
+
     if (photo is None) == (condition is None):
-        raise GenerateError("expected a face photo or a condition image (one of them)")
+        raise GenerateError("expected a photo or a condition image (one of them)")
+    res = cfg.recipe.data.resolution
     if condition is not None:
-        return fit(condition.convert("RGB"), cfg.recipe.data.resolution)
-    return condition_from_photo(cfg, photo, name, detector)
+        return fit(condition.convert("RGB"), res)
+    kind = kind or condition_kind(cfg.recipe.conditions)
+    try:
+        return fit(kind.from_photo(centre_square(photo.convert("RGB")), name), res)
+    except ConditionError as e:
+        raise GenerateError(str(e)) from None
 
 
 class Generator:
@@ -159,15 +136,13 @@ class Generator:
         self.device, dtype = inference_device()
         controlnet = ControlNetModel.from_pretrained(self.model, torch_dtype=dtype)
         self.pipe = make_pipeline(base, controlnet, device=self.device, dtype=dtype)
-        self._detector = None
+        from .conditions import condition as condition_kind
+
+        self.kind = condition_kind(cfg.recipe.conditions)  # its detector or model loads once, on first use
 
     def condition(self, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo"):
-        """:func:`make_condition` with this generator's recipe (the detector loads once)."""
-        if self._detector is None and photo is not None and self.cfg.recipe.conditions.kind == "face_segmentation":
-            from .faces.landmarks import get_detector
-
-            self._detector = get_detector(detector_name(self.cfg))
-        return make_condition(self.cfg, photo, condition, name, self._detector)
+        """:func:`make_condition` with this generator's recipe."""
+        return make_condition(self.cfg, photo, condition, name, self.kind)
 
     def __call__(self, condition: Image.Image, s: Settings) -> list[Image.Image]:
         """``s.num_images`` images; image i always uses seed ``s.seed + i``, whatever the batching."""
@@ -252,11 +227,11 @@ def run(
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="controlnet-recipe generate",
-        description="Generate faces from a photo (its landmarks drawn as the recipe's condition) or a condition image.",
+        description="Generate images from a photo (its condition made as the recipe makes it) or a condition image.",
         epilog="Also --params, --recipe, --gpu, as for every command. Sampling defaults: the recipe's evaluate block.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--photo", help="a face photo: its landmarks are detected and drawn as the condition")
+    src.add_argument("--photo", help="a photo: the recipe's condition is made from it (face landmarks drawn, edges, depth, ...)")
     src.add_argument("--condition", help="a ready condition image")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")

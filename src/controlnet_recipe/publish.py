@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from .conditions import condition
 from .config import Config
 from .errors import BadInput, MissingInput
 from .models.base_model import BaseRef
@@ -40,6 +41,7 @@ def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
         "tags": ["controlnet", fam.hub_tag, "diffusers", "controlnet-recipe", r.conditions.kind],
         "pipeline_tag": "text-to-image",
     }
+    made = ", ".join(f"{k} `{v}`" for k, v in condition(r.conditions).report().items() if v is not None)
     images = "\n".join(f"![{name}](./{name})" for name, src in IMAGES.items() if src.is_file())
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
@@ -48,7 +50,7 @@ def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
 # ControlNet ({r.conditions.kind}) for {base.name_or_path}
 
 A {fam.title} ControlNet, trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
-Condition: `{r.conditions.kind}` from `{r.conditions.detector}`; captions: `{r.captions.captioner}`.
+Condition: {made}; captions: `{r.captions.captioner}`.
 
 ```python
 from diffusers import ControlNetModel, {fam.controlnet_pipeline_class}

@@ -195,6 +195,28 @@ def dataset_key(path: Path) -> str:
     return digest(read_json(path / SPLITS_FILE), read_json(path / RUN_FILE) if (path / RUN_FILE).is_file() else None)
 
 
+def each_gpu(worker, todo: list, cfg, gpus: bool, what: str) -> int:
+    """Run ``worker(rank, world, todo, cfg)``: in this process, or (``gpus`` and several GPUs) in one
+    process per GPU, each taking every world-th item of ``todo``. Returns the number of processes."""
+    import multiprocessing as mp
+
+    import torch
+
+    world = torch.cuda.device_count() if gpus and torch.cuda.device_count() > 1 else 1
+    if world > 1:
+        # spawn, not fork: CUDA cannot be initialised in a forked process.
+        procs = [mp.get_context("spawn").Process(target=worker, args=(k, world, todo, cfg)) for k in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+            if p.exitcode:
+                raise RuntimeError(f"{what}: a worker process failed (exit code {p.exitcode}); rerun to resume")
+    elif todo:
+        worker(0, 1, todo, cfg)
+    return world
+
+
 def num_workers(requested: int | None = None) -> int:
     return requested or max(1, os.cpu_count() or 1)
 

@@ -49,8 +49,8 @@ def build_app(cfg: Config, gen: Generator):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    e, c = cfg.recipe.evaluate, cfg.recipe.conditions
-    what = "Canny edges" if c.kind == "canny" else "the face segmentation map of its landmarks"
+    e = cfg.recipe.evaluate
+    what = gen.kind.photo_hint
 
     def run(image, kind, prompt, negative, num_images, seed, steps, guidance, scale):
         if image is None:

@@ -1,4 +1,5 @@
-"""Canny-edge condition (as lllyasviel's canny ControlNet) and an edge F1 score to check generations against it."""
+"""``canny``: OpenCV Canny edges (as lllyasviel's canny ControlNet), white on black. Its fidelity:
+Canny run again on the generated image, F1 of the edges against the condition's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import numpy as np
 from PIL import Image
 
 from ..images import to_rgb
+from ..metrics.maps import f1
+from .condition import Condition, Fidelity, Made
+from .maps import MapType
+
+BLACK, WHITE = (0, 0, 0), (255, 255, 255)
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
@@ -24,27 +30,41 @@ def _binary(edges: np.ndarray | Image.Image) -> np.ndarray:
     return arr > 0
 
 
-def _dilate(mask: np.ndarray, tolerance: int) -> np.ndarray:
-    if tolerance <= 0:
-        return mask
-    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
-    return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+def edge_f1(pred: np.ndarray | Image.Image, target: np.ndarray | Image.Image, tolerance: int = 1) -> float:
+    """F1 between two edge maps (bool, 0/1, or 0/255; HxW or HxWx3), matching within ``tolerance`` pixels."""
+    return f1(_binary(pred), _binary(target), tolerance)
 
 
-def edge_f1(pred: np.ndarray, target: np.ndarray, tolerance: int = 1) -> float:
-    """F1 between two binary edge maps (bool, 0/1, or 0/255; HxW or HxWx3), matching within ``tolerance`` pixels.
+class Canny(Condition):
+    name = "canny"
+    photo_hint = "its Canny edges"
 
-    Precision: predicted edge pixels with a target edge within a (2t+1)^2 square; recall the same the other way.
-    Two empty maps score 1.0; one empty map 0.0.
-    """
-    p, t = _binary(pred), _binary(target)
-    if p.shape != t.shape:
-        raise ValueError(f"edge maps differ in shape: {p.shape} vs {t.shape}")
-    n_p, n_t = int(p.sum()), int(t.sum())
-    if n_p == 0 and n_t == 0:
-        return 1.0
-    if n_p == 0 or n_t == 0:
-        return 0.0
-    precision = float((p & _dilate(t, tolerance)).sum()) / n_p
-    recall = float((t & _dilate(p, tolerance)).sum()) / n_t
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    def make(self, image, row: dict) -> Made:
+        return Made(canny(image, self.c.canny_low, self.c.canny_high), None, row.get("landmarks"))
+
+    def report(self) -> dict:
+        return {"kind": self.name, "canny_low": self.c.canny_low, "canny_high": self.c.canny_high}
+
+    def map_type(self, conditions: list, resolution: int) -> MapType:
+        return MapType("binary", (BLACK, WHITE), ("background", "edge"), why="binary: Canny's white edges on black")
+
+    def fidelity(self, r, folder, extractor) -> Fidelity:
+        return CannyFidelity(self.c.canny_low, self.c.canny_high)
+
+
+class CannyFidelity(Fidelity):
+    headline = "edge_f1"
+    why = "F1 of Canny's edges on the image against the condition's, matched within 1 pixel"
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def scores(self, images: list, conditions: list, targets: list) -> dict[str, np.ndarray]:
+        return {
+            "edge_f1": np.array(
+                [
+                    edge_f1(canny(im, self.low, self.high), np.asarray(c.convert("L").resize(im.size, 0)))
+                    for im, c in zip(images, conditions)
+                ]
+            )
+        }

@@ -1,5 +1,6 @@
 """Forgetting probes: off-domain prompts over a few conditions. Does the prompt's concept survive
-the ControlNet (CLIP zero-shot among all probe concepts), and does a face appear anyway?"""
+the ControlNet (CLIP zero-shot among all probe concepts), and (face conditions) does a face appear
+anyway?"""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class ProbeSet:
 
 
 def probe_scores(scorer, probes: ProbeSet, images: list) -> dict[str, np.ndarray]:
-    """Per image: ``survived`` (CLIP picks the probe's own concept) and ``face`` (a face is found)."""
+    """Per image: ``survived`` (CLIP picks the probe's own concept) and, for face conditions,
+    ``face`` (a face is found)."""
     pred = scorer.clip.zero_shot(to_uint8(images, scorer.res), probes.labels)
-    return {"survived": (pred == probes.truth).astype(float), "face": scorer.face_found(images).astype(float)}
+    out = {"survived": (pred == probes.truth).astype(float)}
+    if scorer.about_faces:
+        out["face"] = scorer.face_found(images).astype(float)
+    return out

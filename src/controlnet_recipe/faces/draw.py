@@ -126,3 +126,44 @@ def labels_from_segmentation(img: Image.Image | np.ndarray) -> np.ndarray:
     arr = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.int32)
     dist = ((arr[:, :, None, :] - PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)
     return dist.argmin(-1).astype(np.uint8)
+
+
+def _bump(h: int, w: int, centre: np.ndarray, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    return np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma**2))
+
+
+def draw_depth(landmarks: list[np.ndarray], size: tuple[int, int]) -> Image.Image:
+    """A depth-like shading of each face (near is bright, the background black): the head a dome
+    over the skin, the nose raised, the eye sockets and the mouth set back. A continuous map, made
+    exactly from the landmarks."""
+    w, h = size
+    depth = np.zeros((h, w), dtype=np.float64)
+    for lm in landmarks:
+        lm = np.asarray(lm, dtype=np.float64)
+        skin = draw_label_map([lm], size) > 0
+        if not skin.any():
+            continue
+        ys, xs = np.nonzero(skin)
+        cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+        rx, ry = max((xs.max() - xs.min()) / 2, 1.0), max((ys.max() - ys.min()) / 2, 1.0)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+        dome = np.sqrt(np.clip(1 - ((xx - cx) / rx) ** 2 - ((yy - cy) / ry) ** 2, 0, 1))
+        s = face_scale(lm)
+        face = 0.25 + 0.45 * dome + 0.3 * _bump(h, w, lm[30], 0.14 * s)
+        for eye in (RIGHT_EYE, LEFT_EYE):
+            face -= 0.12 * _bump(h, w, lm[eye].mean(0), 0.12 * s)
+        face -= 0.08 * _bump(h, w, lm[INNER_LIP].mean(0), 0.12 * s)
+        depth = np.where(skin, np.maximum(depth, np.clip(face, 0, 1)), depth)
+    grey = (depth * 255).round().astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1))
+
+
+def draw_outline(landmarks: list[np.ndarray], size: tuple[int, int]) -> Image.Image:
+    """Each face part's outline, one pixel wide, white on black: a binary line map."""
+    img = Image.new("RGB", size, (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for lm in landmarks:
+        for kind, pts in part_shapes(lm).values():
+            d.line(pts + pts[:1] if kind == "polygon" else pts, fill=(255, 255, 255), width=1)
+    return img

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..faces.draw import PARTS, labels_from_segmentation
-from ..images import images_to_tensor
+from ..faces.draw import PARTS
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int = len(PARTS)) -> np.ndarray:
@@ -28,22 +26,3 @@ def face_miou(conf: np.ndarray) -> tuple[float, dict[str, float]]:
     iou = iou_per_class(conf)
     per_part = {name: float(v) for name, v in zip(PARTS, iou) if name != "background" and not np.isnan(v)}
     return float(np.mean(list(per_part.values()))) if per_part else 0.0, per_part
-
-
-def labels_tensor(conditions: list, resolution: int) -> torch.Tensor:
-    """Class-index maps of condition images, at ``resolution`` (nearest, so classes stay pure)."""
-    out = [labels_from_segmentation(c.convert("RGB").resize((resolution, resolution), 0)) for c in conditions]
-    return torch.from_numpy(np.stack(out)).long()
-
-
-@torch.no_grad()
-def segment(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) predicted classes for [-1, 1] images."""
-    return np.concatenate([model(pixels[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(pixels), batch_size)])
-
-
-def condition_miou(segmenter: torch.nn.Module, images: list, conditions: list, resolution: int) -> tuple[float, dict[str, float]]:
-    """How well images follow their face-segmentation conditions: the evaluator segments each
-    image, and the result is compared with the condition (mean IoU over face parts, and per part)."""
-    pred = segment(segmenter, images_to_tensor(images, resolution))
-    return face_miou(confusion(pred, labels_tensor(conditions, resolution).numpy()))

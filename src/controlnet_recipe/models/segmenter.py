@@ -1,8 +1,5 @@
-"""A small segmentation network: the embedded default's condition re-extractor.
-
-It learns image -> condition map on the training pairs, and then measures how well a generated
-image follows its condition. Its ceiling is its score on real held-out images.
-"""
+"""A small U-Net, image -> per-pixel outputs: the condition extractor's network (class logits
+for categorical and binary maps, values for continuous ones; ``conditions/extractor.py``)."""
 
 from __future__ import annotations
 
@@ -10,10 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The evaluator stage's files in models/evaluator (the segmenter also scores validation in training).
-SEGMENTER = "segmenter.pt"
-LANDMARKS = "landmarks.pt"
-CLIP_REF = "clip.json"  # {name_or_path, revision, sha256}
+CLIP_REF = "clip.json"  # the evaluator stage's CLIP, in models/evaluator: {name_or_path, revision, sha256}
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -28,7 +22,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class Segmenter(nn.Module):
-    """A three-level U-Net: (N, 3, H, W) in [-1, 1] -> (N, classes, H, W) logits."""
+    """A three-level U-Net: (N, 3, H, W) in [-1, 1] -> (N, num_classes, H, W) outputs."""
 
     def __init__(self, num_classes: int, width: int = 8):
         super().__init__()

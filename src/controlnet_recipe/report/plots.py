@@ -11,10 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {
     "miou": "condition mIoU (redrawn landmarks)",
-    "miou_segmenter": "condition mIoU (segmenter)",
     "nme": "landmark NME (lower is better)",
     "found": "face detected",
-    "edge_f1": "edge F1",
+    "edge_f1": "edge F1 (Canny on the image)",
+    "reextracted_ssim": "SSIM (re-extracted by a model)",
+    "reextracted_rmse": "RMSE (re-extracted by a model; lower is better)",
+    "reextracted_miou": "mIoU (re-extracted by a model)",
+    "extractor_miou": "mIoU (learned extractor)",
+    "extractor_f1": "line F1 (learned extractor)",
+    "extractor_ssim": "SSIM (learned extractor)",
+    "extractor_rmse": "RMSE (learned extractor; lower is better)",
     "clip_score": "CLIP score",
     "concept_survival": "probe concept survival",
     "face_rate": "probes showing a face",

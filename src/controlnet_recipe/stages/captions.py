@@ -10,11 +10,20 @@ takes every n-th shard), ``template`` (one fixed text), ``given`` (the source's 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 
 from ..config import CaptionsCfg, Config
 from ..faces.synthetic import FaceAttributes, describe
-from ..storage import CAPTIONS_DIR, CONDITIONS_DIR, ShardedOutput, dataset_key, digest, load_dataset_dir, write_json, write_shard
+from ..storage import (
+    CAPTIONS_DIR,
+    CONDITIONS_DIR,
+    ShardedOutput,
+    dataset_key,
+    digest,
+    each_gpu,
+    load_dataset_dir,
+    write_json,
+    write_shard,
+)
 
 
 def simple_captions(part, c: CaptionsCfg, caption_column: str) -> list[str]:
@@ -74,20 +83,7 @@ def build_captions(cfg: Config) -> dict:
         for i, lo in enumerate(range(0, max(len(data), 1), shard))
     ]
     todo = [p for p in plan if not out.done(p[0], p[1])]
-    import torch
-
-    world = torch.cuda.device_count() if c.captioner == "blip" and torch.cuda.device_count() > 1 else 1
-    if world > 1:
-        # spawn, not fork: CUDA cannot be initialised in a forked process.
-        procs = [mp.get_context("spawn").Process(target=_caption_worker, args=(k, world, todo, cfg)) for k in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-            if p.exitcode:
-                raise RuntimeError(f"captions: a captioning process failed (exit code {p.exitcode}); rerun to resume")
-    elif todo:
-        _caption_worker(0, 1, todo, cfg)
+    world = each_gpu(_caption_worker, todo, cfg, gpus=c.captioner == "blip", what="captions")
     for split, i, lo, hi in todo:
         if not out.done(split, i) and hi > lo:
             raise RuntimeError(f"captions: shard {i} of {split} was not written")

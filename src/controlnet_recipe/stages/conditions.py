@@ -1,92 +1,103 @@
 """conditions stage: add the conditioning image to each sample.
 
-``face_segmentation`` draws 68 landmarks into a face-part map (each part filled with its own colour
-on black), as the source recipe does; the landmarks are the source's ground truth or detected
-(dlib, SPIGA) with the same drawing code. ``canny`` draws OpenCV edges, for conditions that need no
-face. ``given`` keeps the source's own conditioning images. Samples that cannot have a condition
-(no face found, bad landmarks, no conditioning image) are dropped and counted by reason; the report
-has the counts and a grid of images beside their conditions.
+The recipe's condition kind (``conditions.kind``, one module each in ``conditions/``) makes it:
+face-part maps from landmarks, Canny edges, the source's own images, or a model's depth or
+segmentation. Kinds made by a model run batched on the GPU, one process per GPU taking every
+n-th shard; the others run on every core. Samples that cannot have a condition (no face found,
+bad landmarks, no conditioning image) are dropped and counted by reason; the report has the counts
+and a grid of images beside their conditions.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 from PIL import Image
 
-from ..config import ConditionsCfg, Config
-from ..faces.draw import draw_segmentation
+from ..conditions import Condition, condition
+from ..config import Config
 from ..images import encode_png
 from ..report.grid import save_grid
-from ..storage import CONDITIONS_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, load_dataset_dir, num_workers, write_json
-
-_detector = None  # one per worker process, loaded on first use
-
-
-def _landmarks(img, row_landmarks, problem, c: ConditionsCfg) -> tuple[list[np.ndarray], str | None]:
-    global _detector
-    if c.detector == "ground_truth":
-        if problem == "bad_landmarks" or not row_landmarks:
-            return [], "bad_landmarks"
-        return [np.asarray(f, dtype=np.float32) for f in row_landmarks], None
-    if _detector is None:
-        from ..faces.landmarks import get_detector
-
-        _detector = get_detector(c.detector)
-    faces = _detector.detect(np.asarray(img.convert("RGB")))
-    return faces, None if faces else "no_face"
+from ..storage import (
+    CONDITIONS_DIR,
+    PHOTOREAL_DIR,
+    ShardedOutput,
+    dataset_key,
+    digest,
+    each_gpu,
+    load_dataset_dir,
+    num_workers,
+    write_json,
+    write_shard,
+)
 
 
-def condition_batch(batch: dict, c: ConditionsCfg, image_column: str, out_column: str) -> dict:
+def condition_batch(batch: dict, cond: Condition, image_column: str, out_column: str) -> dict:
     """Batched ``datasets.map`` function: a condition per sample, or a drop reason."""
-    conds, reasons, landmarks = [], [], []
-    for img, lms, problem, given in zip(batch[image_column], batch["landmarks"], batch["problem"], batch[out_column]):
-        cond, reason, found = None, None, lms
-        if c.kind == "face_segmentation":
-            faces, reason = _landmarks(img, lms, problem, c)
-            found = [f.tolist() for f in faces]
-            cond = draw_segmentation(faces, img.size) if faces else None
-        elif c.kind == "canny":
-            from ..conditions.canny import canny
+    rows = [
+        {"landmarks": lms, "problem": problem, "source_condition": given}
+        for lms, problem, given in zip(batch["landmarks"], batch["problem"], batch[out_column])
+    ]
+    made = cond.make_batch(batch[image_column], rows)
+    # Encoded here, in the worker, with fast PNG compression (the maps are flat colours).
+    conds = [
+        {"bytes": encode_png(m.condition), "path": None} if isinstance(m.condition, Image.Image) else m.condition for m in made
+    ]
+    landmarks = [m.landmarks if m.landmarks is not None else row["landmarks"] for m, row in zip(made, rows)]
+    return {out_column: conds, "drop_reason": [m.reason for m in made], "landmarks": landmarks}
 
-            cond = canny(img, c.canny_low, c.canny_high)
-        else:
-            cond, reason = (given, None) if given is not None else (None, problem or "no_conditioning_image")
-        # Encoded here, in the worker, with fast PNG compression (the maps are flat colours).
-        conds.append({"bytes": encode_png(cond), "path": None} if isinstance(cond, Image.Image) else cond)
-        reasons.append(reason)
-        landmarks.append(found)
-    return {out_column: conds, "drop_reason": reasons, "landmarks": landmarks}
+
+def condition_shard(part, cond: Condition, cfg: Config, num_proc: int | None, desc: str):
+    """The shard with its conditions, the samples without one dropped; and the drop counts."""
+    cols = cfg.recipe.columns
+    part = part.map(
+        condition_batch,
+        batched=True,
+        batch_size=cfg.recipe.conditions.batch_size if cond.uses_model else 32,
+        fn_kwargs={"cond": cond, "image_column": cols.image, "out_column": cols.conditioning_image},
+        num_proc=num_proc,
+        desc=desc,
+    )
+    dropped = Counter(x for x in part["drop_reason"] if x)
+    return part.filter(lambda reason: reason is None, input_columns=["drop_reason"]).remove_columns("drop_reason"), dropped
+
+
+def _worker(rank: int, world: int, todo: list[tuple[str, int, int, int]], cfg: Config) -> None:
+    """One process: the shards ``todo[rank::world]`` (on GPU ``rank`` when the kind runs a model)."""
+    import torch
+
+    cond = condition(cfg.recipe.conditions)
+    if cond.uses_model and torch.cuda.is_available():
+        cond.device = f"cuda:{rank}"
+    procs = None if cond.uses_model else num_workers(cfg.recipe.conditions.num_proc)
+    ds = load_dataset_dir(PHOTOREAL_DIR)  # the source images, or their img2img versions when photoreal is enabled
+    for split, i, lo, hi in todo[rank::world]:
+        part = ds[split].select(range(lo, hi))
+        n = procs if procs and len(part) >= 64 * procs else None
+        part, dropped = condition_shard(part, cond, cfg, n, f"conditions ({split}, shard {i})")
+        # written even when every sample was dropped: its counts still count when the stage resumes
+        write_shard(CONDITIONS_DIR, split, i, part, {"dropped": dict(dropped)})
 
 
 def build_conditions(cfg: Config) -> dict:
     r, c = cfg.recipe, cfg.recipe.conditions
-    src_dir = PHOTOREAL_DIR  # the source images, or their img2img versions when photoreal is enabled
-    ds = load_dataset_dir(src_dir)
-    out = ShardedOutput(CONDITIONS_DIR, digest(c.model_dump(), r.columns.model_dump(), dataset_key(src_dir)), stage="conditions")
-    report = {"kind": c.kind, "detector": c.detector if c.kind == "face_segmentation" else None, "splits": {}}
-    procs = num_workers(c.num_proc)
+    cond = condition(c)
+    ds = load_dataset_dir(PHOTOREAL_DIR)
+    out = ShardedOutput(
+        CONDITIONS_DIR, digest(c.model_dump(), r.columns.model_dump(), dataset_key(PHOTOREAL_DIR)), stage="conditions"
+    )
     shard = r.data.shard_size
+    plan = [(s, i, lo, min(lo + shard, len(d))) for s, d in ds.items() for i, lo in enumerate(range(0, max(len(d), 1), shard))]
+    todo = [p for p in plan if not out.done(p[0], p[1]) and p[3] > p[2]]  # finished by an interrupted run: kept
+    each_gpu(_worker, todo, cfg, gpus=cond.uses_model, what="conditions")
+    report = {**cond.report(), "splits": {}}
     for split, data in ds.items():
         dropped: Counter = Counter()
+        out.shards.setdefault(split, set())
         for i, lo in enumerate(range(0, max(len(data), 1), shard)):
-            if out.done(split, i):  # finished by an earlier, interrupted run: its counts still count
-                dropped.update(out.stats(split, i).get("dropped", {}))
-                continue
-            part = data.select(range(lo, min(lo + shard, len(data))))
-            part = part.map(
-                condition_batch,
-                batched=True,
-                batch_size=32,
-                fn_kwargs={"c": c, "image_column": r.columns.image, "out_column": r.columns.conditioning_image},
-                num_proc=procs if len(part) >= 64 * procs else None,
-                desc=f"conditions ({split}, shard {i})",
-            )
-            shard_dropped = Counter(x for x in part["drop_reason"] if x)
-            dropped.update(shard_dropped)
-            part = part.filter(lambda reason: reason is None, input_columns=["drop_reason"]).remove_columns("drop_reason")
-            out.write(split, i, part, stats={"dropped": dict(shard_dropped)})
+            if not out.done(split, i) and len(data) > lo:
+                raise RuntimeError(f"conditions: shard {i} of {split} was not written; rerun to resume")
+            dropped.update(out.stats(split, i).get("dropped", {}))
         report["splits"][split] = {"in": len(data), "dropped": dict(dropped)}
     out.finish()
     done = load_dataset_dir(CONDITIONS_DIR)

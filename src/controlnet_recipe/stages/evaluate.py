@@ -22,11 +22,10 @@ from ..config import Config
 from ..evaluation.probes import ProbeSet, probe_scores
 from ..evaluation.quality import fid_kid
 from ..evaluation.sampling import Sampler
-from ..evaluation.scorer import Scorer, target_landmarks
+from ..evaluation.scorer import Scorer
 from ..evaluation.stats import mean_ci, paired_diff_ci
 from ..evaluation.sweep import candidates, choose, load_controlnet
 from ..metrics.clip import to_uint8
-from ..metrics.landmarks import REGIONS
 from ..models.base_model import BaseRef, load_base
 from ..report.grid import save_grid
 from ..report.html import write_report
@@ -84,7 +83,9 @@ def load_held_out(cfg: Config) -> HeldOut:
     n = min(e.num_samples, len(val))
     val = val.select(range(n))
     conditions = [c.convert("RGB") for c in val[cols.conditioning_image]]
-    targets = target_landmarks(val["landmarks"], conditions, res) if "landmarks" in val.column_names else [None] * n
+    scorer = Scorer(r)
+    landmarks = val["landmarks"] if "landmarks" in val.column_names else None
+    targets = scorer.condition.targets(landmarks, conditions, res)
     return HeldOut(
         conditions=conditions,
         prompts=list(val[cols.caption]),
@@ -93,7 +94,7 @@ def load_held_out(cfg: Config) -> HeldOut:
         seeds=[e.seed + i for i in range(n)],
         probes=ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed),
         sampler=Sampler(load_base(BaseRef.read()), e, res),
-        scorer=Scorer(r),
+        scorer=scorer,
     )
 
 
@@ -122,10 +123,14 @@ def sweep(h: HeldOut, base: Scored, m: int) -> tuple[list[dict], dict[int, tuple
     # the checkpoints of the run that made the ControlNet (other runs' stay beside them, untouched)
     for c in candidates(Path(training.get("checkpoints", TRAIN_DIR / "checkpoints")), CONTROLNET_DIR, final_step):
         s = score_model(h, m, load_controlnet(c, CONTROLNET_DIR), desc=f"step {c.step}")
-        row = {"step": c.step, **{k: float(np.nanmean(v)) for k, v in s.scores.items()}}
+        row = {
+            "step": c.step,
+            "fidelity": float(np.nanmean(s.scores[fk])),
+            **{k: float(np.nanmean(v)) for k, v in s.scores.items()},
+        }
         row.update(
             concept_survival=float(s.probe["survived"].mean()),
-            face_rate=float(s.probe["face"].mean()),
+            **({"face_rate": float(s.probe["face"].mean())} if "face" in s.probe else {}),
             forgetting=float(base.probe["survived"].mean() - s.probe["survived"].mean()),
         )
         rows.append(row)
@@ -134,9 +139,15 @@ def sweep(h: HeldOut, base: Scored, m: int) -> tuple[list[dict], dict[int, tuple
     return rows, found
 
 
-def base_row(base: Scored, m: int) -> dict:
-    row = {"step": 0, **{k: float(np.nanmean(v[:m])) for k, v in base.scores.items()}}
-    row.update(concept_survival=float(base.probe["survived"].mean()), face_rate=float(base.probe["face"].mean()), forgetting=0.0)
+def base_row(base: Scored, m: int, fk: str) -> dict:
+    row = {
+        "step": 0,
+        "fidelity": float(np.nanmean(base.scores[fk][:m])),
+        **{k: float(np.nanmean(v[:m])) for k, v in base.scores.items()},
+    }
+    row.update(concept_survival=float(base.probe["survived"].mean()), forgetting=0.0)
+    if "face" in base.probe:
+        row["face_rate"] = float(base.probe["face"].mean())
     return row
 
 
@@ -163,7 +174,14 @@ def summarize_all(h: HeldOut, cn: Scored, base: Scored, real: dict, cfg: Config)
     b = e.bootstrap
     real_u8 = to_uint8(h.real, res)
     features = h.scorer.clip.feature_module()
+    sc = h.scorer
     return {
+        "fidelity": {
+            "metric": sc.fidelity_key,
+            "why": sc.fidelity_why,
+            "map_type": sc.extractor.map_type.kind if sc.extractor else None,
+            "map_type_why": sc.extractor.map_type.why if sc.extractor else None,
+        },
         "controlnet": summarize(cn.scores, b, e.seed),
         "base": summarize(base.scores, b, e.seed),
         "real": summarize(real, b, e.seed),
@@ -180,7 +198,7 @@ def summarize_all(h: HeldOut, cn: Scored, base: Scored, real: dict, cfg: Config)
     }
 
 
-def headline_metrics(fk: str, cn: Scored, base: Scored, real: dict, summary: dict, step: int, kind: str) -> dict:
+def headline_metrics(fk: str, cn: Scored, base: Scored, real: dict, summary: dict, step: int) -> dict:
     """``eval/metrics.json``: what ``dvc metrics show`` prints."""
     diff = summary["paired_difference"][fk]
     quality = summary["quality"]
@@ -203,12 +221,12 @@ def headline_metrics(fk: str, cn: Scored, base: Scored, real: dict, summary: dic
         "concept_survival": float(cn.probe["survived"].mean()),
         "concept_survival_base": float(base.probe["survived"].mean()),
         "forgetting": summary["probes"]["forgetting"][0],
-        "face_rate_probes": float(cn.probe["face"].mean()),
-        "face_rate_probes_base": float(base.probe["face"].mean()),
         "chosen_step": step,
         "num_samples": len(cn.images),
     }
-    if kind == "face_segmentation":
+    if "face" in cn.probe:  # face conditions
+        metrics.update(face_rate_probes=float(cn.probe["face"].mean()), face_rate_probes_base=float(base.probe["face"].mean()))
+    if "nme" in cn.scores:  # face conditions: landmark error and the redrawn map
         for name, s in (("", cn.scores), ("_base", base.scores), ("_ceiling", real)):
             metrics[f"nme{name}"] = float(np.nanmean(s["nme"])) if np.isfinite(s["nme"]).any() else None
             metrics[f"nme_median{name}"] = float(np.nanmedian(s["nme"])) if np.isfinite(s["nme"]).any() else None
@@ -249,13 +267,13 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
         for row in rows:
             w.writerow([row["step"], *[f"{row[k]:.5f}" for k in keys], int(row["step"] == step)])
     plot_sweep(rows, result["base_row"], h.scorer.fidelity_key, step, out / "sweep.png")
-    with open(out / "per_region.csv", "w", newline="") as f:  # header only for conditions without landmarks
+    with open(out / "fidelity.csv", "w", newline="") as f:  # every fidelity score, per model (a bar chart)
         w = csv.writer(f)
-        w.writerow(["region", "model", "nme"])
+        w.writerow(["metric", "model", "value"])
         for label, s in (("ControlNet", cn.scores), ("base alone", base.scores), ("real images (ceiling)", real)):
-            for region in REGIONS if "nme" in s else ():
-                v = s[f"nme_{region}"]
-                w.writerow([region, label, f"{np.nanmean(v):.4f}" if np.isfinite(v).any() else "nan"])
+            for k, v in s.items():
+                if k != "clip_score":
+                    w.writerow([k, label, f"{np.nanmean(v):.4f}" if np.isfinite(v).any() else "nan"])
     k = min(e.grid_rows, len(h.conditions))
     save_grid(
         [[h.conditions[i], base.images[i], cn.images[i], h.real[i]] for i in range(k)],
@@ -296,9 +314,9 @@ def main(cfg: Config) -> None:
     # 3. The chosen checkpoint on the whole held-out set, exported for generate/web/publish.
     cn = export_chosen(c, s, h, why)
     summary = summarize_all(h, cn, base, real, cfg)
-    metrics = headline_metrics(fk, cn, base, real, summary, c.step, cfg.recipe.conditions.kind)
+    metrics = headline_metrics(fk, cn, base, real, summary, c.step)
     # 4. Files: images (PNG), metrics, curves, grids, report.
-    result = {"metrics": metrics, "summary": summary, "rows": rows, "base_row": base_row(base, m), "step": c.step, "why": why}
+    result = {"metrics": metrics, "summary": summary, "rows": rows, "base_row": base_row(base, m, fk), "step": c.step, "why": why}
     out = write_outputs(cfg, h, cn, base, real, result)
     diff = summary["paired_difference"][fk]
     print(

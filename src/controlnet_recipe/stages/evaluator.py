@@ -1,8 +1,9 @@
 """evaluator stage: the models the evaluation scores images with.
 
-- a small segmentation network trained on the training pairs (image -> condition map), which also
-  scores validation during training (val/miou);
-- a landmark re-detector: a heatmap network trained on the pairs (``landmarks: learned``), or dlib;
+- the condition extractor, learned on the training pairs (image -> condition map) whatever the
+  condition: a segmenter for categorical maps, a line finder for binary ones, a regressor for
+  continuous ones (``conditions/maps.py``). It also scores validation during training;
+- the condition kind's own models (faces: a landmark re-detector, learned or dlib);
 - CLIP: a pretrained model checked against its sha256 (``clip_model``), or a small CLIP trained
   on the (image, caption) pairs.
 
@@ -12,65 +13,40 @@ Their scores on real held-out images are the evaluation's ceiling (computed by e
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ..config import Config, EvaluatorCfg
-from ..faces.draw import PARTS
-from ..fit import fit
+from ..conditions import condition
+from ..conditions.extractor import train_extractor
+from ..config import Config
 from ..images import images_to_tensor
 from ..metrics.clip import verify_weights
-from ..metrics.segmentation import confusion, face_miou, labels_tensor, segment
-from ..models.landmark_net import train_landmark_net
-from ..models.segmenter import CLIP_REF, LANDMARKS, SEGMENTER, Segmenter, degrade
+from ..models.segmenter import CLIP_REF
 from ..models.tiny_clip import train_clip
-from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
-
-
-def train_segmenter(pixels: torch.Tensor, labels: torch.Tensor, cfg: EvaluatorCfg, seed: int) -> Segmenter:
-    seed_everything(seed)
-    g = torch.Generator().manual_seed(seed)
-    steps, batch_size, lr = cfg.steps, cfg.batch_size, cfg.learning_rate
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Segmenter(len(PARTS), width=cfg.width).to(device)
-    # Small parts (eyes, lips) matter as much as skin: weight classes by inverse sqrt frequency.
-    freq = torch.bincount(labels.ravel(), minlength=len(PARTS)).float() + 1
-    weight = (freq.sum() / freq).sqrt()
-    weight = (weight / weight.mean()).to(device)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(pixels), (batch_size,), generator=g)
-        x = degrade(pixels[idx], g).to(device)
-        return F.cross_entropy(model(x), labels[idx].to(device), weight=weight)
-
-    fit(model, loss_fn, steps=steps, lr=lr, desc="evaluator: segmenter")
-    return model.cpu().eval()
+from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, load_dataset_dir, write_json
 
 
 def main(cfg: Config) -> None:
     r, ev, cols = cfg.recipe, cfg.recipe.evaluator, cfg.recipe.columns
+    cond = condition(r.conditions)
     ds = load_dataset_dir(CAPTIONS_DIR)
     res = r.data.resolution
     train, val = ds["train"], ds["validation"]
     train = train.select(range(min(ev.num_samples, len(train))))
     pixels = images_to_tensor(train[cols.image], res)
     out = fresh_dir(EVALUATOR_DIR)
-    report: dict = {"landmarks": ev.landmarks}
-    if r.conditions.kind != "canny":
-        model = train_segmenter(pixels, labels_tensor(train[cols.conditioning_image], res), ev, seed=r.data.seed)
-        pred = segment(model, images_to_tensor(val[cols.image], res))
-        miou, per_part = face_miou(confusion(pred, labels_tensor(val[cols.conditioning_image], res).numpy()))
-        model.save(out / SEGMENTER)
-        report.update(miou_on_real_validation=miou, per_part=per_part)
-        print(f"evaluator: segmenter mIoU on real validation images {miou:.3f}")
-    if r.conditions.kind == "face_segmentation" and ev.landmarks == "learned":
-        keep = [i for i, faces in enumerate(train["landmarks"]) if faces]
-        targets = torch.tensor(np.array([train["landmarks"][i][0] for i in keep], dtype=np.float32))
-        width = train[cols.image][0].width if len(train) else res
-        net = train_landmark_net(
-            pixels[keep], targets * (res / width), ev.landmark_steps, ev.batch_size, ev.learning_rate, ev.width, r.data.seed
-        )
-        net.save(out / LANDMARKS)
+    map_type = cond.map_type(train[cols.conditioning_image], res)
+    print(f"evaluator: {map_type.why}")
+    extractor = train_extractor(pixels, train[cols.conditioning_image], map_type, ev, seed=r.data.seed)
+    extractor.save(out)
+    real = extractor.scores(val[cols.image], val[cols.conditioning_image])
+    on_real = {k: float(np.nanmean(v)) for k, v in real.items()}
+    report: dict = {
+        "condition": cond.report(),
+        "map_type": map_type.kind,
+        "why": map_type.why,
+        "extractor_on_real_validation": on_real,
+    }
+    print(f"evaluator: extractor on real validation images: {', '.join(f'{k} {v:.3f}' for k, v in on_real.items())}")
+    report.update(cond.train_models(train, pixels, out, ev, r))
     if ev.clip_model is None:
         captions = list(train[cols.caption])
         words = sorted({w for c in captions for w in c.replace(",", " ").split()})

@@ -65,7 +65,7 @@ from ..training.memory import (
 )
 from ..training.step import controlnet_from_unet, controlnet_loss, objective
 from ..training.tracking import Trackers
-from ..training.validation import load_segmenter, run_validation, validation_pairs
+from ..training.validation import load_extractor, run_validation, validation_pairs
 
 CHECKPOINTS = TRAIN_DIR / "checkpoints"
 # Settings that leave the steps already taken alone: a run resumes across them.
@@ -264,7 +264,7 @@ def train_controlnet(
     pairs = validation_pairs(
         t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
     )
-    segmenter = load_segmenter(EVALUATOR_DIR)
+    extractor = load_extractor(EVALUATOR_DIR)
     run_config = {"recipe": cfg.recipe_name, "tier": tier_name, **tier.model_dump(), **t.model_dump(exclude={"validation"})}
     trackers = Trackers(t.report_to, train_dir, t.tracker_project_name, run_config, resume=start > 0) if main else None
     empty, scale = cache.empty_prompt, cache.scaling_factor
@@ -281,7 +281,7 @@ def train_controlnet(
 
     def validate(step: int) -> dict[str, float]:
         with with_weights(accelerator.unwrap_model(controlnet), ema) as model:
-            grid, metrics = run_validation(base, model, pairs, t.validation, r.data.resolution, t.seed, segmenter)
+            grid, metrics = run_validation(base, model, pairs, t.validation, r.data.resolution, t.seed, extractor)
         grid.save(train_dir / "validation.png")
         trackers.log_image("validation", grid, step)
         trackers.log(metrics, step)

@@ -1,5 +1,5 @@
-"""Validation during training: images from fixed conditions, prompts and seeds, scored with the
-same condition-fidelity metric as the evaluate stage, so the curves show when control appears."""
+"""Validation during training: images from fixed conditions, prompts and seeds, scored by the
+evaluator's condition extractor (``val/fidelity``), so the curves show when control appears."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ValidationCfg
 from ..errors import BadInput
 from ..images import images_to_tensor, tensor_to_images
-from ..metrics.segmentation import condition_miou
 from ..models.base_model import make_pipeline, seeded
 from ..report.grid import make_grid
 
@@ -53,10 +53,10 @@ def validation_pairs(v: ValidationCfg, held_out, condition_column: str, caption_
 
 @torch.no_grad()
 def run_validation(
-    base, controlnet, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, segmenter=None
+    base, controlnet, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, extractor=None
 ) -> tuple[Image.Image, dict[str, float]]:
     """Generate ``v.num_images`` images per pair (seeds fixed across validations); return a grid
-    (condition | images) and, with an evaluator, the images' condition mIoU."""
+    (condition | images) and, with the evaluator's extractor, the images' condition fidelity."""
     device = next(base.unet.parameters()).device
     train_dtype = next(base.unet.parameters()).dtype
     if device.type == "cuda":
@@ -96,15 +96,14 @@ def run_validation(
     for encoder in base.text_encoders:
         encoder.to("cpu")
     metrics = {}
-    if segmenter is not None:
-        metrics["val/miou"] = condition_miou(segmenter, images, conds, resolution)[0]
+    if extractor is not None:  # the evaluator's condition extractor: its headline score, as the evaluation's
+        metrics["val/fidelity"] = float(np.nanmean(extractor.scores(images, conds)[extractor.headline]))
     titles = ["condition"] + [f"seed {k}" for k in range(v.num_images)]
     return make_grid(rows, col_titles=titles), metrics
 
 
-def load_segmenter(folder: Path):
-    """The evaluator stage's re-extractor, if that stage has run; validation then scores images."""
-    from ..models.segmenter import SEGMENTER as WEIGHTS
-    from ..models.segmenter import Segmenter
+def load_extractor(folder: Path):
+    """The evaluator stage's condition extractor, if that stage has run; validation then scores images."""
+    from ..conditions.extractor import Extractor
 
-    return Segmenter.load(folder / WEIGHTS) if (folder / WEIGHTS).is_file() else None
+    return Extractor.load(folder)
