@@ -44,6 +44,21 @@ def write_pairs(folder: Path, kind: str, seeds: list[int], size: int) -> None:
         draw([lm], (size, size)).save(folder / "conditions" / f"{seed}.png")
 
 
+def gallery(path: Path, size: int = 128, n: int = 4) -> None:
+    """What each kind of map looks like on the same faces: the three drawn here, and Canny's."""
+    from controlnet_recipe.conditions.canny import canny
+    from controlnet_recipe.faces.draw import draw_depth, draw_outline, draw_segmentation
+    from controlnet_recipe.faces.synthetic import make_face
+    from controlnet_recipe.report.grid import save_grid
+
+    rows = []
+    for seed in range(n):
+        img, lm, _ = make_face(seed, size)
+        rows.append([img, *(draw([lm], img.size) for draw in (draw_segmentation, draw_outline, draw_depth)), canny(img)])
+    titles = ["image", "categorical (face parts)", "binary (outlines)", "continuous (depth-like)", "binary (Canny)"]
+    save_grid(rows, path, col_titles=titles, cell=size)
+
+
 def run(stages: tuple[str, ...], cwd: Path) -> None:
     for stage in stages:
         subprocess.run([sys.executable, "-m", "controlnet_recipe", stage], cwd=cwd, check=True)
@@ -77,6 +92,8 @@ def main() -> int:
     d = base["demo"]["data"]
     n = d["num_train"] + d["num_validation"]
     seeds = list(range(n))
+    args.out.mkdir(parents=True, exist_ok=True)
+    gallery(args.out / "conditions_gallery.png")
     results, shared_base = {}, None
     for kind in args.types:
         work = args.work / kind

@@ -256,7 +256,9 @@ def test_a_killed_stage_resumes_to_the_same_bytes(bad_folder: Path, tmp_path: Pa
     """Each sharded stage killed after its first shard, then rerun: every file it writes (the
     shards, the preview) and its report are those of a run that was never interrupted."""
     from controlnet_recipe import storage
-    from controlnet_recipe.stages import captions
+    from controlnet_recipe.stages import captions, conditions
+
+    writers = (storage, captions, conditions)  # the stages that write shards from their worker processes
 
     cfg = _cfg(bad_folder.parent, {"source": "imagefolder", "location": str(bad_folder)}, {"kind": "canny"})
     clean = _run(cfg)
@@ -272,12 +274,12 @@ def test_a_killed_stage_resumes_to_the_same_bytes(bad_folder: Path, tmp_path: Pa
             written.append(index)
         return real_write(root, split, index, ds, stats)
 
-    monkeypatch.setattr(storage, "write_shard", killed)
-    monkeypatch.setattr(captions, "write_shard", killed)
+    for module in writers:
+        monkeypatch.setattr(module, "write_shard", killed)
     with pytest.raises(KeyboardInterrupt):
         _run(cfg)
-    monkeypatch.setattr(storage, "write_shard", real_write)
-    monkeypatch.setattr(captions, "write_shard", real_write)
+    for module in writers:
+        monkeypatch.setattr(module, "write_shard", real_write)
     resumed = _run(cfg)
     assert resumed == clean
     assert _tree(Path("data")).keys() == clean_tree.keys()
