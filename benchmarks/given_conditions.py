@@ -8,8 +8,9 @@ Per type it writes the pairs: the synthetic faces (the embedded default's render
 captions, as side .txt files) with their conditions drawn as a face-part map (categorical),
 part outlines (binary) or a depth-like shading (continuous), then runs every stage on the folder
 in ``<work>/<type>`` as a user would (the base is trained once and shared: the images are the
-same). Then ``train.shuffle_conditions: true`` trains and evaluates on the same data. It prints
-the metric the evaluation chose and why, the base, the ControlNet and the ceiling with the paired
+same; ``--base`` reuses one already trained on these synthetic faces, such as ``make demo``'s).
+Then ``train.shuffle_conditions: true`` trains and evaluates on the same data. It prints the
+metric the evaluation chose and why, the base, the ControlNet and the ceiling with the paired
 gain's interval, and the shuffled ControlNet's; results/given_conditions.json and
 results/given_<type>_grid.png keep them.
 """
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--types", nargs="+", default=["categorical", "binary", "continuous"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/given-conditions"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--base", type=Path, default=None, help="a models/base to reuse (make demo's); else trained once here")
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     d = base["demo"]["data"]
@@ -94,7 +96,7 @@ def main() -> int:
     seeds = list(range(n))
     args.out.mkdir(parents=True, exist_ok=True)
     gallery(args.out / "conditions_gallery.png")
-    results, shared_base = {}, None
+    results, shared_base = {}, args.base
     for kind in args.types:
         work = args.work / kind
         shutil.rmtree(work, ignore_errors=True)
