@@ -12,6 +12,7 @@ from PIL import Image
 from ..conditions import condition
 from ..conditions.extractor import Extractor
 from ..config import Recipe
+from ..errors import MissingInput
 from ..metrics.clip import Clip, to_uint8
 from ..models.segmenter import CLIP_REF
 from ..storage import EVALUATOR_DIR, read_json
@@ -27,6 +28,8 @@ class Scorer:
         self.reextract = self.condition.fidelity(r, folder, self.extractor)
         self.clip = Clip.load(**read_json(folder / CLIP_REF))
         own = self.reextract.headline if self.reextract is not None else None
+        if own is None and self.extractor is None:
+            raise MissingInput(f"{folder}: no condition extractor; run the evaluator stage first (dvc repro evaluator)")
         self.fidelity_key = own or self.extractor.headline
         self.fidelity_why = self.reextract.why if own else self.extractor.map_type.metric_why()
 
