@@ -153,7 +153,9 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
     import torch
 
     from controlnet_recipe.config import TrainCfg
-    from controlnet_recipe.stages.train import train_controlnet
+    from controlnet_recipe.models.base_model import BaseRef
+    from controlnet_recipe.stages.train import tier_for
+    from controlnet_recipe.training.trainer import Trainer
 
     r = cfg.recipe
     t = TrainCfg.model_validate(
@@ -189,7 +191,15 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(t.seed)
-        train_controlnet(run_cfg, train_dir=Path(tmp) / "train", out_dir=Path(tmp) / "model", probe=probe, probe_every=every)
+        trainer = Trainer(run_cfg, *tier_for(run_cfg, BaseRef.read()), train_dir=Path(tmp) / "train")
+        with trainer.weights() as model:  # before the first step
+            probe(trainer.step, model)
+        while trainer.step < trainer.max_steps:  # the probe runs between the trainer's runs, not in its loop
+            trainer.run(until=trainer.step + every)
+            if trainer.step % every == 0:
+                with trainer.weights() as model:
+                    probe(trainer.step, model)
+        trainer.finish(Path(tmp) / "model")
     out["curve"] = curve
     return out
 

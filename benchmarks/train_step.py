@@ -56,7 +56,7 @@ def child(spec: dict) -> dict:
         make_optimizer,
         param_groups,
     )
-    from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
+    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     cfg = load_config(ROOT / "params.yaml")
     per_step = spec["mode"] == "per-step encoding"
@@ -149,25 +149,25 @@ def child(spec: dict) -> dict:
             "conditioning": cond,
         }
 
+    inputs = LossInputs(
+        controlnet=controlnet,
+        unet=unet,
+        scheduler=scheduler,
+        empty_prompt=empty,
+        scaling_factor=0.18215,
+        p_empty=0.1,
+        device=device,
+        dtype=dtype,
+        objective=Objective(),
+        family=family,
+        channels_last=tier.channels_last,
+    )
+
     def optimizer_step(step: int) -> None:
         total = torch.zeros((), device=device)
         for m in range(accum):
             with accelerator.accumulate(controlnet):
-                loss = controlnet_loss(
-                    controlnet=controlnet,
-                    unet=unet,
-                    scheduler=scheduler,
-                    batch=batch(),
-                    empty_prompt=empty,
-                    scaling_factor=0.18215,
-                    p_empty=0.1,
-                    generator=step_generator(0, step, m, 0),
-                    device=device,
-                    dtype=dtype,
-                    objective=Objective(),
-                    family=family,
-                    channels_last=tier.channels_last,
-                )
+                loss = controlnet_loss(inputs, batch(), step_generator(0, step, m, 0))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)

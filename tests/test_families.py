@@ -145,7 +145,7 @@ def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switche
     from controlnet_recipe.config import Tier
     from controlnet_recipe.diffusion import Objective
     from controlnet_recipe.training.memory import apply_model_settings
-    from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
+    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     tier = Tier(
         **{
@@ -170,11 +170,12 @@ def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switche
     }
     empty = {k: v[:1] * 0 for k, v in feats.items()}
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        loss = controlnet_loss(
-            controlnet=controlnet, unet=unet, scheduler=parts.noise_scheduler, batch=batch, empty_prompt=empty,
-            scaling_factor=1.0, p_empty=0.5, generator=g, device="cpu", dtype=dtype, objective=Objective(),
-            family=FAMILIES["sdxl"], channels_last=tier.channels_last,
+        inputs = LossInputs(
+            controlnet=controlnet, unet=unet, scheduler=parts.noise_scheduler, empty_prompt=empty, scaling_factor=1.0,
+            p_empty=0.5, device="cpu", dtype=dtype, objective=Objective(), family=FAMILIES["sdxl"],
+            channels_last=tier.channels_last,
         )  # fmt: skip
+        loss = controlnet_loss(inputs, batch, g)
     loss.backward()
     grads = [p.grad for p in controlnet.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)

@@ -11,7 +11,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from controlnet_recipe.diffusion import Objective, condition_weights, diffusion_loss, loss_weights, sample_timesteps
 from controlnet_recipe.models import tiny
 from controlnet_recipe.training.memory import NEW_LAYERS, param_groups
-from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
+from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
 RES = 32
 
@@ -59,7 +59,7 @@ def batch(n: int = 3):
 
 
 def loss_inputs(controlnet, unet, scheduler, batch: dict) -> dict:
-    """controlnet_loss's arguments other than the generator and the objective (no caption dropout)."""
+    """LossInputs' fields other than the objective (no caption dropout), and the batch."""
     return dict(
         controlnet=controlnet,
         unet=unet,
@@ -73,6 +73,11 @@ def loss_inputs(controlnet, unet, scheduler, batch: dict) -> dict:
     )
 
 
+def loss(common: dict, seed: int, objective: Objective) -> torch.Tensor:
+    fields = {k: v for k, v in common.items() if k != "batch"}
+    return controlnet_loss(LossInputs(**fields, objective=objective), common["batch"], torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_upstream_values_give_upstream_loss(models, prediction_type):
     unet, controlnet = models
@@ -81,7 +86,7 @@ def test_upstream_values_give_upstream_loss(models, prediction_type):
     b, seed = batch(), 1234
     with torch.no_grad():
         inputs = loss_inputs(controlnet, unet, scheduler, b)
-        ours = controlnet_loss(**inputs, generator=torch.Generator().manual_seed(seed), objective=Objective())
+        ours = loss(inputs, seed, Objective())
         theirs, t_up, _ = upstream_loss(
             controlnet, unet, scheduler, b["latent_mean"], b["latent_std"], b["text_embedding"], b["conditioning"], 0.18215, seed
         )
@@ -98,8 +103,8 @@ def test_other_objective_changes_the_loss(models):
     scheduler = tiny.build_scheduler()
     common = loss_inputs(controlnet, unet, scheduler, batch())
     with torch.no_grad():
-        a = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective())
-        b = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective(weighting="min_snr"))
+        a = loss(common, 1, Objective())
+        b = loss(common, 1, Objective(weighting="min_snr"))
     assert not torch.equal(a, b)
 
 
@@ -182,6 +187,6 @@ def test_condition_weight_changes_the_loss(models):
     b["conditioning"][:, :, RES // 2 :] = 0  # a condition that draws only in its top half
     common = loss_inputs(controlnet, unet, tiny.build_scheduler(), b)
     with torch.no_grad():
-        a = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective())
-        b = controlnet_loss(**common, generator=torch.Generator().manual_seed(1), objective=Objective(condition_weight=3.0))
+        a = loss(common, 1, Objective())
+        b = loss(common, 1, Objective(condition_weight=3.0))
     assert not torch.equal(a, b)

@@ -59,7 +59,7 @@ def _real_step_peak(spec: StepSpec) -> int:
     from controlnet_recipe.diffusion import Objective
     from controlnet_recipe.models import tiny
     from controlnet_recipe.training.batches import step_generator
-    from controlnet_recipe.training.step import controlnet_from_unet, controlnet_loss
+    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     torch.manual_seed(0)
     unet = tiny.build_unet(spec.resolution).requires_grad_(False).eval()
@@ -77,19 +77,18 @@ def _real_step_peak(spec: StepSpec) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for step in range(2):
-            loss = controlnet_loss(
+            inputs = LossInputs(
                 controlnet=controlnet,
                 unet=unet,
                 scheduler=tiny.build_scheduler(),
-                batch=batch,
                 empty_prompt=empty,
                 scaling_factor=0.18215,
                 p_empty=0.0,
-                generator=step_generator(0, step, 0, 0),
                 device=torch.device("cpu"),
                 dtype=torch.float32,
                 objective=Objective(),
             )
+            loss = controlnet_loss(inputs, batch, step_generator(0, step, 0, 0))
             loss.backward()
             del loss
             opt.step()

@@ -1,7 +1,7 @@
 """The one loop that trains the helper models: the tiny base's VAE and UNet, the evaluator's
 segmenter and landmark network, and the tiny CLIP. Each caller hands it a ``loss_fn(step)`` that
 draws its own batch; the loop owns the optimizer, the schedule, clipping, EMA and the progress bar.
-(The ControlNet itself trains in stages/train.py, through accelerate.)"""
+(The ControlNet itself trains in training/trainer.py, through accelerate.)"""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ TEXT_DIM = 64
 TEXT_DIM_2, POOLED_DIM, TIME_EMBED_DIM = 32, 32, 8
 LATENT_CHANNELS = 4
 # Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet's hint encoder
-# matches the VAE's downsampling (stages/train.py reads it from the VAE's config).
+# matches the VAE's downsampling (training/step.py reads it from the VAE's config).
 VAE_CHANNELS = (16, 32, 64)
 INITIAL_LOGVAR = -6.0  # the VAE posterior's log-variance at init (see build_vae)
 

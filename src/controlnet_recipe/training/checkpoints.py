@@ -14,6 +14,8 @@ beside the earlier one, whose checkpoints nothing prunes or overwrites.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -152,3 +154,41 @@ def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tup
 
 def read_state(checkpoint: Path) -> dict:
     return read_json(checkpoint / STATE)
+
+
+def run_key(settings: dict) -> str:
+    """A run's identity: the digest of what the steps it took depend on."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpointer:
+    """This run's checkpoints: where they go (``run-<key>`` under ``root``), when (every ``every``
+    steps and at the last), how many stay (``keep``), and which one a run resumes from. Every
+    process calls :meth:`save`; ``main`` and ``barrier`` say which one completes it."""
+
+    def __init__(self, root: Path, settings: dict, every: int, keep: int | None, *, main: bool = True, barrier=_alone):
+        self.root, self.settings, self.every, self.keep = root, settings, every, keep
+        self.main, self.barrier = main, barrier
+        self.key = run_key(settings)
+        self.dir = run_dir(root, self.key)
+
+    def resume_point(self, resume: str | None) -> tuple[Path | None, str]:
+        """What to resume from (see :func:`find_resume`), after removing this run's interrupted saves."""
+        if self.main:
+            for name in clean_partial(self.dir):
+                print(f"train: removed {name}, left by an interrupted save")
+        return find_resume(self.root, resume, self.key, self.settings)
+
+    def should_save(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or step == last
+
+    def save(self, step: int, write: Callable[[Path], None], state: dict) -> Path:
+        return save_checkpoint(
+            self.dir,
+            step,
+            write,
+            {"run": self.key, "settings": self.settings, **state},
+            self.keep,
+            main=self.main,
+            barrier=self.barrier,
+        )

@@ -3,6 +3,8 @@ the ControlNet made from the base UNet, and the loss of one micro-batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from diffusers import ControlNetModel
 
@@ -41,36 +43,41 @@ def objective(t: TrainCfg) -> Objective:
     return Objective(t.timestep_sampling, t.logit_mean, t.logit_std, t.loss_weighting, t.snr_gamma, t.condition_loss_weight)
 
 
-def controlnet_loss(
-    *,
-    controlnet,
-    unet,
-    scheduler,
-    batch: dict,
-    empty_prompt: dict[str, torch.Tensor],
-    scaling_factor: float,
-    p_empty: float,
-    generator: torch.Generator,
-    device,
-    dtype: torch.dtype,
-    objective: Objective,
-    family: Family = FAMILIES["sd"],
-    channels_last: bool = False,
-) -> torch.Tensor:
+@dataclass
+class LossInputs:
+    """What one micro-batch's loss needs besides the batch and its generator: the models, the
+    empty caption's text features (the family's, for caption dropout), the VAE's scaling factor,
+    the objective and the precision."""
+
+    controlnet: object
+    unet: object
+    scheduler: object
+    empty_prompt: dict[str, torch.Tensor]
+    scaling_factor: float
+    p_empty: float
+    device: object
+    dtype: torch.dtype
+    objective: Objective
+    family: Family = field(default_factory=lambda: FAMILIES["sd"])
+    channels_last: bool = False
+
+
+def controlnet_loss(x: LossInputs, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Noise the (sampled) latents, run ControlNet + frozen UNet, and take the (weighted) MSE.
-    ``empty_prompt`` holds the empty caption's text features (the family's), for caption dropout.
     With ``Objective()`` this is upstream's computation, draw for draw."""
-    g = generator
-    x0 = sample_latents(batch["latent_mean"], batch["latent_std"], scaling_factor, g).to(device)
-    noisy, ts, target = noisy_inputs(scheduler, x0, g, objective)
-    text = drop_caption_features({k: batch[k] for k in empty_prompt}, empty_prompt, p_empty, g)
+    g, device, dtype, objective = generator, x.device, x.dtype, x.objective
+    x0 = sample_latents(batch["latent_mean"], batch["latent_std"], x.scaling_factor, g).to(device)
+    noisy, ts, target = noisy_inputs(x.scheduler, x0, g, objective)
+    text = drop_caption_features({k: batch[k] for k in x.empty_prompt}, x.empty_prompt, x.p_empty, g)
     enc = text[TEXT].to(device)
-    added = family.added_cond_kwargs(text, batch, device)
+    added = x.family.added_cond_kwargs(text, batch, device)
     hint = batch["conditioning"].to(device)
-    if channels_last:
+    if x.channels_last:
         noisy, hint = noisy.contiguous(memory_format=torch.channels_last), hint.contiguous(memory_format=torch.channels_last)
-    down, mid = controlnet(noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False)
-    pred = unet(
+    down, mid = x.controlnet(
+        noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False
+    )
+    pred = x.unet(
         noisy.to(dtype),
         ts,
         encoder_hidden_states=enc.to(dtype),
@@ -79,4 +86,4 @@ def controlnet_loss(
         mid_block_additional_residual=mid.to(dtype),
     ).sample
     spatial = condition_weights(hint, tuple(pred.shape[-2:]), objective.condition_weight)
-    return diffusion_loss(pred, target, loss_weights(scheduler, ts, objective), spatial)
+    return diffusion_loss(pred, target, loss_weights(x.scheduler, ts, objective), spatial)

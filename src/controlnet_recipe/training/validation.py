@@ -107,3 +107,25 @@ def load_extractor(folder: Path):
     from ..conditions.extractor import Extractor
 
     return Extractor.load(folder)
+
+
+class Validator:
+    """Validation during training: when (every ``validation.steps`` and at the last step), on what
+    (the fixed pairs), scored by the evaluator's extractor, and logged (grid and metrics)."""
+
+    def __init__(
+        self, base, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, extractor, trackers, out: Path
+    ):
+        self.base, self.pairs, self.v, self.resolution, self.seed = base, pairs, v, resolution, seed
+        self.extractor, self.trackers, self.out = extractor, trackers, out
+
+    def should_validate(self, step: int, last: int) -> bool:
+        return step % self.v.steps == 0 or step == last
+
+    def validate(self, step: int, controlnet) -> dict[str, float]:
+        """Images from ``controlnet`` (the weights to validate), saved, logged and scored."""
+        grid, metrics = run_validation(self.base, controlnet, self.pairs, self.v, self.resolution, self.seed, self.extractor)
+        grid.save(self.out / "validation.png")
+        self.trackers.log_image("validation", grid, step)
+        self.trackers.log(metrics, step)
+        return metrics

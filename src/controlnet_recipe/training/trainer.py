@@ -1,0 +1,311 @@
+"""The ControlNet trainer: a ControlNet initialised from the base UNet, base frozen, trained
+through accelerate with the tier's memory settings on the latent cache.
+
+:class:`Trainer` owns the loop; its components own their schedules: the :class:`Checkpointer`
+decides when to save and what to resume from, the :class:`Validator` when to validate, the
+trackers what is logged. Each micro-batch draws its noise from a generator seeded by its position,
+so a resumed run continues exactly where the interrupted one was. :meth:`Trainer.run` takes an
+``until`` step, so a benchmark can look at the weights between runs without a hook in the loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, PartialState
+from diffusers import ControlNetModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..config import Config, Tier, accumulation_steps
+from ..models.base_model import BaseRef, load_base
+from ..models.families import family
+from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything
+from .batches import CachedPairs, ResumableBatches, batch_stream, step_generator
+from .checkpoints import EMA_WEIGHTS, WEIGHTS, Checkpointer, consolidate_zero, read_state
+from .latent_cache import LatentCache, current_fingerprint
+from .launch import launched
+from .memory import apply_model_settings, deepspeed_plugin, direct_attention_calls, make_optimizer, param_groups
+from .step import LossInputs, controlnet_from_unet, controlnet_loss, objective
+from .tracking import Trackers
+from .validation import Validator, load_extractor, validation_pairs
+
+# Settings that leave the steps already taken alone: a run resumes across them.
+NOT_IN_RUN = {
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "validation",
+    "report_to",
+    "tracker_project_name",
+    "dataloader_num_workers",
+    "max_train_steps",  # the length: in the run only where the schedule depends on it (below)
+    "num_train_epochs",
+}
+# Learning-rate schedules that do not depend on the run's length: a longer run extends a shorter one.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+LEVERS = (  # the convergence levers (README: Time to control), recorded in training.json
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "loss_weighting",
+    "snr_gamma",
+    "ema_decay",
+    "new_layers_lr_multiplier",
+    "hint_init",
+    "proportion_empty_prompts",
+    "condition_loss_weight",
+)
+
+
+def run_settings(cfg: Config, tier: Tier, cache_fingerprint: str, micro: int, accum: int, world: int, max_steps: int) -> dict:
+    """What the steps a checkpoint holds depend on: the data (the cache), the training settings
+    and levers, the optimizer's kind, DeepSpeed, precision and the batch's split (the noise is
+    drawn per micro-batch), and the length where the schedule depends on it."""
+    t = cfg.recipe.train
+    settings = {k: v for k, v in t.model_dump().items() if k not in NOT_IN_RUN}
+    settings.update(
+        cache=cache_fingerprint,
+        optimizer="AdamW8bit" if tier.use_8bit_adam else "AdamW",
+        deepspeed=tier.deepspeed,
+        mixed_precision=tier.mixed_precision,
+        micro_batch=micro,
+        accumulation=accum,
+        processes=world,
+    )
+    if t.lr_scheduler not in LENGTH_FREE_SCHEDULES:
+        settings["max_steps"] = max_steps
+    return settings
+
+
+@contextmanager
+def with_weights(model: ControlNetModel, ema: EMAModel | None) -> Iterator[ControlNetModel]:
+    """``model`` with the weights to validate, sweep or export: its own, or the EMA's swapped in
+    for the duration (EMAModel's store/copy_to/restore: no second copy of the model)."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
+def consolidated(model: ControlNetModel, checkpoint: Path) -> ControlNetModel:
+    """A fresh ``model`` holding the checkpoint's consolidated (fp32) weights."""
+    fresh = ControlNetModel.from_config(model.config)
+    fresh.load_state_dict(load_file(checkpoint / WEIGHTS))
+    return fresh
+
+
+class Trainer:
+    """Everything set up for one run under ``tier`` (named ``tier_name`` in the logs), resumed
+    where the checkpointer says; :meth:`run` trains, :meth:`finish` exports and summarises."""
+
+    def __init__(self, cfg: Config, tier_name: str, tier: Tier, train_dir: Path = TRAIN_DIR):
+        r, t = cfg.recipe, cfg.recipe.train
+        self.cfg, self.t, self.tier, self.tier_name, self.train_dir = cfg, t, tier, tier_name, train_dir
+        ref = BaseRef.read()
+        cpu, self.zero = not torch.cuda.is_available(), tier.deepspeed is not None
+        # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
+        world = (PartialState(backend="gloo") if cpu and self.zero and launched() else PartialState(cpu=cpu)).num_processes
+        micro, accum = accumulation_steps(t.batch_size, tier.batch_size, world)
+        self.accelerator = acc = Accelerator(
+            mixed_precision=tier.mixed_precision,
+            gradient_accumulation_steps=accum,
+            deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
+            cpu=cpu and not self.zero,
+        )
+        self.world, self.micro, self.accum = world, micro, accum
+        self.rank, self.main, device = acc.process_index, acc.is_main_process, acc.device
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
+        if t.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(t.seed)
+
+        cache = LatentCache.load(current_fingerprint(cfg))
+        dataset = load_dataset_dir(CAPTIONS_DIR)
+        data = CachedPairs(
+            cache.rows,
+            dataset["train"],
+            r.columns.conditioning_image,
+            r.data.resolution,
+            t.seed if t.shuffle_conditions else None,
+        )
+        if t.shuffle_conditions:
+            print("train: shuffle_conditions is on: every image is paired with another sample's condition (a planted failure)")
+        micro_per_epoch = len(data) // (micro * world)
+        self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
+
+        base, fam = load_base(ref), family(ref.family)  # the VAE and text encoders stay on the CPU (validation only)
+        for m in (base.vae, *base.text_encoders, base.unet):
+            m.requires_grad_(False).eval()
+        controlnet = controlnet_from_unet(base.unet, base.vae.config, t.hint_init)
+        base.unet.to(device, dtype=dtype)
+        apply_model_settings(base.unet, controlnet, tier)
+        direct_attention_calls(base.unet, controlnet)  # the same computation, less Python per step
+        controlnet.train()
+
+        lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
+        optimizer = make_optimizer(param_groups(controlnet, lr, t.new_layers_lr_multiplier), tier, t, lr)
+        lr_scheduler = get_scheduler(
+            t.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=t.lr_warmup_steps * world,
+            num_training_steps=self.max_steps * world,
+            num_cycles=t.lr_num_cycles,
+            power=t.lr_power,
+        )
+        self.controlnet, self.optimizer, self.lr_scheduler = acc.prepare(controlnet, optimizer, lr_scheduler)
+        self.ema = None
+        if t.ema_decay is not None:  # diffusers' EMA (with its warm-up: decay min(d, (1+n)/(10+n)))
+            self.ema = EMAModel(acc.unwrap_model(self.controlnet).parameters(), decay=t.ema_decay, foreach=True)
+            self.ema.to(device)
+            acc.register_for_checkpointing(self.ema)  # saved and restored with the run's state
+        self.loss_inputs = LossInputs(
+            controlnet=self.controlnet,
+            unet=base.unet,
+            scheduler=base.noise_scheduler,
+            empty_prompt=cache.empty_prompt,
+            scaling_factor=cache.scaling_factor,
+            p_empty=t.proportion_empty_prompts,
+            device=device,
+            dtype=dtype,
+            objective=objective(t),
+            family=fam,
+            channels_last=tier.channels_last,
+        )
+
+        settings = run_settings(cfg, tier, cache.fingerprint, micro, accum, world, self.max_steps)
+        checkpoints = train_dir / "checkpoints"
+        self.checkpointer = Checkpointer(
+            checkpoints, settings, t.checkpointing_steps, t.checkpoints_total_limit, main=self.main, barrier=acc.wait_for_everyone
+        )
+        resume, why = self.checkpointer.resume_point(t.resume_from_checkpoint)
+        acc.print(f"train: {why}")
+        self.start = 0
+        if resume is not None:
+            acc.load_state(str(resume))
+            self.start = read_state(resume)["step"]
+        elif self.main:  # a fresh start: this run's logs and checkpoints go; other runs' checkpoints stay
+            for p in train_dir.iterdir() if train_dir.is_dir() else []:
+                if p.name != checkpoints.name:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
+            train_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+
+        sampler = ResumableBatches(len(data), micro, t.seed, start=self.start * accum, rank=self.rank, world=world)
+        self.stream = batch_stream(data, sampler, t.dataloader_num_workers)
+        run_config = {"recipe": cfg.recipe_name, "tier": tier_name, **tier.model_dump(), **t.model_dump(exclude={"validation"})}
+        self.trackers = (
+            Trackers(t.report_to, train_dir, t.tracker_project_name, run_config, resume=self.start > 0) if self.main else None
+        )
+        pairs = validation_pairs(
+            t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
+        )
+        self.validator = Validator(
+            base, pairs, t.validation, r.data.resolution, t.seed, load_extractor(EVALUATOR_DIR), self.trackers, train_dir
+        )
+        self.step, self.losses, self.pending, self.last_val = self.start, [], [], {}
+        self.seconds, self.steps_run = 0.0, 0
+
+    @contextmanager
+    def weights(self) -> Iterator[ControlNetModel]:
+        """The ControlNet with the weights validation, the sweep and export use (the EMA's if any)."""
+        with with_weights(self.accelerator.unwrap_model(self.controlnet), self.ema) as model:
+            yield model
+
+    def write_state(self, folder: Path) -> None:
+        self.accelerator.save_state(str(folder))  # every process: its RNG state, and under DeepSpeed its shards
+        if not self.main:
+            return
+        if self.zero:  # the sweep's weights, in fp32
+            consolidate_zero(folder)
+        if self.ema is not None:  # the sweep's weights, keyed like the model's
+            with self.weights() as model:
+                save_file(model.state_dict(), str(Path(folder) / EMA_WEIGHTS))
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step (``accum`` micro-batches); the mean loss, on the device."""
+        acc, t = self.accelerator, self.t
+        step_loss = torch.zeros((), device=acc.device)  # summed on the device: no host sync per micro-step
+        for m in range(self.accum):
+            batch = next(self.stream)
+            with acc.accumulate(self.controlnet):
+                loss = controlnet_loss(self.loss_inputs, batch, step_generator(t.seed, step, m, self.rank))
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.controlnet.parameters(), t.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=self.tier.set_grads_to_none)
+            step_loss += loss.detach() / self.accum
+        if self.ema is not None:
+            self.ema.step(self.accelerator.unwrap_model(self.controlnet).parameters())
+        return step_loss
+
+    def run(self, until: int | None = None) -> None:
+        """Train from the current step to ``until`` (default: the last), checkpointing, logging
+        and validating on the components' schedules."""
+        last, until = self.max_steps, min(until or self.max_steps, self.max_steps)
+        t0 = time.time()
+        bar = tqdm(range(self.step, until), initial=self.step, total=last, desc="train: ControlNet", disable=not self.main)
+        for step in bar:
+            self.pending.append(self.train_step(step))
+            done = self.step = step + 1
+            self.steps_run += 1
+            if done % 10 == 0 or done == last:  # one host sync per 10 steps
+                self.losses += torch.stack(self.pending).tolist()
+                self.pending.clear()
+                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+                if self.main:
+                    self.trackers.log({"loss": float(np.mean(self.losses[-10:])), "lr": self.lr_scheduler.get_last_lr()[0]}, done)
+            if self.checkpointer.should_save(done, last):
+                state = {"micro_batches_read": done * self.accum, "tier": self.tier_name}
+                self.checkpointer.save(done, self.write_state, state)
+            if self.main and self.validator.should_validate(done, last):
+                with self.weights() as model:
+                    self.last_val = self.validator.validate(done, model)
+        self.seconds += time.time() - t0
+
+    def finish(self, out_dir: Path) -> dict:
+        """Save the trained ControlNet to ``out_dir`` (diffusers format) and return the run's summary."""
+        acc, t = self.accelerator, self.t
+        if self.main and not self.last_val:  # resumed at the last step: the final validation still belongs to the outputs
+            with self.weights() as model:
+                self.last_val = self.validator.validate(self.max_steps, model)
+        acc.wait_for_everyone()
+        if self.main:
+            self.trackers.close()
+            out = fresh_dir(out_dir)
+            with self.weights() as model:
+                if self.zero and self.ema is None:  # DeepSpeed's fp32 master weights, not the engine's half-precision copy
+                    model = consolidated(model, self.checkpointer.dir / f"checkpoint-{self.max_steps}")
+                model.save_pretrained(out)
+        return {
+            "tier": self.tier_name,
+            "micro_batch": self.micro,
+            "gradient_accumulation_steps": self.accum,
+            "processes": self.world,
+            "effective_batch": self.micro * self.accum * self.world,
+            "steps": self.max_steps,
+            "resumed_from_step": self.start,
+            "checkpoints": self.checkpointer.dir.as_posix(),  # this run's: the evaluate stage sweeps them
+            "levers": {k: getattr(t, k) for k in LEVERS},
+            "final_loss": float(np.mean(self.losses[-50:])) if self.losses else None,
+            **self.last_val,
+            "train_seconds": round(self.seconds, 1),
+            "steps_per_second": round(self.steps_run / self.seconds, 3) if self.steps_run else None,
+        }
