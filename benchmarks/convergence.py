@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-UPSTREAM = {  # upstream's objective; proportion_empty_prompts: the embedded default's until this benchmark
+UPSTREAM = {  # upstream's objective (SD's; a family's own replaces the objective's keys, below);
+    # proportion_empty_prompts: the embedded default's until this benchmark
     "timestep_sampling": "uniform",
     "loss_weighting": "none",
     "ema_decay": None,
@@ -53,19 +54,32 @@ LEVERS = {  # each alone, on top of upstream's objective
     "logit_m1": {"timestep_sampling": "logit_normal", "logit_mean": 1.0, "logit_std": 1.0},  # noisier steps still
     "cosine": {"lr_scheduler": "cosine"},  # the learning rate decays to 0 over the run, after the warm-up
     "linear": {"lr_scheduler": "linear"},
+    # flow matching only (SD3, Flux)
+    "mode": {"timestep_sampling": "mode", "mode_scale": 1.29},  # SD3's "mode" density: mostly mid-noise steps
+    "shift_3": {"flow_shift": 3.0},  # SD3's shift at 1024 px: most steps at high noise
+    "cosmap": {"loss_weighting": "cosmap"},
+    "logit_m05": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0},  # flow: slightly noisier steps
 }
+FLOW_ONLY = ("mode", "shift_3", "cosmap")
+DDPM_ONLY = ("min_snr", "cubic")
 OUT = ROOT / "benchmarks" / "results"
 STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}
 
 
-def configurations(recipe_train: dict, names: list[str] | None) -> dict[str, dict]:
-    """name -> the train block's lever settings."""
-    out = {"upstream": UPSTREAM, **{k: {**UPSTREAM, **v} for k, v in LEVERS.items()}}
-    out["recipe"] = {k: recipe_train[k] for k in (*UPSTREAM, "logit_mean", "logit_std", "snr_gamma")}
+def configurations(recipe_train: dict, names: list[str] | None, upstream_objective: dict | None = None) -> dict[str, dict]:
+    """name -> the train block's lever settings. ``upstream_objective``: the base family's
+    upstream values of the objective's levers (``Family.upstream_objective``): a flow-matching
+    family's upstream draws logit-normal timesteps, and its lever set drops the DDPM-only ones."""
+    upstream = {**UPSTREAM, **(upstream_objective or {})}
+    flow = upstream["timestep_sampling"] != "uniform"
+    levers = {k: v for k, v in LEVERS.items() if k not in (DDPM_ONLY if flow else FLOW_ONLY)}
+    out = {"upstream": upstream, **{k: {**upstream, **v} for k, v in levers.items()}}
+    keys = (*upstream, "logit_mean", "logit_std", "snr_gamma", "mode_scale", "flow_shift")
+    out["recipe"] = {k: recipe_train[k] for k in dict.fromkeys(keys)}
     for name in names or []:  # "recipe+<lever>[+<lever>...]": levers on top of the recipe's combination
         first, *added = name.split("+")
-        if first == "recipe" and added and all(a in LEVERS for a in added):
-            out[name] = {**out["recipe"], **{k: v for a in added for k, v in LEVERS[a].items()}}
+        if first == "recipe" and added and all(a in levers for a in added):
+            out[name] = {**out["recipe"], **{k: v for a in added for k, v in levers[a].items()}}
     unknown = [n for n in names or [] if n not in out]
     if unknown:
         raise SystemExit(f"convergence: unknown configuration(s) {unknown}: see --help")
@@ -92,7 +106,10 @@ def run(args) -> dict:
     cfg = load_config(ROOT / "params.yaml")
     r = cfg.recipe
     steps = args.steps or r.train.max_train_steps
-    configs = configurations(r.train.model_dump(), args.configs)  # unknown names stop here, before any work
+    from controlnet_recipe.models.families import family
+
+    upstream_objective = family(BaseRef.read().family).upstream_objective
+    configs = configurations(r.train.model_dump(), args.configs, upstream_objective)  # unknown names stop here
     val = load_dataset_dir(CAPTIONS_DIR)["validation"]
     n = min(args.samples, len(val))
     val = val.select(range(n))

@@ -151,7 +151,7 @@ def child(spec: dict) -> dict:
 
     inputs = LossInputs(
         controlnet=controlnet,
-        unet=unet,
+        denoiser=unet,
         scheduler=scheduler,
         empty_prompt=empty,
         scaling_factor=0.18215,

@@ -157,6 +157,23 @@ def sdxl_project(tmp_path_factory) -> Path:
     return make_project(tmp_path_factory.mktemp("sdxl-project"), sdxl_params())
 
 
+def family_params(family: str) -> dict:
+    """The tiny params with params.yaml's ``demo-<family>`` recipe block (the demo on that family's
+    tiny base) shrunk as :data:`TINY`."""
+    p = repo_params()
+    p[f"demo-{family}"] = merge(p[f"demo-{family}"], TINY)
+    p["tiers"]["cpu"] = {**p["tiers"]["cpu"], "batch_size": 4}
+    p["recipe"] = f"demo-{family}"
+    return p
+
+
+@pytest.fixture(scope="session", params=["sd3", "flux"])
+def transformer_project(request, tmp_path_factory) -> Path:
+    """:func:`project` through a transformer family (flow matching, the condition as latents):
+    the same stages on a tiny SD3 or Flux base."""
+    return make_project(tmp_path_factory.mktemp(f"{request.param}-project"), family_params(request.param))
+
+
 def make_project(work: Path, params: dict) -> Path:
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

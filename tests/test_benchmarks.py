@@ -29,7 +29,7 @@ def test_train_step_reports_the_median_round_or_the_first_failure():
 def test_convergence_configurations_stack_levers_on_the_recipe_and_refuse_unknown_names():
     conv = load("convergence")
     recipe_train = {**conv.UPSTREAM, "timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0}
-    recipe_train.update(snr_gamma=5.0, hint_init="random")
+    recipe_train.update(snr_gamma=5.0, hint_init="random", mode_scale=1.29, flow_shift=None)
     out = conv.configurations(recipe_train, ["upstream", "recipe+empty_50+cosine"])
     assert out["upstream"] == conv.UPSTREAM
     stacked = out["recipe+empty_50+cosine"]
@@ -37,6 +37,21 @@ def test_convergence_configurations_stack_levers_on_the_recipe_and_refuse_unknow
     for bad in (["recipe+nope"], ["nope"], ["recipe+"]):
         with pytest.raises(SystemExit, match="unknown configuration"):
             conv.configurations(recipe_train, bad)
+
+
+def test_convergence_upstream_is_the_familys_and_flow_levers_only_for_flow():
+    from controlnet_recipe.models.families import FAMILIES
+
+    conv = load("convergence")
+    recipe_train = {**conv.UPSTREAM, "timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0}
+    recipe_train.update(snr_gamma=5.0, mode_scale=1.29, flow_shift=None)
+    flux = conv.configurations(recipe_train, None, FAMILIES["flux"].upstream_objective)
+    assert flux["upstream"]["timestep_sampling"] == "logit_normal" and flux["upstream"]["logit_mean"] == 0.0
+    assert "shift_3" in flux and "min_snr" not in flux and flux["shift_3"]["flow_shift"] == 3.0
+    sd = conv.configurations(recipe_train, None, FAMILIES["sd"].upstream_objective)
+    assert sd["upstream"] == conv.UPSTREAM and "min_snr" in sd and "shift_3" not in sd
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        conv.configurations(recipe_train, ["recipe+min_snr"], FAMILIES["flux"].upstream_objective)
 
 
 def test_convergence_mean_of_seeds_averages_each_probe_and_each_condition():

@@ -29,7 +29,13 @@ def _index(folder: Path, class_name: str) -> Path:
 
 @pytest.mark.parametrize(
     ("cls", "family"),
-    [("StableDiffusionPipeline", "sd"), ("StableDiffusionXLPipeline", "sdxl"), ("StableDiffusionXLControlNetPipeline", "sdxl")],
+    [
+        ("StableDiffusionPipeline", "sd"),
+        ("StableDiffusionXLPipeline", "sdxl"),
+        ("StableDiffusionXLControlNetPipeline", "sdxl"),
+        ("StableDiffusion3Pipeline", "sd3"),
+        ("FluxPipeline", "flux"),  # any folder FluxPipeline.save_pretrained wrote
+    ],
 )
 def test_family_from_a_local_model_index(tmp_path: Path, cls: str, family: str):
     assert detect_family(str(_index(tmp_path / "m", cls))) == family
@@ -37,9 +43,9 @@ def test_family_from_a_local_model_index(tmp_path: Path, cls: str, family: str):
 
 def test_unknown_family_is_one_line(tmp_path: Path):
     with pytest.raises(BadInput) as e:
-        detect_family(str(_index(tmp_path / "m", "FluxPipeline")))
+        detect_family(str(_index(tmp_path / "m", "HiDreamImagePipeline")))
     msg = str(e.value)
-    assert "\n" not in msg and "model_index.json: _class_name" in msg and "'FluxPipeline'" in msg and "sdxl" in msg
+    assert "\n" not in msg and "model_index.json: _class_name" in msg and "'HiDreamImagePipeline'" in msg and "flux" in msg
 
 
 def test_family_from_the_hub_reads_only_model_index(tmp_path: Path, monkeypatch):
@@ -66,7 +72,7 @@ def parts(tmp_path_factory) -> BaseComponents:
         tokenizer_2=tok,
         text_encoder_2=tiny.build_text_encoder_2(len(tok)).eval(),
         vae=tiny.build_vae(64),
-        unet=tiny.build_unet(64, sdxl=True),
+        denoiser=tiny.build_unet(64, sdxl=True),
         noise_scheduler=tiny.build_scheduler(),
         options={"force_zeros_for_empty_prompt": False},
     )
@@ -151,6 +157,7 @@ def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switche
         **{
             "batch_size": 2, "gradient_checkpointing": False, "use_8bit_adam": False, "set_grads_to_none": True,
             "mixed_precision": "no", "attention": "sdpa", "deepspeed": None, "channels_last": False, "compile": False,
+            "frozen_fp8": False,
             **switches,
         }
     )  # fmt: skip
@@ -171,7 +178,7 @@ def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switche
     empty = {k: v[:1] * 0 for k, v in feats.items()}
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         inputs = LossInputs(
-            controlnet=controlnet, unet=unet, scheduler=parts.noise_scheduler, empty_prompt=empty, scaling_factor=1.0,
+            controlnet=controlnet, denoiser=unet, scheduler=parts.noise_scheduler, empty_prompt=empty, scaling_factor=1.0,
             p_empty=0.5, device="cpu", dtype=dtype, objective=Objective(), family=FAMILIES["sdxl"],
             channels_last=tier.channels_last,
         )  # fmt: skip

@@ -10,6 +10,7 @@ LAYERS = [
     ["errors", "text", "codedeps"],  # no project imports (but each other)
     ["config"],  # the typed params
     ["storage", "images", "diffusion", "fit"],  # shared plumbing: folders, images, noise and loss, one fit loop
+    ["flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
     ["faces"],  # landmarks, drawing, the synthetic generator
     ["metrics", "models", "sources", "captioning", "report"],  # the domain's parts
     ["conditions"],  # one module per condition kind: making, map type, fidelity (uses metrics and models)

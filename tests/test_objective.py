@@ -62,7 +62,7 @@ def loss_inputs(controlnet, unet, scheduler, batch: dict) -> dict:
     """LossInputs' fields other than the objective (no caption dropout), and the batch."""
     return dict(
         controlnet=controlnet,
-        unet=unet,
+        denoiser=unet,
         scheduler=scheduler,
         batch=batch,
         empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},

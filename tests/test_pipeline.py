@@ -94,6 +94,7 @@ def test_memory_tier_settings_train_for_real(own_project: Path):
         "deepspeed": None,
         "channels_last": True,
         "compile": False,
+        "frozen_fp8": False,
     }
     params["demo"]["train"]["max_train_steps"] = 2
     (project / "tier.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -17,6 +17,10 @@ from .errors import RecipeError
 TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80gb": 80}
 # SDXL's tiers (its UNet is 2.6B parameters, its ControlNet 1.25B): none is sized under 24 GB.
 TIER_MEMORY_GB |= {"sdxl-24gb": 24, "sdxl-40gb": 40, "sdxl-80gb": 80}
+# The transformer families' tiers (SD3.5-medium's MMDiT is 2.5B parameters, FLUX.1-dev's 12B).
+TIER_MEMORY_GB |= {"sd3-24gb": 24, "sd3-80gb": 80, "flux-24gb": 24, "flux-40gb": 40, "flux-80gb": 80}
+FAMILY_TIER_PREFIXES = ("sdxl", "sd3", "flux")  # a tier named <prefix>-* is sized for that family; the rest for sd
+A_BASE = {"sd": "an SD 1.x/2.x base", "sdxl": "an SDXL base", "sd3": "an SD3 base", "flux": "a Flux base"}  # for messages
 
 
 class ConfigError(RecipeError, ValueError):
@@ -139,13 +143,14 @@ class TinyBaseCfg(Strict):
 
 class BaseCfg(Strict):
     """The frozen base. ``family``: ``auto`` reads the pipeline class from the model's
-    model_index.json (the tiny base: SD); ``sd`` (1.x, 2.x) or ``sdxl`` names it. ``vae``: a VAE
+    model_index.json (the tiny base: SD); ``sd`` (1.x, 2.x), ``sdxl``, ``sd3`` or ``flux`` names it. ``vae``: a VAE
     loaded in place of the base's own (SDXL: an fp16-fixed VAE such as madebyollin/sdxl-vae-fp16-fix)."""
 
     pretrained_model: str | None
     revision: str | None
-    family: Literal["auto", "sd", "sdxl"]
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"]
     vae: str | None
+    max_sequence_length: int | None = Field(gt=0)  # T5 tokens per caption (sd3, flux); null: the family's default
     tiny: TinyBaseCfg
 
 
@@ -231,15 +236,24 @@ class TrainCfg(Strict):
     tracker_project_name: str
     shuffle_conditions: bool  # a planted failure: each image gets another sample's condition
     # Convergence levers; upstream's values: uniform, none, ema_decay null, multiplier 1, hint_init zero.
-    timestep_sampling: Literal["uniform", "cubic", "logit_normal"]
+    timestep_sampling: Literal["uniform", "cubic", "logit_normal", "mode"]  # mode: flow matching only
     logit_mean: float  # logit_normal only
     logit_std: float = Positive
-    loss_weighting: Literal["none", "min_snr"]
+    mode_scale: float  # mode only
+    flow_shift: float | None = Field(
+        gt=0
+    )  # flow matching: sigma -> shift*sigma / (1 + (shift-1)*sigma); null: the scheduler's own sigmas
+    loss_weighting: Literal[
+        "none", "min_snr", "sigma_sqrt", "cosmap"
+    ]  # min_snr: epsilon/v-prediction; sigma_sqrt, cosmap: flow matching
     snr_gamma: float = Positive  # min_snr only
     ema_decay: float | None = Field(gt=0, lt=1)  # null: no EMA; else validation, checkpoints' sweep weights and export use it
     new_layers_lr_multiplier: float = Positive  # the zero convolutions and the hint encoder train at learning_rate x this
     hint_init: Literal["zero", "random"]  # the hint encoder's output conv: zero (upstream) or PyTorch's default init
     condition_loss_weight: float = Field(ge=1)  # the MSE's weight under the condition's drawing (1: upstream's plain MSE)
+    # The transformer families' ControlNet: how many of the base's blocks it copies (null: the family's default)
+    controlnet_layers: int | None = Field(gt=0)  # sd3: joint blocks; flux: double-stream blocks
+    controlnet_single_layers: int | None = Field(ge=0)  # flux: single-stream blocks
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainCfg:
@@ -336,6 +350,7 @@ class Tier(Strict):
     deepspeed: Literal["zero2"] | None  # ZeRO-2 with the optimizer offloaded to CPU
     channels_last: bool  # ControlNet, frozen UNet and their inputs in channels_last memory format
     compile: bool  # torch.compile the ControlNet and the frozen UNet (in place: checkpoints keep their keys)
+    frozen_fp8: bool  # the frozen base's weights stored in fp8 (diffusers' layerwise casting), computed in mixed precision
 
     @model_validator(mode="after")
     def _works_together(self) -> Tier:
@@ -378,15 +393,20 @@ class Config(Strict):
 
 
 def tier_family(name: str) -> str:
-    """Which family a GPU tier is sized for: ``sdxl-*`` for SDXL, the others for SD 1.x/2.x."""
-    return "sdxl" if name.startswith("sdxl-") else "sd"
+    """Which family a GPU tier is sized for: ``sdxl-*`` for SDXL (``sd3-*``, ``flux-*`` likewise),
+    the others for SD 1.x/2.x."""
+    prefix = name.split("-")[0]
+    return prefix if prefix in FAMILY_TIER_PREFIXES else "sd"
 
 
 def check_tier(gpu: str, family: str, where: str = "params.yaml") -> None:
-    """A tier sized for SD 1.x/2.x stops an SDXL run here, before any model loads."""
-    if family == "sdxl" and gpu not in ("auto", "cpu") and tier_family(gpu) != "sdxl":
-        sdxl = ", ".join(t for t in TIER_MEMORY_GB if tier_family(t) == "sdxl")
-        raise ConfigError(f"{where}: gpu: tier {gpu!r} is sized for SD 1.x/2.x; an SDXL base needs one of {sdxl}")
+    """A tier sized for another family stops a run here, before any model loads (an SD tier
+    under an SDXL base, say); ``auto`` and ``cpu`` fit every family."""
+    if family == "auto" or gpu in ("auto", "cpu") or tier_family(gpu) == family:
+        return
+    mine = ", ".join(t for t in TIER_MEMORY_GB if tier_family(t) == family)
+    sized = A_BASE[tier_family(gpu)].split(" ", 1)[1].removesuffix(" base")
+    raise ConfigError(f"{where}: gpu: tier {gpu!r} is sized for {sized}; {A_BASE[family]} needs one of {mine}")
 
 
 def detect_tier(family: str = "sd") -> str:
@@ -398,9 +418,9 @@ def detect_tier(family: str = "sd") -> str:
     gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
     mine = {t: m for t, m in TIER_MEMORY_GB.items() if tier_family(t) == family}
     fitting = [t for t, m in mine.items() if m <= gb + 0.5]
-    if not fitting and family == "sdxl":
+    if not fitting and family != "sd":
         raise ConfigError(
-            f"gpu: auto: the GPU has {gb:.0f} GB; an SDXL base needs at least {min(mine.values())} GB ({', '.join(mine)})"
+            f"gpu: auto: the GPU has {gb:.0f} GB; {A_BASE[family]} needs at least {min(mine.values())} GB ({', '.join(mine)})"
         )
     return fitting[-1] if fitting else "8gb"
 

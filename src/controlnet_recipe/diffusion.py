@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,16 @@ def encode_images(
 
 
 def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    scaling_factor: float,
+    generator: torch.Generator | None = None,
+    shift_factor: float = 0.0,
 ) -> torch.Tensor:
+    """A posterior sample as the model sees it: (sample - shift) x scale (SD3's, Flux's VAEs shift)."""
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-    return (mean + std * noise) * scaling_factor
+    sample = mean + std * noise
+    return (sample - shift_factor if shift_factor else sample) * scaling_factor
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,32 @@ class Objective:
       for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction);
     - ``condition_weight``: 1 (upstream), or how much more the latent pixels under the condition's
       drawing (its non-black pixels: the face parts, the edges) count in the MSE than the rest.
+
+    Flow matching (flow_matching.py) reads the same fields, plus ``mode`` timesteps
+    (``mode_scale``), ``shift``, ``sigma_sqrt``/``cosmap`` weightings and ``precondition``
+    (the families set the last: SD3's upstream preconditions, Flux's does not).
     """
 
-    timesteps: Literal["uniform", "cubic", "logit_normal"] = "uniform"
+    timesteps: Literal["uniform", "cubic", "logit_normal", "mode"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    weighting: Literal["none", "min_snr"] = "none"
+    weighting: Literal["none", "min_snr", "sigma_sqrt", "cosmap"] = "none"
     snr_gamma: float = 5.0
     condition_weight: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | None = None
+    precondition: bool = False
+
+
+class Noised(NamedTuple):
+    """One step's noising: the model's input, its timesteps, the target, per-sample loss weights
+    (None: unweighted) and, for flow matching, the sigmas."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor | None
+    sigmas: torch.Tensor | None = None
 
 
 UPSTREAM = Objective()
@@ -69,6 +93,10 @@ def sample_timesteps(
     if objective.timesteps == "cubic":
         u = torch.rand(n, generator=generator)
         return ((1 - u**3) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    if objective.timesteps == "mode":
+        raise ValueError(
+            "train.timestep_sampling: mode is for flow matching (sd3, flux); expected uniform | cubic | logit_normal"
+        )
     z = torch.randn(n, generator=generator) * objective.logit_std + objective.logit_mean
     return (torch.sigmoid(z) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
@@ -88,10 +116,18 @@ def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator | 
     return noisy, t, target
 
 
+def ddpm_inputs(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None, objective: Objective = UPSTREAM) -> Noised:
+    """:class:`Noised` for one epsilon / v-prediction step (:func:`noisy_inputs`, :func:`loss_weights`)."""
+    noisy, t, target = noisy_inputs(scheduler, x0, generator, objective)
+    return Noised(noisy, t, target, loss_weights(scheduler, t, objective))
+
+
 def loss_weights(scheduler, timesteps: torch.Tensor, objective: Objective = UPSTREAM) -> torch.Tensor | None:
     """Per-sample loss weights (None: unweighted, as upstream)."""
     if objective.weighting == "none":
         return None
+    if objective.weighting != "min_snr":
+        raise ValueError(f"train.loss_weighting: {objective.weighting} is for flow matching (sd3, flux); expected none | min_snr")
     snr = compute_snr(scheduler, timesteps)  # diffusers' own, as its text-to-image example uses it
     clipped = snr.clamp(max=objective.snr_gamma)
     if scheduler.config.prediction_type == "v_prediction":

@@ -125,17 +125,15 @@ class Generator:
         self.resolution = cfg.recipe.data.resolution
         self.model = check_model(model)  # before the slow imports
 
-        from diffusers import ControlNetModel
-
-        from .models.base_model import BaseRef, inference_device, load_base, make_pipeline
+        from .models.base_model import BaseRef, inference_device, load_base, load_controlnet, make_pipeline
 
         try:
             base = load_base(BaseRef.read())
         except FileNotFoundError:
             raise GenerateError(f"no base model in {BASE_DIR}; {NO_MODEL}") from None
         self.device, dtype = inference_device()
-        controlnet = ControlNetModel.from_pretrained(self.model, torch_dtype=dtype)
-        self.pipe = make_pipeline(base, controlnet, device=self.device, dtype=dtype)
+        controlnet = load_controlnet(self.model, torch_dtype=dtype)
+        self.base, self.pipe = base, make_pipeline(base, controlnet, device=self.device, dtype=dtype)
         from .conditions import condition as condition_kind
 
         self.kind = condition_kind(cfg.recipe.conditions)  # its detector or model loads once, on first use
@@ -146,23 +144,23 @@ class Generator:
 
     def __call__(self, condition: Image.Image, s: Settings) -> list[Image.Image]:
         """``s.num_images`` images; image i always uses seed ``s.seed + i``, whatever the batching."""
-        from .models.base_model import seeded
+        from .models.base_model import sampling_kwargs, seeded
 
         if s.num_images < 1:
             raise GenerateError(f"expected at least one image, got {s.num_images}")
         images = []
         for lo in range(0, s.num_images, BATCH):
             n = min(BATCH, s.num_images - lo)
+            kw = sampling_kwargs(self.base, n, s.guidance, [condition] * n, s.conditioning_scale)
+            if s.negative_prompt:
+                kw["negative_prompt"] = [s.negative_prompt] * n
             images += self.pipe(
                 prompt=[s.prompt] * n,
-                negative_prompt=[s.negative_prompt] * n if s.negative_prompt else None,
-                image=[condition] * n,
                 num_inference_steps=s.steps,
-                guidance_scale=s.guidance,
-                controlnet_conditioning_scale=s.conditioning_scale,
                 generator=seeded([s.seed + lo + i for i in range(n)]),
                 height=self.resolution,
                 width=self.resolution,
+                **kw,
             ).images
         return images
 

@@ -53,9 +53,10 @@ A {fam.title} ControlNet, trained with controlnet-recipe (recipe `{cfg.recipe_na
 Condition: {made}; captions: `{r.captions.captioner}`.
 
 ```python
-from diffusers import ControlNetModel, {fam.controlnet_pipeline_class}
-controlnet = ControlNetModel.from_pretrained("{r.evaluate.hub_model_id}")
+from diffusers import {fam.controlnet_class}, {fam.controlnet_pipeline_class}
+controlnet = {fam.controlnet_class}.from_pretrained("{r.evaluate.hub_model_id}")
 pipe = {fam.controlnet_pipeline_class}.from_pretrained("{base.name_or_path}", controlnet=controlnet)
+image = pipe("a prompt", {fam.control_argument}=condition_image).images[0]
 ```
 
 ## Data

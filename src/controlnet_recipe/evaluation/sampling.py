@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import EvaluateCfg
-from ..models.base_model import BaseComponents, inference_device, make_pipeline, seeded
+from ..models.base_model import BaseComponents, inference_device, make_pipeline, sampling_kwargs, seeded
 
 BATCH = 16
 
@@ -41,15 +41,19 @@ class Sampler:
         )
         images = []
         for i in tqdm(range(0, len(prompts), BATCH), desc=f"evaluate: {desc}", leave=False):
-            kw = dict(
-                prompt=prompts[i : i + BATCH],
+            chunk = prompts[i : i + BATCH]
+            images += pipe(
+                prompt=chunk,
                 num_inference_steps=self.e.num_inference_steps,
-                guidance_scale=self.e.guidance_scale,
                 generator=seeded(seeds[i : i + BATCH]),
                 height=self.resolution,
                 width=self.resolution,
-            )
-            if controlnet is not None:
-                kw.update(image=conditions[i : i + BATCH], controlnet_conditioning_scale=self.e.conditioning_scale)
-            images += pipe(**kw).images
+                **sampling_kwargs(
+                    self.base,
+                    len(chunk),
+                    self.e.guidance_scale,
+                    None if controlnet is None else conditions[i : i + BATCH],
+                    self.e.conditioning_scale,
+                ),
+            ).images
         return images

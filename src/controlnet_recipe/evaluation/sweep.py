@@ -26,12 +26,14 @@ def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidat
 def load_controlnet(c: Candidate, final: Path):
     """The candidate's ControlNet, with the final model's config: its EMA weights where the run
     kept an EMA (as the final model holds), else its trained weights."""
-    from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
+    from ..models.base_model import controlnet_class_of
+
+    cls = controlnet_class_of(final)
     if c.path == final:
-        return ControlNetModel.from_pretrained(final)
-    model = ControlNetModel.from_config(ControlNetModel.load_config(final))
+        return cls.from_pretrained(final)
+    model = cls.from_config(cls.load_config(final))
     ema = c.path / EMA_WEIGHTS
     model.load_state_dict(load_file(ema if ema.is_file() else c.path / WEIGHTS))
     return model.eval()

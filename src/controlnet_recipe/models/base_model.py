@@ -1,4 +1,5 @@
-"""Loading the base Stable Diffusion model, wherever it came from, through ``from_pretrained``."""
+"""Loading the base model, wherever it came from, through ``from_pretrained``; loading a trained
+ControlNet as its family's class; sampling pipelines and their call arguments."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ class BaseRef:
 
     name_or_path: str
     revision: str | None = None
-    family: str = "sd"  # models/families: sd (1.x, 2.x) | sdxl
+    family: str = "sd"  # models/families: sd (1.x, 2.x) | sdxl | sd3 | flux
     vae: str | None = None  # a VAE used in place of the base's own (SDXL's fp16-fixed VAE)
+    max_sequence_length: int | None = None  # T5 tokens per caption (sd3, flux; None: the family's default)
 
     @classmethod
     def read(cls, folder: Path = BASE_DIR) -> BaseRef:
@@ -31,7 +33,7 @@ class BaseRef:
 
 def load_base(ref: BaseRef) -> BaseComponents:
     """Each component from its subfolder, as the base's family lays them out."""
-    return family(ref.family).load(ref.name_or_path, ref.revision, ref.vae)
+    return family(ref.family).load(ref.name_or_path, ref.revision, ref.vae, ref.max_sequence_length)
 
 
 def inference_device():
@@ -50,11 +52,12 @@ def seeded(seeds: list[int]) -> list:
 
 def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None):
     """The one way a sampling pipeline is built (validation, evaluation, generate): the family's
-    pipeline of the base's components with UniPC (and no safety checker), plus ``controlnet`` if
+    pipeline of the base's components with its sampler (UniPC for the UNet families, the base's
+    flow-matching Euler for the transformer families; no safety checker), plus ``controlnet`` if
     given, with a quiet progress bar. With ``device``, the components (and the ControlNet) are
     moved there first."""
     if device is not None:
-        for m in (b.unet, b.vae, *b.text_encoders, *([controlnet] if controlnet is not None else [])):
+        for m in (b.denoiser, b.vae, *b.text_encoders, *([controlnet] if controlnet is not None else [])):
             m.to(device, dtype)
     pipe = family(b.family).pipeline(b, controlnet)
     pipe.set_progress_bar_config(disable=True)
@@ -63,3 +66,21 @@ def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None
         # images at 1024 px at once took 16 GiB beyond the weights (benchmarks/gpu_check.py)
         b.vae.enable_slicing()
     return pipe
+
+
+def controlnet_class_of(folder):
+    """The diffusers class a trained ControlNet folder names in its config.json (ControlNetModel,
+    SD3ControlNetModel, FluxControlNetModel): whichever family trained it."""
+    import diffusers
+
+    return getattr(diffusers, diffusers.ControlNetModel.load_config(folder)["_class_name"])
+
+
+def load_controlnet(folder, **kw):
+    """A trained ControlNet folder as its own class (``from_pretrained``)."""
+    return controlnet_class_of(folder).from_pretrained(folder, **kw)
+
+
+def sampling_kwargs(b: BaseComponents, n: int, guidance_scale: float, conditions=None, scale: float = 1.0) -> dict:
+    """The pipeline call's family-specific arguments for ``n`` prompts (guidance, the condition)."""
+    return family(b.family).sampling_kwargs(b, n, guidance_scale, conditions, scale)

@@ -1,8 +1,10 @@
-"""Tiny Stable Diffusion components built from configs in code: nothing is downloaded.
+"""Tiny base components built from configs in code: nothing is downloaded.
 
 The pieces have the same classes as the real ones (AutoencoderKL, CLIPTextModel, CLIPTokenizer,
-UNet2DConditionModel), are saved with ``save_pretrained`` and loaded back with ``from_pretrained``,
-so every later stage runs the same code on them as on Stable Diffusion.
+UNet2DConditionModel; T5EncoderModel, SD3Transformer2DModel, FluxTransformer2DModel and
+FlowMatchEulerDiscreteScheduler for the transformer families), are saved with ``save_pretrained``
+and loaded back with ``from_pretrained``, so every later stage runs the same code on them as on
+the real bases. The T5 encoders share the tiny CLIP tokenizer (the pipelines only tokenize).
 """
 
 from __future__ import annotations
@@ -11,14 +13,24 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 MAX_TOKENS = 32
 TEXT_DIM = 64
 # The tiny SDXL: a second text encoder with a projection (its pooled embedding), six time ids.
 TEXT_DIM_2, POOLED_DIM, TIME_EMBED_DIM = 32, 32, 8
+# The tiny SD3 and Flux: a T5 as wide as both CLIPs together (SD3 pads the CLIPs' features to T5's
+# width), transformers of 64 channels (4 heads of 16).
+T5_DIM, HEADS, HEAD_DIM = TEXT_DIM + TEXT_DIM_2, 4, 16
 LATENT_CHANNELS = 4
 # Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet's hint encoder
 # matches the VAE's downsampling (training/step.py reads it from the VAE's config).
@@ -83,8 +95,80 @@ def _text_config(vocab_size: int, dim: int, projection_dim: int) -> CLIPTextConf
     )
 
 
-def build_text_encoder(vocab_size: int) -> CLIPTextModel:
-    return CLIPTextModel(_text_config(vocab_size, TEXT_DIM, TEXT_DIM))
+def build_text_encoder(vocab_size: int, projection: bool = False) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """The tiny CLIP-L; ``projection``: with its projection (SD3's first encoder)."""
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(_text_config(vocab_size, TEXT_DIM, TEXT_DIM))
+
+
+def build_t5(vocab_size: int) -> T5EncoderModel:
+    """The tiny T5 encoder (SD3's third text encoder, Flux's second)."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=T5_DIM,
+            d_kv=HEAD_DIM,
+            d_ff=2 * T5_DIM,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=MAX_TOKENS,
+            dropout_rate=0.0,
+            pad_token_id=vocab_size - 1,
+            eos_token_id=vocab_size - 1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def build_flux_transformer(guidance_embeds: bool = False) -> FluxTransformer2DModel:
+    """The tiny FLUX.1: 4 double-stream and 2 single-stream blocks over 2x2-packed latents, T5's
+    features as context, CLIP's pooled embedding; no guidance embedding (sampling uses true CFG)
+    unless ``guidance_embeds`` (FLUX.1-dev's)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=4,
+        num_single_layers=2,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=T5_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def build_sd3_transformer(resolution: int) -> SD3Transformer2DModel:
+    """The tiny SD3: 4 joint blocks over 2x2 patches, CLIP-L + CLIP-G + T5 context, both CLIPs'
+    pooled projections."""
+    latent = resolution // 2 ** (len(VAE_CHANNELS) - 1)
+    return SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=4,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=T5_DIM,
+        caption_projection_dim=HEADS * HEAD_DIM,
+        pooled_projection_dim=TEXT_DIM + POOLED_DIM,
+        pos_embed_max_size=latent,
+    )
+
+
+def build_flow_scheduler(dynamic_shifting: bool) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching schedule: Flux's (shifted by image size at sampling), or SD3's (shift 3)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0 if dynamic_shifting else 3.0,
+        use_dynamic_shifting=dynamic_shifting,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 def build_text_encoder_2(vocab_size: int) -> CLIPTextModelWithProjection:

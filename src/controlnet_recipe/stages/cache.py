@@ -1,5 +1,9 @@
 """cache stage: encode VAE latents and text embeddings once, so training never runs the VAE or the
-text encoder (upstream runs both on every step) and keeps them out of GPU memory.
+text encoders (upstream runs both on every step) and keeps them out of GPU memory. For the
+families whose ControlNet takes the condition as latents (SD3, Flux), the condition images'
+posteriors too. Text features are stored in half precision: T5-XXL's are large (4,096 wide: 8 KiB
+per token, so 4 MiB per caption at Flux's 512 tokens, 400 GiB at 100k images; the flux and sd3
+recipes cache 128, ``base.max_sequence_length``).
 
 The cache lives in ``data/cache/<fingerprint>/``, the fingerprint covering the dataset, the base
 model and the resolution. It is a sharded dataset like every data stage's (``storage.ShardedOutput``):
@@ -21,7 +25,7 @@ from ..config import Config
 from ..diffusion import encode_images
 from ..images import images_to_tensor
 from ..models.base_model import BaseRef, load_base
-from ..models.families import family
+from ..models.families import CONTROL, family
 from ..storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
 from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint, write_empty
 
@@ -59,6 +63,10 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
             mean, std = encode_images(vae, pixels, batch_size=c.batch_size, desc=None)
             text = fam.caption_features(base, list(batch[r.columns.caption]))[0]
             parts = {"latent_mean": mean.half(), "latent_std": std.half(), **{k: v.half() for k, v in text.items()}}
+            if fam.control_latents:  # the condition as the pipeline encodes it: [-1, 1] pixels through the VAE
+                cond = images_to_tensor(batch[r.columns.conditioning_image], r.data.resolution)
+                cmean, cstd = encode_images(vae, cond, batch_size=c.batch_size, desc=None)
+                parts.update({f"{CONTROL}_mean": cmean.half(), f"{CONTROL}_std": cstd.half()})
             parts.update(fam.image_features(batch[r.columns.image], r.data.resolution))  # SDXL: time ids
             for k, v in parts.items():
                 cols.setdefault(k, []).append(v)
@@ -71,6 +79,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         "shards": n_shards,
         "num_rows": len(train),
         "scaling_factor": float(vae.config.scaling_factor),
+        "shift_factor": float(vae.config.shift_factor or 0.0) if fam.shifts_latents else 0.0,
         "base": ref.__dict__,
         "resolution": r.data.resolution,
     }

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..errors import BadInput
 from ..images import images_to_tensor
+from ..models.families import CONTROL
 
 CONDITIONS_IN_MEMORY_BYTES = 2 * 1024**3  # decoded conditioning images (uint8) kept in memory up to this
 
@@ -54,7 +55,10 @@ class CachedPairs(torch.utils.data.Dataset):
         rows = self.cache[idx]
         cond_idx = idx if self.condition_row is None else self.condition_row[idx].tolist()
         cond = (self.decoded[cond_idx] if self.decoded is not None else self._decode(cond_idx)).float() / 255
-        # latent_mean, latent_std, text_embedding (and SDXL's pooled_embedding, time_ids)
+        if self.condition_row is not None and f"{CONTROL}_mean" in rows:  # the condition's latents go with it
+            rows.update({k: v for k, v in self.cache[cond_idx].items() if k.startswith(CONTROL)})
+        # latent_mean, latent_std, text_embedding (and SDXL's pooled_embedding, time_ids; SD3's and
+        # Flux's pooled_embedding, control_mean, control_std)
         return {**{k: v.float() for k, v in rows.items()}, "conditioning": cond}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -36,6 +36,8 @@ def fingerprint(dataset_fingerprint: str, num_rows: int, ref: BaseRef, resolutio
     h = hashlib.sha256(f"{dataset_fingerprint}|{num_rows}|{resolution}|{ref.revision}".encode())
     if ref.family != "sd" or ref.vae:
         h.update(f"|{ref.family}|{ref.vae}".encode())
+    if ref.max_sequence_length:
+        h.update(f"|{ref.max_sequence_length}".encode())
     local = Path(ref.name_or_path)
     if local.is_dir():
         for sub in family(ref.family).cache_parts:
@@ -57,12 +59,14 @@ def current_fingerprint(cfg: Config) -> str:
 @dataclass
 class LatentCache:
     """The cached training split: per-sample latent posterior (mean, std) and text features
-    (the family's: SDXL adds a pooled embedding and time ids)."""
+    (the family's: SDXL adds a pooled embedding and time ids; SD3 and Flux a pooled embedding and
+    the condition's latent posterior)."""
 
-    rows: Dataset  # columns latent_mean, latent_std, text_embedding[, pooled_embedding, time_ids] (torch format)
+    rows: Dataset  # columns latent_mean, latent_std, text_embedding[, pooled_embedding, time_ids, control_mean, control_std]
     empty_prompt: dict[str, torch.Tensor]  # the empty caption's text features (1, ...), for caption dropout
     scaling_factor: float
     fingerprint: str
+    shift_factor: float = 0.0
 
     @classmethod
     def load(cls, expected_fingerprint: str | None = None, root: Path = CACHE_DIR) -> LatentCache:
@@ -77,7 +81,7 @@ class LatentCache:
             )
         folder = root / meta["fingerprint"]
         rows = load_dataset_dir(folder)[SPLIT].with_format("torch")
-        return cls(rows, read_empty(folder / EMPTY), meta["scaling_factor"], meta["fingerprint"])
+        return cls(rows, read_empty(folder / EMPTY), meta["scaling_factor"], meta["fingerprint"], meta.get("shift_factor", 0.0))
 
 
 def features(columns: dict[str, torch.Tensor]) -> Features:

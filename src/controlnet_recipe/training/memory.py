@@ -1,8 +1,9 @@
 """A memory tier's switches applied to the models and the optimizer.
 
 What keeps a tier under its budget: the latent cache (no VAE or text encoder on the GPU while
-training), the frozen UNet in fp16/bf16, gradient checkpointing of both the ControlNet and the
-frozen UNet (upstream checkpoints the ControlNet only), 8-bit AdamW, and set_grads_to_none.
+training), the frozen denoiser in fp16/bf16 (a transformer's in fp8 with ``frozen_fp8``), gradient
+checkpointing of both the ControlNet and the frozen denoiser (upstream checkpoints the ControlNet
+only), 8-bit AdamW, and set_grads_to_none.
 DeepSpeed ZeRO-2 with the optimizer offloaded to CPU is the alternative for the smallest cards.
 """
 
@@ -20,16 +21,17 @@ from ..config import ConfigError, Tier, TrainCfg
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"  # package data
 
 
-NEW_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")  # hint encoder, zero convs
+NEW_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")  # SD's hint encoder, zero convs
 
 
-def param_groups(model: torch.nn.Module, lr: float, multiplier: float) -> list[dict]:
-    """The ControlNet's parameters in two groups: the layers it adds to the UNet's encoder (the
-    hint encoder and the zero convolutions) at ``lr x multiplier``, the copied encoder at ``lr``."""
+def param_groups(model: torch.nn.Module, lr: float, multiplier: float, new_layers: tuple[str, ...] = NEW_LAYERS) -> list[dict]:
+    """The ControlNet's parameters in two groups: the layers it adds to the base's (``new_layers``,
+    the family's: the hint encoder and the zero convolutions) at ``lr x multiplier``, the copied
+    ones at ``lr``."""
     new, copied = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (new if name.startswith(NEW_LAYERS) else copied).append(p)
+            (new if name.startswith(new_layers) else copied).append(p)
     if multiplier == 1.0:
         return [{"params": copied + new, "lr": lr}]  # one group, as upstream
     return [{"params": copied, "lr": lr}, {"params": new, "lr": lr * multiplier}]
@@ -47,9 +49,12 @@ def make_optimizer(groups: list[dict], tier: Tier, t: TrainCfg, lr: float, *, fu
     return torch.optim.AdamW(groups, **kw, fused=fused)
 
 
-def apply_model_settings(unet, controlnet, tier: Tier) -> None:
+def apply_model_settings(unet, controlnet, tier: Tier, dtype: torch.dtype | None = None) -> None:
     """Attention backend, gradient checkpointing, memory format and compilation, on the ControlNet
-    and the frozen UNet."""
+    and the frozen denoiser (``unet``: a UNet or a transformer); with ``frozen_fp8``, the frozen
+    denoiser's weights stored in fp8 and cast to ``dtype`` layer by layer as it runs."""
+    if tier.frozen_fp8:
+        unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype or torch.bfloat16)
     if tier.attention == "xformers":
         if importlib.util.find_spec("xformers") is None:
             raise ConfigError("tiers: attention: xformers is not installed (pip install xformers, or attention: sdpa)")

@@ -1,5 +1,6 @@
-"""The ControlNet trainer: a ControlNet initialised from the base UNet, base frozen, trained
-through accelerate with the tier's memory settings on the latent cache.
+"""The ControlNet trainer: a ControlNet initialised from the base's denoiser (a UNet or a
+transformer, as its family builds it), the base frozen, trained through accelerate with the tier's
+memory settings on the latent cache.
 
 :class:`Trainer` owns the loop; its components own their schedules: the :class:`Checkpointer`
 decides when to save and what to resume from, the :class:`Validator` when to validate, the
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -34,7 +34,7 @@ from .checkpoints import EMA_WEIGHTS, WEIGHTS, Checkpointer, consolidate_zero, r
 from .latent_cache import LatentCache, current_fingerprint
 from .launch import launched
 from .memory import apply_model_settings, deepspeed_plugin, direct_attention_calls, make_optimizer, param_groups
-from .step import LossInputs, controlnet_from_unet, controlnet_loss, objective
+from .step import LossInputs, controlnet_loss, objective
 from .tracking import Trackers
 from .validation import Validator, load_extractor, validation_pairs
 
@@ -63,6 +63,8 @@ LEVERS = (  # the convergence levers (README: Time to control), recorded in trai
     "hint_init",
     "proportion_empty_prompts",
     "condition_loss_weight",
+    "mode_scale",
+    "flow_shift",
 )
 
 
@@ -87,7 +89,7 @@ def run_settings(cfg: Config, tier: Tier, cache_fingerprint: str, micro: int, ac
 
 
 @contextmanager
-def with_weights(model: ControlNetModel, ema: EMAModel | None) -> Iterator[ControlNetModel]:
+def with_weights(model: torch.nn.Module, ema: EMAModel | None) -> Iterator[torch.nn.Module]:
     """``model`` with the weights to validate, sweep or export: its own, or the EMA's swapped in
     for the duration (EMAModel's store/copy_to/restore: no second copy of the model)."""
     if ema is None:
@@ -101,9 +103,9 @@ def with_weights(model: ControlNetModel, ema: EMAModel | None) -> Iterator[Contr
         ema.restore(model.parameters())
 
 
-def consolidated(model: ControlNetModel, checkpoint: Path) -> ControlNetModel:
+def consolidated(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """A fresh ``model`` holding the checkpoint's consolidated (fp32) weights."""
-    fresh = ControlNetModel.from_config(model.config)
+    fresh = type(model).from_config(model.config)
     fresh.load_state_dict(load_file(checkpoint / WEIGHTS))
     return fresh
 
@@ -149,16 +151,16 @@ class Trainer:
         self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
 
         base, fam = load_base(ref), family(ref.family)  # the VAE and text encoders stay on the CPU (validation only)
-        for m in (base.vae, *base.text_encoders, base.unet):
+        for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
-        controlnet = controlnet_from_unet(base.unet, base.vae.config, t.hint_init)
-        base.unet.to(device, dtype=dtype)
-        apply_model_settings(base.unet, controlnet, tier)
-        direct_attention_calls(base.unet, controlnet)  # the same computation, less Python per step
+        controlnet = fam.make_controlnet(base, t)
+        base.denoiser.to(device, dtype=dtype)
+        apply_model_settings(base.denoiser, controlnet, tier, dtype)
+        direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
         controlnet.train()
 
         lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
-        optimizer = make_optimizer(param_groups(controlnet, lr, t.new_layers_lr_multiplier), tier, t, lr)
+        optimizer = make_optimizer(param_groups(controlnet, lr, t.new_layers_lr_multiplier, fam.new_layers), tier, t, lr)
         lr_scheduler = get_scheduler(
             t.lr_scheduler,
             optimizer=optimizer,
@@ -175,7 +177,7 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)  # saved and restored with the run's state
         self.loss_inputs = LossInputs(
             controlnet=self.controlnet,
-            unet=base.unet,
+            denoiser=base.denoiser,
             scheduler=base.noise_scheduler,
             empty_prompt=cache.empty_prompt,
             scaling_factor=cache.scaling_factor,
@@ -185,6 +187,7 @@ class Trainer:
             objective=objective(t),
             family=fam,
             channels_last=tier.channels_last,
+            shift_factor=cache.shift_factor,
         )
 
         settings = run_settings(cfg, tier, cache.fingerprint, micro, accum, world, self.max_steps)
@@ -222,7 +225,7 @@ class Trainer:
         self.seconds, self.steps_run = 0.0, 0
 
     @contextmanager
-    def weights(self) -> Iterator[ControlNetModel]:
+    def weights(self) -> Iterator[torch.nn.Module]:
         """The ControlNet with the weights validation, the sweep and export use (the EMA's if any)."""
         with with_weights(self.accelerator.unwrap_model(self.controlnet), self.ema) as model:
             yield model

@@ -15,6 +15,7 @@ from ..config import ValidationCfg
 from ..errors import BadInput
 from ..images import images_to_tensor, tensor_to_images
 from ..models.base_model import make_pipeline, seeded
+from ..models.families import family
 from ..report.grid import make_grid
 
 
@@ -57,8 +58,10 @@ def run_validation(
 ) -> tuple[Image.Image, dict[str, float]]:
     """Generate ``v.num_images`` images per pair (seeds fixed across validations); return a grid
     (condition | images) and, with the evaluator's extractor, the images' condition fidelity."""
-    device = next(base.unet.parameters()).device
-    train_dtype = next(base.unet.parameters()).dtype
+    device = next(base.denoiser.parameters()).device
+    train_dtype = next(base.denoiser.parameters()).dtype
+    if train_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # frozen_fp8: stored in fp8, computed in bf16
+        train_dtype = torch.bfloat16
     if device.type == "cuda":
         # the blocks that held the step's activations go back first: what validation loads (the
         # VAE, the text encoders) then fits where they were instead of on top (planning/plan.py)
@@ -66,9 +69,12 @@ def run_validation(
     # CPU autocast leaves group_norm in mixed dtypes: validate in fp32 there (the round trip of the
     # frozen UNet through fp32 is lossless).
     dtype = torch.float32 if device.type == "cpu" else train_dtype
-    base.unet.to(dtype=dtype)
+    if dtype != train_dtype:
+        base.denoiser.to(dtype=dtype)
+    fam = family(base.family)
     base.vae.to(device, dtype)
-    for encoder in base.text_encoders:
+    encoders = base.text_encoders if fam.encodes_prompts_on_device else []
+    for encoder in encoders:
         encoder.to(device, dtype)
     pipe = make_pipeline(base, controlnet)  # already on the device: the training loop placed it
     was_training = controlnet.training
@@ -79,21 +85,20 @@ def run_validation(
         for i, (cond, prompt) in enumerate(zip(pairs.conditions, pairs.prompts)):
             gens = seeded([seed + 1000 * i + k for k in range(v.num_images)])
             out = pipe(
-                [prompt] * v.num_images,
-                image=[cond] * v.num_images,
                 num_inference_steps=v.num_inference_steps,
-                guidance_scale=v.guidance_scale,
                 generator=gens,
                 height=resolution,
                 width=resolution,
+                **fam.validation_inputs(base, prompt, v.num_images, v.guidance_scale, [cond] * v.num_images, device, dtype),
             ).images
             rows.append([cond, *out])
             images += out
             conds += [cond] * len(out)
     controlnet.train(was_training)
-    base.unet.to(dtype=train_dtype)
+    if dtype != train_dtype:
+        base.denoiser.to(dtype=train_dtype)
     base.vae.to("cpu")
-    for encoder in base.text_encoders:
+    for encoder in encoders:
         encoder.to("cpu")
     metrics = {}
     if extractor is not None:  # the evaluator's condition extractor: its headline score, as the evaluation's

@@ -1,6 +1,6 @@
-"""Model families: which Stable Diffusion generation a base model is, detected from its pipeline
-class (``model_index.json``) or named in params. Adding a family (SD3, Flux) is one module with a
-:class:`Family` subclass, listed in ``FAMILIES``; the stages only ever call its methods."""
+"""Model families: which base generation a base model is (SD 1.x/2.x, SDXL, SD3, Flux), detected
+from its pipeline class (``model_index.json``) or named in params. Adding a family is one module
+with a :class:`Family` subclass, listed in ``FAMILIES``; the stages only ever call its methods."""
 
 from __future__ import annotations
 
@@ -8,13 +8,27 @@ import json
 from pathlib import Path
 
 from ...errors import BadInput
-from .family import TEXT, BaseComponents, Family
+from .family import CONTROL, POOLED, TEXT, BaseComponents, Family, LatentSpace
+from .flux import Flux
 from .sd import StableDiffusion
-from .sdxl import POOLED, TIME_IDS, StableDiffusionXL
+from .sd3 import StableDiffusion3
+from .sdxl import TIME_IDS, StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 
-__all__ = ["FAMILIES", "POOLED", "TEXT", "TIME_IDS", "BaseComponents", "Family", "detect_family", "family", "family_of_pipeline"]
+__all__ = [
+    "CONTROL",
+    "FAMILIES",
+    "POOLED",
+    "TEXT",
+    "TIME_IDS",
+    "BaseComponents",
+    "Family",
+    "LatentSpace",
+    "detect_family",
+    "family",
+    "family_of_pipeline",
+]
 
 
 def family(name: str) -> Family:

@@ -12,13 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...images import resize_and_crop
-from .family import TEXT, BaseComponents, tokenize
+from .family import POOLED, TEXT, BaseComponents, tokenize
 from .sd import StableDiffusion
 
 if TYPE_CHECKING:
     import torch
 
-POOLED = "pooled_embedding"  # the second encoder's projected embedding, per caption
 TIME_IDS = "time_ids"  # (original h, w, crop top, left, target h, w), per sample, from the cache stage
 
 
@@ -29,8 +28,25 @@ class StableDiffusionXL(StableDiffusion):
     pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline")
     pipeline_class = "StableDiffusionXLPipeline"
     controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
+    controlnet_class = "ControlNetModel"
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_features = (TEXT, POOLED)
+
+    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
+        from .. import tiny
+
+        return BaseComponents(
+            family=self.name,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            denoiser=tiny.build_unet(resolution, sdxl=True),
+            noise_scheduler=tiny.build_scheduler(),
+            tokenizer_2=tokenizer,
+            text_encoder_2=tiny.build_text_encoder_2(vocab_size).eval().requires_grad_(False),
+            # Trained with empty captions as the unconditional input: guidance uses them, not zeros.
+            options={"force_zeros_for_empty_prompt": False},
+        )
 
     def more_components(self, name_or_path: str, revision: str | None) -> dict:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
