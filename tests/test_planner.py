@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from controlnet_recipe.cli import main as cli_main
-from controlnet_recipe.config import ConfigError, Tier, load_config
+from controlnet_recipe.config import Config, ConfigError, Tier, load_config, tier_family
+from controlnet_recipe.planning import cli as plan_cli
 from controlnet_recipe.planning import fit, plan, tracker
 from controlnet_recipe.planning.measure import StepSpec, measure
 
@@ -79,7 +80,7 @@ def _real_step_peak(spec: StepSpec) -> int:
         for step in range(2):
             inputs = LossInputs(
                 controlnet=controlnet,
-                unet=unet,
+                denoiser=unet,
                 scheduler=tiny.build_scheduler(),
                 empty_prompt=empty,
                 scaling_factor=0.18215,
@@ -154,8 +155,8 @@ def test_plan_cli_prints_every_tier_and_json(capsys):
     assert cli_main(["plan", "--recipe", "demo"]) == 0
     out = capsys.readouterr().out
     cfg = load_config("params.yaml")
-    for name in cfg.tiers:
-        assert f"\n{name} " in out
+    for name in cfg.tiers:  # every tier but the transformer families' (sized for SD3 and Flux)
+        assert (f"\n{name} " in out) == (tier_family(name) not in ("sd3", "flux")), name
     assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tier"] for r in rows] == ["24gb"]
@@ -170,3 +171,134 @@ def test_plan_refuses_an_unknown_base_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "someone/unknown-model" in err and "stabilityai/stable-diffusion-2-1-base" in err and "FLUX.1-dev" in err
+
+
+# The transformer families, planned from a recipe: the faces block with its base swapped (the flux
+# and sd3 blocks come later). Each plan measures the full-size model on fake tensors (~15 s).
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+
+def _transformer_recipe(family: str, model: str | None, resolution: int = 512):
+    recipe = load_config("params.yaml", {"recipe": "faces"}).recipe
+    return recipe.model_copy(
+        update={
+            "base": recipe.base.model_copy(update={"pretrained_model": model, "family": family}),
+            "data": recipe.data.model_copy(update={"resolution": resolution}),
+        }
+    )
+
+
+def _flux_24gb_plans() -> tuple[plan.TierPlan, plan.TierPlan]:
+    """flux-24gb at 512 px as params.yaml has it, and the same tier with the transformer in bf16."""
+    tier = load_config("params.yaml").tiers["flux-24gb"]
+    recipe = _transformer_recipe("flux", FLUX_DEV)
+    return plan.plan_tier(recipe, "flux-24gb", tier), plan.plan_tier(
+        recipe, "flux-24gb", tier.model_copy(update={"frozen_fp8": False})
+    )
+
+
+def test_flux_24gb_tier_fits_a_24gb_card_only_with_the_transformer_in_fp8():
+    tier = load_config("params.yaml").tiers["flux-24gb"]
+    assert tier.frozen_fp8 and tier.batch_size == 1
+    recipe = _transformer_recipe("flux", None)  # the family alone names no model: refused in one line
+    with pytest.raises(ConfigError, match="tiny demo base as sd"):
+        plan.step_spec(recipe, tier)
+    recipe = _transformer_recipe("flux", FLUX_DEV)
+    spec = plan.step_spec(recipe, tier)
+    # the train section's defaults: 4 double-stream + 0 single-stream blocks; micro-batch 1
+    assert (spec.arch, spec.flux_layers, spec.micro_batch, spec.resolution) == ("flux1-dev", (4, 0), 1, 512)
+    assert spec.frozen_fp8 and spec.gradient_checkpointing and spec.deepspeed
+    fp8, bf16 = _flux_24gb_plans()
+    assert fp8.budget_gib == pytest.approx(24 * plan.USABLE_FRACTION)
+    assert fp8.peak_gib <= fp8.budget_gib, fp8.terms
+    assert bf16.peak_gib > bf16.budget_gib, bf16.terms
+    # checkpointed, the backward holds the upcast copies of one block at a time
+    assert 0 < fp8.terms["frozen_fp8_upcast"] < 1.0
+    # validation encodes its prompts on the CPU (FlowFamily.validation_inputs): no text encoder on
+    # the GPU, only the VAE besides the training state; it fits the card too
+    assert not spec.validation_text_encoders
+    assert not [k for k in fp8.validation_terms if k.startswith("weights_text_encoder")], fp8.validation_terms
+    assert fp8.validation_terms["weights_vae_bf16"] > 0
+    assert fp8.validation_peak_gib <= fp8.budget_gib, fp8.validation_terms
+    # SD's and SDXL's pipelines encode on the GPU
+    sd = load_config("params.yaml", {"recipe": "faces"}).recipe
+    assert plan.step_spec(sd, load_config("params.yaml").tiers["24gb"]).validation_text_encoders
+
+
+def test_frozen_fp8_stores_the_cast_layers_in_one_byte():
+    fp8, bf16 = _flux_24gb_plans()
+    assert "weights_transformer_fp8" not in bf16.terms
+    plain = bf16.terms["weights_transformer_bf16"]
+    # the layers layerwise casting stores in fp8 take half their bf16 bytes; the ones it skips
+    # (names matching "norm": the blocks' AdaLayerNorm modulation linears, a quarter of Flux) stay bf16
+    cast_in_bf16 = plain - fp8.terms["weights_transformer_bf16"]
+    assert fp8.terms["weights_transformer_fp8"] == pytest.approx(cast_in_bf16 / 2, rel=1e-3)
+    frozen = fp8.terms["weights_transformer_fp8"] + fp8.terms["weights_transformer_bf16"]
+    assert 0.5 * plain < frozen < 0.7 * plain
+    for k in ("weights_controlnet_bf16", "deepspeed_buckets"):
+        assert fp8.terms[k] == pytest.approx(bf16.terms[k]), k
+
+
+def test_frozen_fp8_without_checkpointing_keeps_every_upcast_copy():
+    """A layer whose input needs a gradient saves its compute-dtype weight for the backward (what
+    diffusers' hooks do on real tensors): without checkpointing the copies outlive the forward."""
+    spec = dict(arch="tiny", resolution=64, micro_batch=2, mixed_precision="bf16", adam="fused")
+    plain = plan.plan_step(StepSpec(**spec))
+    fp8 = plan.plan_step(StepSpec(**spec, frozen_fp8=True))
+    ckpt = plan.plan_step(StepSpec(**spec, frozen_fp8=True, gradient_checkpointing=True))
+    assert fp8.terms["weights_unet_fp8"] < 0.6 * plain.terms["weights_unet_bf16"]
+    assert fp8.terms["frozen_fp8_upcast"] > 0.5 * fp8.terms["weights_unet_fp8"] * 2
+    assert ckpt.terms.get("frozen_fp8_upcast", 0) < 0.5 * fp8.terms["frozen_fp8_upcast"]
+    assert any("without gradient checkpointing" in n for n in fp8.notes)
+
+
+def test_sd3_architecture_builds_and_its_24gb_tier_trains_on_a_24gb_card():
+    from controlnet_recipe.planning.measure import _FAKE, _models
+
+    tier = load_config("params.yaml").tiers["sd3-24gb"]
+    recipe = _transformer_recipe("auto", SD35_MEDIUM)
+    spec = plan.step_spec(recipe, tier)
+    assert (spec.arch, spec.sd3_layers) == ("sd35-medium", 12) and plan.arch_family(spec.arch) == "sd3"
+    with _FAKE:
+        m = _models(spec)
+    blocks = m.transformer.transformer_blocks
+    assert len(blocks) == 24 and sum(b.attn2 is not None for b in blocks) == 13  # dual attention in 0-12
+    assert len(m.controlnet.transformer_blocks) == 12 and m.controlnet.config.extra_conditioning_channels == 0
+    assert 2.2e9 < sum(p.numel() for p in m.transformer.parameters()) < 2.3e9  # SD3.5-medium: 2.24B + its pos_embed table
+    assert {"text_encoder", "text_encoder_2", "text_encoder_3", "vae"} <= set(m.for_validation)
+    p = plan.plan_tier(recipe, "sd3-24gb", tier)
+    assert p.peak_gib <= p.budget_gib, p.terms
+    with pytest.raises(ConfigError, match="base.family: flux"):
+        plan.architecture(SD35_MEDIUM, "flux")
+
+
+def test_plan_cli_prints_the_transformer_tiers(monkeypatch, capsys):
+    cfg = load_config("params.yaml", {"recipe": "faces"})
+    planned = []
+
+    def fake_plan(recipe, name, tier, arch):
+        planned.append((name, arch))
+        return plan.TierPlan(name, tier.batch_size, 1, 24.0, 1.0, 1.0, {"allocator_overhead": 0.1, "cuda_context": 0.5}, {})
+
+    monkeypatch.setattr(plan_cli, "plan_tier", fake_plan)
+    for family, model, arch in (("flux", FLUX_DEV, "flux1-dev"), ("sd3", SD35_MEDIUM, "sd35-medium")):
+        planned.clear()
+        flux = Config(recipe_name=family, recipe=_transformer_recipe(family, model), gpu="auto", tiers=cfg.tiers)
+        assert plan_cli.main(flux, []) == 0
+        out = capsys.readouterr().out
+        mine = [t for t in cfg.tiers if tier_family(t) == family]
+        assert [n for n, _ in planned] == mine and {a for _, a in planned} == {arch}
+        assert all(f"\n{t} " in out for t in mine) and "\n24gb " not in out
+    assert "ControlNet 12 blocks" in out
+
+
+def test_plan_cli_prints_the_flux_24gb_plan(capsys):
+    cfg = load_config("params.yaml", {"recipe": "faces"})
+    flux = Config(recipe_name="flux", recipe=_transformer_recipe("flux", FLUX_DEV), gpu="flux-24gb", tiers=cfg.tiers)
+    assert plan_cli.main(flux, []) == 0
+    out = capsys.readouterr().out
+    assert "(flux1-dev), 512 px" in out and "ControlNet 4 double-stream + 0 single-stream blocks" in out
+    row = next(line for line in out.splitlines() if line.startswith("flux-24gb "))
+    fp8, _ = _flux_24gb_plans()
+    assert f"{fp8.peak_gib:.2f}" in row and "fp8-upcast" in row

@@ -1,5 +1,7 @@
 """``python -m controlnet_recipe plan [--gpu TIER] [--json]``: the predicted peak GPU memory of
-the recipe's training step and validation on every tier, without a GPU or any download."""
+the recipe's training step and validation on every tier, without a GPU or any download. A
+transformer base (``sd3``, ``flux``) is planned on its family's tiers (``sd3-*``, ``flux-*``); the
+other bases on the rest."""
 
 from __future__ import annotations
 
@@ -7,10 +9,36 @@ import argparse
 import json
 import sys
 
-from ..config import Config, check_tier
-from .plan import ALLOCATOR_OVERHEAD, CUDA_CONTEXT_GIB, USABLE_FRACTION, TierPlan, architecture, plan_tier
+from ..config import Config, check_tier, tier_family
+from .plan import (
+    ALLOCATOR_OVERHEAD,
+    CUDA_CONTEXT_GIB,
+    DEFAULT_CONTROLNET_LAYERS,
+    USABLE_FRACTION,
+    TierPlan,
+    arch_family,
+    architecture,
+    controlnet_layers,
+    plan_tier,
+)
 
-SHORT = {"gradients": "grads", "optimizer": "adam", "optimizer_8bit": "adam8bit", "activations": "act"}
+SHORT = {
+    "gradients": "grads",
+    "optimizer": "adam",
+    "optimizer_8bit": "adam8bit",
+    "activations": "act",
+    "frozen_fp8_upcast": "fp8-upcast",
+    "deepspeed_buckets": "ds-buckets",
+}
+TRANSFORMER_FAMILIES = tuple(DEFAULT_CONTROLNET_LAYERS)  # sd3, flux
+
+
+def tiers_for(family: str, tiers) -> list[str]:
+    """The tiers a base of ``family`` is planned on: a transformer family's own; for the UNet
+    families every tier but the transformer families'."""
+    if family in TRANSFORMER_FAMILIES:
+        return [t for t in tiers if tier_family(t) == family]
+    return [t for t in tiers if tier_family(t) not in TRANSFORMER_FAMILIES]
 
 
 def _terms(p: TierPlan) -> str:
@@ -25,9 +53,18 @@ def _terms(p: TierPlan) -> str:
 
 def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
     r = cfg.recipe
+    family = arch_family(arch)
+    layers = ""
+    if family in TRANSFORMER_FAMILIES:
+        double, single = controlnet_layers(r, family)
+        layers = (
+            f", ControlNet {double} double-stream + {single} single-stream blocks"
+            if family == "flux"
+            else f", ControlNet {double} blocks"
+        )
     lines = [
         f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
-        f"{r.data.resolution} px, effective batch {r.train.batch_size}, "
+        f"{r.data.resolution} px, effective batch {r.train.batch_size}{layers}, "
         f"validation {r.train.validation.num_images} image(s) per prompt",
         f"{'tier':<10} {'batch':>6} {'peak GiB':>9} {'val GiB':>8} {'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
     ]
@@ -49,9 +86,9 @@ def main(cfg: Config, argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="controlnet-recipe plan", description=__doc__)
     p.add_argument("--json", action="store_true", help="one JSON object per tier")
     args = p.parse_args(argv)
-    arch = architecture(cfg.recipe.base.pretrained_model)  # a one-line error for an unknown base
+    arch = architecture(cfg.recipe.base.pretrained_model, cfg.recipe.base.family)  # a one-line error for an unknown base
     if cfg.gpu == "auto":
-        names = list(cfg.tiers)
+        names = tiers_for(arch_family(arch), cfg.tiers)
     else:
         check_tier(cfg.gpu, cfg.recipe.base.family)
         names = [cfg.gpu]

@@ -1,21 +1,28 @@
 """``gpu: auto``: the tier that fits this run on this card, chosen by the planner.
 
 From the fewest memory-saving switches to the most (none; gradient checkpointing; checkpointing
-and 8-bit AdamW), the largest micro-batch whose predicted peak, training and validation, stays
-under the free memory less ``MARGIN``. The first level with any micro-batch that fits wins: a
-switch costs more speed than a smaller micro-batch with accumulation.
+and 8-bit AdamW; for a transformer base (SD3, Flux), then also the frozen transformer in fp8),
+the largest micro-batch whose predicted peak, training and validation, stays under the free
+memory less ``MARGIN``. The first level with any micro-batch that fits wins: a switch costs more
+speed than a smaller micro-batch with accumulation.
 """
 
 from __future__ import annotations
 
 from ..config import ConfigError, Recipe, Tier
-from .plan import GIB, TierPlan, plan_step, step_spec
+from .plan import GIB, TierPlan, arch_family, architecture, plan_step, step_spec
 
 MARGIN = 0.05  # of the free memory, kept free: other processes, the allocator's bad days
 LEVELS = (
     ("no memory-saving switch", {"gradient_checkpointing": False, "use_8bit_adam": False}),
     ("gradient checkpointing", {"gradient_checkpointing": True, "use_8bit_adam": False}),
     ("gradient checkpointing + 8-bit AdamW", {"gradient_checkpointing": True, "use_8bit_adam": True}),
+)
+TRANSFORMER_LEVELS = (
+    (
+        "gradient checkpointing + 8-bit AdamW + fp8 frozen transformer",
+        {"gradient_checkpointing": True, "use_8bit_adam": True, "frozen_fp8": True},
+    ),
 )
 
 
@@ -29,7 +36,9 @@ def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = Non
     budget = free_bytes / GIB * (1 - MARGIN)
     precision = "bf16" if bf16 else "fp16"
     tried = []
-    for what, switches in LEVELS:
+    family = arch_family(arch or architecture(recipe.base.pretrained_model, recipe.base.family))
+    levels = LEVELS + (TRANSFORMER_LEVELS if family in ("sd3", "flux") else ())
+    for what, switches in levels:
         for micro in micro_batches(recipe.train.batch_size):
             tier = Tier(
                 batch_size=micro,
@@ -39,7 +48,7 @@ def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = Non
                 deepspeed=None,
                 channels_last=False,
                 compile=False,
-                **switches,
+                **{"frozen_fp8": False, **switches},
             )
             plan = plan_step(step_spec(recipe, tier, arch), use_8bit_adam=tier.use_8bit_adam, name="auto")
             need = max(plan.peak_gib, plan.validation_peak_gib)
@@ -51,9 +60,10 @@ def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = Non
                     f"under {budget:.1f} GiB ({free_bytes / GIB:.1f} GiB free less {MARGIN:.0%})"
                 )
                 return tier, plan, why
+    zero2 = {"sd": "8gb-zero2", "flux": "flux-24gb"}.get(family)  # the family's DeepSpeed tier
     raise ConfigError(
         f"gpu: auto: nothing fits {free_bytes / GIB:.1f} GiB free (less {MARGIN:.0%}); smallest: {tried[-1]}. "
-        "Try a DeepSpeed tier (gpu: 8gb-zero2) or a lower data.resolution"
+        + (f"Try a DeepSpeed tier (gpu: {zero2}) or a lower data.resolution" if zero2 else "Try a lower data.resolution")
     )
 
 

@@ -32,24 +32,48 @@ KNOWN_BASES = {
     "stabilityai/stable-diffusion-2-1-base": "sd21-base",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
     "black-forest-labs/FLUX.1-dev": "flux1-dev",
+    "stabilityai/stable-diffusion-3.5-medium": "sd35-medium",
 }
+# A transformer family's ControlNet: how many blocks it copies when train.controlnet_layers /
+# controlnet_single_layers are null (params.yaml: sd3 12 joint blocks; flux 4 double-stream, 0 single)
+DEFAULT_CONTROLNET_LAYERS = {"sd3": (12, 0), "flux": (4, 0)}
 
 
-def architecture(pretrained_model: str | None) -> str:
+def architecture(pretrained_model: str | None, family: str = "auto") -> str:
     """The architecture a recipe's base names: ``tiny`` for the demo's own base, a shipped config
-    for a known hub id, or a local diffusers folder as it is."""
+    for a known hub id, or a local diffusers folder as it is. ``family`` (base.family): a known
+    base of another family is refused."""
     from pathlib import Path
 
     if pretrained_model is None:
-        return "tiny"
-    if pretrained_model in KNOWN_BASES:
-        return KNOWN_BASES[pretrained_model]
-    if (Path(pretrained_model) / "model_index.json").is_file():
-        return pretrained_model
-    raise ConfigError(
-        f"base.pretrained_model: the planner knows no architecture for {pretrained_model!r}; "
-        f"known: {', '.join(KNOWN_BASES)}, or a local diffusers folder"
-    )
+        arch = "tiny"
+    elif pretrained_model in KNOWN_BASES:
+        arch = KNOWN_BASES[pretrained_model]
+    elif (Path(pretrained_model) / "model_index.json").is_file():
+        arch = pretrained_model
+    else:
+        raise ConfigError(
+            f"base.pretrained_model: the planner knows no architecture for {pretrained_model!r}; "
+            f"known: {', '.join(KNOWN_BASES)}, or a local diffusers folder"
+        )
+    if family != "auto" and arch_family(arch) != family:
+        raise ConfigError(
+            f"base.family: {family}, but the planner reads {pretrained_model or 'the tiny demo base'} as {arch_family(arch)}"
+        )
+    return arch
+
+
+def arch_family(arch: str) -> str:
+    """sd | sdxl | sd3 | flux: the family of a planner architecture (``tiny``: sd)."""
+    from ..models.architectures import family_of
+    from .measure import TRANSFORMER_FAMILIES, transformer_class
+
+    if arch == "tiny":
+        return "sd"
+    cls = transformer_class(arch)
+    if cls is not None:
+        return TRANSFORMER_FAMILIES.get(cls, cls)
+    return family_of(arch)
 
 
 def bnb_state_bytes(shapes: list[tuple[int, ...]]) -> int:
@@ -105,11 +129,26 @@ class TierPlan:
         }
 
 
+def controlnet_layers(recipe: Recipe, family: str) -> tuple[int, int]:
+    """(blocks, single-stream blocks) a transformer family's ControlNet copies: the train
+    section's counts, the family's defaults where they are null."""
+    double, single = DEFAULT_CONTROLNET_LAYERS[family]
+    double = recipe.train.controlnet_layers or double
+    single = single if recipe.train.controlnet_single_layers is None else recipe.train.controlnet_single_layers
+    return double, single
+
+
 def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -> StepSpec:
     """The train stage's step for ``recipe`` on ``tier`` (``override``: any StepSpec field)."""
     micro, accum = accumulation_steps(recipe.train.batch_size, override.pop("micro_batch", tier.batch_size))
+    arch = arch or architecture(recipe.base.pretrained_model, recipe.base.family)
+    family = arch_family(arch)
+    layers = {}
+    if family in DEFAULT_CONTROLNET_LAYERS:
+        double, single = controlnet_layers(recipe, family)
+        layers = {"flux_layers": (double, single)} if family == "flux" else {"sd3_layers": double}
     spec = dict(
-        arch=arch or architecture(recipe.base.pretrained_model),
+        arch=arch,
         resolution=recipe.data.resolution,
         micro_batch=micro,
         accumulation=accum,
@@ -121,6 +160,12 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
         deepspeed=tier.deepspeed is not None,
         validation_images=recipe.train.validation.num_images,
         vae_force_upcast=False if recipe.base.vae else None,  # a replacement VAE: the fp16-fixed one
+        frozen_fp8=tier.frozen_fp8,
+        max_sequence_length=recipe.base.max_sequence_length,
+        # the transformer families' validation encodes its prompts on the CPU (FlowFamily.validation_inputs):
+        # only their embeddings and the VAE come to the GPU; SD's and SDXL's pipelines encode there
+        validation_text_encoders=family not in DEFAULT_CONTROLNET_LAYERS,
+        **layers,
     )
     return StepSpec(**{**spec, **override})
 
@@ -150,13 +195,16 @@ def plan_step(
         # DDP (gradient_as_bucket_view off, accelerate's default): flat buckets as large as the gradients
         extra["ddp_buckets"] = 4 * m.trainable_params
     if spec.deepspeed:
-        # ZeRO-2: two fp16/bf16 gradient buckets (overlap_comm); fp32 master weights, gradients and
+        # ZeRO-2: two fp16/bf16 gradient buckets (overlap_comm), which the gradients move into as
+        # they are produced (measure: none stays on the GPU); fp32 master weights, gradients and
         # both Adam moments of the ControlNet held in host memory (offload_optimizer: cpu)
         extra["deepspeed_buckets"] = 2 * 2 * DEEPSPEED_BUCKET_ELEMENTS
         host = 16 * m.trainable_params / GIB
         notes.append(f"DeepSpeed offload holds {host:.1f} GiB of host memory")
     if spec.attention == "xformers":
         notes.append("xformers planned as PyTorch's memory-efficient SDPA (the same saved tensors)")
+    if spec.frozen_fp8 and not spec.gradient_checkpointing:
+        notes.append("frozen_fp8 without gradient checkpointing: the backward keeps each layer's upcast copy")
 
     def total(peak: int, groups: dict[str, int]) -> tuple[float, dict[str, float]]:
         terms = _groups_gib(groups)
