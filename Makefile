@@ -25,7 +25,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=demo|depth|faces|sdxl, GPU=auto|cpu|8gb|8gb-zero2|12gb|16gb|24gb|40gb|80gb|sdxl-24gb|sdxl-40gb|sdxl-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|depth|demo-sd3|demo-flux|faces|sdxl|sd3|flux, GPU=auto|cpu|8gb|...|80gb|sdxl-24gb|...|flux-24gb|flux-40gb|flux-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 # VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
 # uv (pinned, from PyPI) installs the same pinned lock as pip would, several times faster; it looks
@@ -143,25 +143,36 @@ GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON_VERSION ?= 3.12
 GPU_SITE ?= /tmp/gpu-check-site
 DRY_RUN ?=
+# GPU_CHECK_ARGS: benchmarks/gpu_check.py's options, e.g. GPU_CHECK_ARGS="--only transformers --time-budget 240"
+GPU_CHECK_ARGS ?=
 # what a machine with torch, transformers, accelerate and huggingface_hub lacks (versions: requirements.lock)
 GPU_CHECK_PINS = $(shell grep -i -E '^(diffusers|pydantic|pydantic_core|annotated-types|typing-inspection|bitsandbytes)==' requirements.lock)
+# DeepSpeed (flux-24gb's ZeRO-2) and the one requirement of it such a machine lacks besides pydantic
+# (hjson; it has einops, msgpack, ninja, numpy, packaging, psutil, py-cpuinfo, tqdm), versions from
+# requirements-deepspeed.txt. DeepSpeed is a source distribution: its wheel is built here, with no
+# ops (DS_BUILD_OPS=0: pure Python; its CPU Adam compiles itself on first use there) and with this
+# environment's torch (no build isolation: isolation would fetch a CUDA torch).
+GPU_CHECK_DS_PINS = $(shell grep -i -E '^(deepspeed|hjson)==' requirements-deepspeed.txt)
 .PHONY: gpu-wheels gpu-check
 
-gpu-wheels: ## download the wheels for make gpu-check on a bare GPU machine into .gpu-wheels (bitsandbytes: its CUDA 13 build alone)
+gpu-wheels: env ## the wheels for make gpu-check on a bare GPU machine, into .gpu-wheels (bitsandbytes: its CUDA 13 build alone; DeepSpeed built here)
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
 	  $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014,--platform $(p)_x86_64) \
-	  -d $(GPU_WHEELS) $(GPU_CHECK_PINS)
+	  -d $(GPU_WHEELS) $(GPU_CHECK_PINS) $(filter-out deepspeed==%,$(GPU_CHECK_DS_PINS))
 	cd $(GPU_WHEELS) && for w in bitsandbytes-*.whl; do \
 	  zip -q -d "$$w" $$(unzip -Z1 "$$w" | grep -E 'libbitsandbytes_(cuda1[12]|rocm|xpu)' ) >/dev/null; done
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --no-binary deepspeed \
+	  -w $(GPU_WHEELS) $(filter deepspeed==%,$(GPU_CHECK_DS_PINS))
+	@ls $(GPU_WHEELS)/deepspeed-*-py3-none-any.whl >/dev/null || { echo "gpu-wheels: expected a pure-Python DeepSpeed wheel" >&2; exit 1; }
 	@du -sh $(GPU_WHEELS)
 
 gpu-check: ## the GPU check: peak memory and samples/s per tier beside the planner's prediction [DRY_RUN=1 on a CPU]
 ifeq ($(DRY_RUN),1)
 	$(MAKE) env
-	$(BIN)/python benchmarks/gpu_check.py --dry-run
+	$(BIN)/python benchmarks/gpu_check.py --dry-run $(GPU_CHECK_ARGS)
 else
 	@if [ -d $(GPU_WHEELS) ]; then \
 	  $(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; fi
-	PYTHONPATH=$(GPU_SITE):$(CURDIR)/src:$$PYTHONPATH PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py
+	PYTHONPATH=$(GPU_SITE):$(CURDIR)/src:$$PYTHONPATH PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 endif
