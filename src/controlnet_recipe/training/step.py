@@ -4,6 +4,7 @@ and the frozen denoiser; this module draws, drops captions and weighs)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +67,10 @@ def controlnet_loss(x: LossInputs, batch: dict, generator: torch.Generator) -> t
     if x.channels_last:
         noised = noised._replace(noisy=noised.noisy.contiguous(memory_format=torch.channels_last))
         control = control.contiguous(memory_format=torch.channels_last)
-    residuals = fam.residuals(x.controlnet, noised, text, batch, control, device)
+    half = next(x.controlnet.parameters()).dtype
+    # DeepSpeed holds the ControlNet in half precision and autocasts nothing: its inputs follow it
+    with torch.autocast(torch.device(device).type, dtype=half) if half != torch.float32 else nullcontext():
+        residuals = fam.residuals(x.controlnet, noised, text, batch, control, device)
     pred = fam.output(fam.predict(x.denoiser, noised, text, batch, residuals, x.dtype, device), noised, obj)
     spatial = condition_weights(batch["conditioning"].to(device), tuple(pred.shape[-2:]), obj.condition_weight)
     return diffusion_loss(pred, noised.target, noised.weights, spatial)

@@ -154,8 +154,13 @@ class Trainer:
         for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
         controlnet = fam.make_controlnet(base, t)
-        base.denoiser.to(device, dtype=dtype)
-        apply_model_settings(base.denoiser, controlnet, tier, dtype)
+        if tier.frozen_fp8:  # stored in fp8 on the CPU first: the GPU never holds it in bf16 (FLUX: 22 GiB)
+            base.denoiser.to(dtype=dtype)
+            apply_model_settings(base.denoiser, controlnet, tier, dtype)
+            base.denoiser.to(device)
+        else:
+            base.denoiser.to(device, dtype=dtype)
+            apply_model_settings(base.denoiser, controlnet, tier, dtype)
         direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
         controlnet.train()
 

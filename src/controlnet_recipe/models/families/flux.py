@@ -137,7 +137,7 @@ class Flux(FlowFamily):
         img_ids[..., 2] += torch.arange(w // 2)[None, :]
         embeds = text[TEXT].to(device)
         guidance = None
-        if denoiser.config.guidance_embeds:
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # a DDP or DeepSpeed wrapper holds the model
             guidance = torch.full((n,), TRAIN_GUIDANCE, device=device, dtype=dtype)
         return dict(
             hidden_states=pack(noisy),
