@@ -6,16 +6,13 @@ trained ControlNet, and a Flux folder that the recipe did not build."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from controlnet_recipe.config import load_config
 from controlnet_recipe.models import tiny
@@ -24,7 +21,7 @@ from controlnet_recipe.publish import model_card
 from controlnet_recipe.storage import load_dataset_dir
 
 from .conftest import _env, run
-from .test_resume import _kill_when, _train_cmd
+from .test_resume import assert_kill_and_resume_is_exact
 
 WEIGHTS = "models/controlnet/diffusion_pytorch_model.safetensors"
 RES = 64
@@ -115,31 +112,7 @@ def test_generate_cli(transformer_project: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_exact(transformer_project: Path, tmp_path: Path):
-    recipe = recipe_of(transformer_project)
-
-    def copy(dest: Path, resume: str | None) -> Path:
-        shutil.copytree(transformer_project, dest, symlinks=True)
-        for leftover in ("train", "models/controlnet"):
-            shutil.rmtree(dest / leftover, ignore_errors=True)
-        p = yaml.safe_load((transformer_project / "params.yaml").read_text())
-        t = p[recipe]["train"]
-        t.update(max_train_steps=12, checkpointing_steps=2, checkpoints_total_limit=2, resume_from_checkpoint=resume)
-        t["validation"].update(steps=10_000, held_out=1, num_images=1)
-        p["tiers"]["cpu"]["batch_size"] = 2
-        (dest / "resume.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-        return dest
-
-    ref = copy(tmp_path / "ref", None)
-    run(_train_cmd(), ref)
-    expected = load_file(ref / WEIGHTS)
-    work = copy(tmp_path / "killed", "latest")
-    rng = random.Random(0)
-    kills = sum(_kill_when(work, during_save, after_step, rng) for during_save, after_step in ((False, 2), (True, 0)))
-    assert kills >= 1, "the runs finished before they could be killed"
-    assert "resuming from" in run(_train_cmd(), work)
-    got = load_file(work / WEIGHTS)
-    assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert_kill_and_resume_is_exact(transformer_project, tmp_path, recipe_of(transformer_project))
 
 
 @pytest.mark.slow

@@ -20,6 +20,30 @@ class FlowFamily(Family):
     shifts_latents = True
     control_argument = "control_image"
 
+    text_encoder_classes: tuple[str, ...]  # transformers' classes of text_encoder, text_encoder_2[, text_encoder_3]
+    transformer_class: str  # diffusers' class of the denoiser
+
+    def load(self, name_or_path, revision, vae=None, max_sequence_length=None) -> BaseComponents:
+        """Each component from its subfolder, as the family's pipeline folder lays them out."""
+        import diffusers
+        import transformers
+
+        from .sd import load_vae
+
+        parts = {}
+        for suffix, cls in zip(("", "_2", "_3"), self.text_encoder_classes):
+            tok, model = tokenizer_and_model(name_or_path, f"text_encoder{suffix}", revision, getattr(transformers, cls))
+            parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tok, model
+        kw = {"revision": revision}
+        return BaseComponents(
+            family=self.name,
+            vae=load_vae(name_or_path, revision, vae),
+            denoiser=getattr(diffusers, self.transformer_class).from_pretrained(name_or_path, subfolder="transformer", **kw),
+            noise_scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw),
+            max_sequence_length=self.sequence_length(max_sequence_length),
+            **parts,
+        )
+
     def sequence_length(self, requested: int | None) -> int:
         return requested or self.default_max_sequence_length
 
@@ -83,6 +107,20 @@ class FlowFamily(Family):
     def scheduler_for_sampling(self, base: BaseComponents, scheduler=None):
         """A fresh copy of the base's flow-matching scheduler (training reads the base's own table)."""
         return scheduler or type(base.noise_scheduler).from_config(base.noise_scheduler.config)
+
+    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
+        """The family's pipeline of the base's components: its text encoders and tokenizers (two
+        for Flux, three for SD3), the VAE, the transformer, a fresh scheduler."""
+        import diffusers
+
+        parts = dict(scheduler=self.scheduler_for_sampling(base, scheduler), vae=base.vae, transformer=base.denoiser)
+        for suffix in ("", "_2", "_3"):
+            if getattr(base, f"text_encoder{suffix}") is not None:
+                parts[f"text_encoder{suffix}"] = getattr(base, f"text_encoder{suffix}")
+                parts[f"tokenizer{suffix}"] = getattr(base, f"tokenizer{suffix}")
+        if controlnet is None:
+            return getattr(diffusers, self.pipeline_class)(**parts)
+        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)
 
     def caption_batch(self, base: BaseComponents, captions: list[str]) -> dict[str, torch.Tensor]:
         """``encode`` through the family's pipeline, on the text encoders' device."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .family import POOLED, TEXT, BaseComponents
-from .flow import FlowFamily, tokenizer_and_model
+from .flow import FlowFamily
 
 if TYPE_CHECKING:
     import torch
@@ -44,29 +44,10 @@ class Flux(FlowFamily):
     new_layers = ("controlnet_x_embedder", "controlnet_blocks", "controlnet_single_blocks")  # condition embedder, zero linears
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_features = (TEXT, POOLED)
+    text_encoder_classes = ("CLIPTextModel", "T5EncoderModel")
+    transformer_class = "FluxTransformer2DModel"
     default_max_sequence_length = 512
     default_layers = (4, 0)  # double-stream, single-stream: maintainers' advice (4/10 runs out of 80 GB)
-
-    def load(self, name_or_path, revision, vae=None, max_sequence_length=None) -> BaseComponents:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextModel, T5EncoderModel
-
-        from .sd import load_vae
-
-        tok, clip = tokenizer_and_model(name_or_path, "text_encoder", revision, CLIPTextModel)
-        tok2, t5 = tokenizer_and_model(name_or_path, "text_encoder_2", revision, T5EncoderModel)
-        kw = {"revision": revision}
-        return BaseComponents(
-            family=self.name,
-            tokenizer=tok,
-            text_encoder=clip,
-            tokenizer_2=tok2,
-            text_encoder_2=t5,
-            vae=load_vae(name_or_path, revision, vae),
-            denoiser=FluxTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kw),
-            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw),
-            max_sequence_length=self.sequence_length(max_sequence_length),
-        )
 
     def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
         from .. import tiny
@@ -171,19 +152,3 @@ class Flux(FlowFamily):
         if not base.denoiser.config.guidance_embeds:  # no distilled guidance (the tiny base, schnell): true CFG
             kw.update(true_cfg_scale=guidance_scale, negative_prompt=[""] * n)
         return kw
-
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
-        import diffusers
-
-        parts = dict(
-            scheduler=self.scheduler_for_sampling(base, scheduler),
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2,
-            transformer=base.denoiser,
-        )
-        if controlnet is None:
-            return getattr(diffusers, self.pipeline_class)(**parts)
-        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)

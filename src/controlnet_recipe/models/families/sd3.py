@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .family import POOLED, TEXT, BaseComponents
-from .flow import FlowFamily, tokenizer_and_model
+from .flow import FlowFamily
 
 if TYPE_CHECKING:
     from ...config import TrainCfg
@@ -34,35 +34,13 @@ class StableDiffusion3(FlowFamily):
     new_layers = ("pos_embed_input", "controlnet_blocks")  # condition embedder, zero linears
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     text_features = (TEXT, POOLED)
+    text_encoder_classes = ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")
+    transformer_class = "SD3Transformer2DModel"
     default_max_sequence_length = 256  # the SD3 pipelines' default
     default_layers = 12  # upstream's from_transformer default (SD3.5-medium has 24 joint blocks)
 
     def objective(self, objective: Objective) -> Objective:
         return replace(objective, precondition=True)  # upstream's --precondition_outputs 1
-
-    def load(self, name_or_path, revision, vae=None, max_sequence_length=None) -> BaseComponents:
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextModelWithProjection, T5EncoderModel
-
-        from .sd import load_vae
-
-        tok, clip_l = tokenizer_and_model(name_or_path, "text_encoder", revision, CLIPTextModelWithProjection)
-        tok2, clip_g = tokenizer_and_model(name_or_path, "text_encoder_2", revision, CLIPTextModelWithProjection)
-        tok3, t5 = tokenizer_and_model(name_or_path, "text_encoder_3", revision, T5EncoderModel)
-        kw = {"revision": revision}
-        return BaseComponents(
-            family=self.name,
-            tokenizer=tok,
-            text_encoder=clip_l,
-            tokenizer_2=tok2,
-            text_encoder_2=clip_g,
-            tokenizer_3=tok3,
-            text_encoder_3=t5,
-            vae=load_vae(name_or_path, revision, vae),
-            denoiser=SD3Transformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kw),
-            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw),
-            max_sequence_length=self.sequence_length(max_sequence_length),
-        )
 
     def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
         from .. import tiny
@@ -135,21 +113,3 @@ class StableDiffusion3(FlowFamily):
             block_controlnet_hidden_states=None if residuals is None else [r.to(dtype) for r in residuals],
             return_dict=False,
         )[0]
-
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
-        import diffusers
-
-        parts = dict(
-            scheduler=self.scheduler_for_sampling(base, scheduler),
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            text_encoder_2=base.text_encoder_2,
-            tokenizer_2=base.tokenizer_2,
-            text_encoder_3=base.text_encoder_3,
-            tokenizer_3=base.tokenizer_3,
-            transformer=base.denoiser,
-        )
-        if controlnet is None:
-            return getattr(diffusers, self.pipeline_class)(**parts)
-        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)
