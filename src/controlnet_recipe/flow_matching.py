@@ -29,12 +29,22 @@ def flow_sigmas(scheduler, n: int, objective: Objective, generator: torch.Genera
         )
     steps = scheduler.config.num_train_timesteps
     if objective.shift is None:
-        table = type(scheduler).from_config(scheduler.config)  # the table at init: sampling never moves it
+        table = training_table(scheduler)
         idx = (u * steps).long()
         return table.timesteps[idx], table.sigmas[idx]
     s, sigmas = objective.shift, 1 - u
     sigmas = s * sigmas / (1 + (s - 1) * sigmas)
     return sigmas * steps, sigmas
+
+
+def training_table(scheduler):
+    """The scheduler's timesteps and sigmas as at init (upstream's ``noise_scheduler_copy``),
+    made once per scheduler: sampling's ``set_timesteps`` never moves them."""
+    table = getattr(scheduler, "_training_table", None)
+    if table is None:
+        table = type(scheduler).from_config(scheduler.config)
+        scheduler._training_table = table
+    return table
 
 
 def flow_inputs(scheduler, x0: torch.Tensor, generator: torch.Generator | None = None, objective: Objective = UPSTREAM):

@@ -89,7 +89,8 @@ class FlowFamily(Family):
     def validation_inputs(self, base, prompt, n, guidance_scale, conditions, device, dtype) -> dict:
         """The prompt's and the empty prompt's embeddings, encoded where the text encoders are (the
         CPU while training): validation never puts T5 on the GPU."""
-        feats, empty = self.encode(base, [prompt]), self.encode(base, [""])
+        both = self.encode(base, [prompt, ""])  # the prompt and the empty prompt, one encoder pass
+        feats, empty = {k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()}
         kw = self.sampling_kwargs(base, n, guidance_scale, conditions)
         kw.pop("negative_prompt", None)  # given as embeddings below
 
