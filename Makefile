@@ -108,7 +108,7 @@ lock: env ## rewrite requirements.lock from the current environment (requirement
 clean: ## remove pipeline outputs (not the environment)
 	rm -rf data/source data/photoreal data/conditions data/captions data/cache models eval train
 
-# The image, with docker or (no Docker engine) podman. README: "Train on a rented GPU with Docker".
+# The image, with docker or (no Docker engine) podman. docs/gpu-training.md: "Docker on a rented GPU".
 IMAGE ?= controlnet-recipe
 BASE ?=
 GPU_EXTRAS ?= 1
@@ -135,7 +135,7 @@ docker-smoke: ## check the image: GPU, bitsandbytes, xformers (DOCKER_GPU_FLAGS=
 docker-train: ## the whole pipeline in the image: make docker-train GPU=24gb [RECIPE=faces]
 	$(DOCKER_RUN) make train repro $(if $(GPU),GPU=$(GPU)) $(if $(RECIPE),RECIPE=$(RECIPE))
 
-# The prepared GPU check (README: Know before you rent). On a GPU machine whose Python has torch but
+# The prepared GPU check (docs/gpu-training.md: The GPU check). On a GPU machine whose Python has torch but
 # not this project's pins: `make gpu-wheels` here (PyPI reachable), carry .gpu-wheels there, then
 # `make gpu-check` installs them into a scratch folder and runs benchmarks/gpu_check.py.
 # DRY_RUN=1: everything but CUDA, at a tiny size, in this project's environment (tested).
