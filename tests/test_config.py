@@ -68,6 +68,7 @@ def _edit(path: str, value=None, delete: bool = False) -> dict:
         ("recipe", "nope", "recipe: expected the name of a recipe block"),
         ("tiers.cpu.mixed_precision", "fp8", "tiers.cpu.mixed_precision: expected 'no', 'fp16' or 'bf16'"),
         ("tiers.8gb-zero2.use_8bit_adam", True, "tiers.8gb-zero2: use_8bit_adam: expected false with deepspeed"),
+        ("tiers.flux-40gb-sharded.frozen_fp8", True, "tiers.flux-40gb-sharded: shard_frozen: expected deepspeed null and"),
         ("$recipe.train.validation.prompts", ["a", "b", "c"], "demo.train.validation: expected 0, 1 or held_out=4 prompts"),
         ("$recipe.train.num_train_epochs", 2, "demo.train: expected exactly one of max_train_steps and num_train_epochs"),
         ("$recipe.evaluate.push_to_hub", True, "demo.evaluate: expected hub_model_id"),

@@ -188,3 +188,23 @@ def test_sigmas_follow_the_density_and_the_shift():
     assert float(high.mean()) > 0.65
     _, sd3 = flow_sigmas(tiny.build_flow_scheduler(dynamic_shifting=False), 20_000, Objective(timesteps="uniform"), g)
     assert float(sd3.mean()) > 0.65  # SD3's scheduler table is shifted by 3 already (upstream samples from it)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_hint_init_copy_embeds_the_condition_as_the_base_embeds_the_image(name):
+    """hint_init copy: the ControlNet's condition embedder starts as the base's own latent embedder
+    (the condition is a VAE latent too); zero (upstream) leaves it at zero; SD has no such copy."""
+    torch.manual_seed(0)
+    train = load_config(ROOT / "params.yaml").recipe.train
+    denoiser = tiny.build_flux_transformer() if name == "flux" else tiny.build_sd3_transformer(64)
+    base = type("Base", (), {"denoiser": denoiser, "vae": None})()
+    made = {h: FAMILIES[name].make_controlnet(base, train.model_copy(update={"hint_init": h})) for h in ("zero", "copy")}
+    embedder = {"flux": ("controlnet_x_embedder", "x_embedder"), "sd3": ("pos_embed_input.proj", "pos_embed.proj")}[name]
+    ours_, theirs = (dict(m.named_parameters()) for m in (made["copy"], denoiser))
+    for k in ("weight", "bias"):
+        assert torch.equal(ours_[f"{embedder[0]}.{k}"], theirs[f"{embedder[1]}.{k}"])
+        assert dict(made["zero"].named_parameters())[f"{embedder[0]}.{k}"].abs().sum() == 0
+    with pytest.raises(ValueError, match="hint_init: copy is for SD3 and Flux"):
+        from controlnet_recipe.models.families.sd import controlnet_from_unet
+
+        controlnet_from_unet(tiny.build_unet(64), tiny.build_vae(64).config, "copy")

@@ -302,3 +302,20 @@ def test_plan_cli_prints_the_flux_24gb_plan(capsys):
     row = next(line for line in out.splitlines() if line.startswith("flux-24gb "))
     fp8, _ = _flux_24gb_plans()
     assert f"{fp8.peak_gib:.2f}" in row and "fp8-upcast" in row
+
+
+def test_the_sharded_flux_tier_holds_an_eighth_of_the_frozen_transformer_per_gpu():
+    """flux-40gb-sharded (planned on 8 GPUs): each holds 1/8 of FLUX.1-dev's frozen weights plus
+    two gathered blocks (the one running and the one prefetched), and DDP's gradient buckets."""
+    tier = load_config("params.yaml").tiers["flux-40gb-sharded"]
+    recipe = _transformer_recipe("flux", FLUX_DEV)
+    sharded = plan.plan_tier(recipe, "flux-40gb-sharded", tier)
+    whole = plan.plan_tier(recipe, "flux-40gb-sharded", tier.model_copy(update={"shard_frozen": False}))
+    frozen = whole.terms["weights_transformer_bf16"]
+    assert 21 < frozen < 23  # FLUX.1-dev's 11.9B parameters in bf16
+    assert sharded.terms["weights_transformer_bf16"] == pytest.approx(frozen / plan.SHARDED_PROCESSES, rel=1e-3)
+    block = 339.7e6 * 2 / 1024**3  # a double-stream block's parameters in bf16
+    assert sharded.terms["fsdp_gathered_blocks"] == pytest.approx(2 * block, rel=0.01)
+    assert sharded.terms["ddp_buckets"] >= sharded.terms["gradients"]  # a bucket for every gradient
+    assert sharded.fits and not whole.fits  # one 40 GB card cannot hold the whole FLUX beside its ControlNet
+    assert "sharded over 8 processes" in sharded.notes[0]

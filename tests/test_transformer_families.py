@@ -160,3 +160,48 @@ def test_an_sd_tier_stops_a_transformer_run_in_one_line(transformer_project: Pat
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: models/base/base.json (family {fam}): gpu: tier '24gb' is sized for SD 1.x/2.x; ")
     assert f"{fam}-24gb" in last
+
+
+def _train_two_processes(work: Path, tier_name: str, shard: bool, out: str) -> dict:
+    """Train the project's ControlNet on two CPU processes (as `make train` launches two GPUs) on
+    ``tier_name`` as a CPU runs it (fp32, no 8-bit Adam), sharding the frozen base or not; returns
+    the run's training.json, with the ControlNet in ``out``."""
+    from controlnet_recipe.config import Tier
+    from controlnet_recipe.training.launch import launch_command
+
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    p["gpu"] = tier_name
+    p["tiers"][tier_name].update(batch_size=2, mixed_precision="no", use_8bit_adam=False, shard_frozen=shard)
+    r = p[p["recipe"]]
+    r["train"].update(max_train_steps=3, batch_size=4, checkpointing_steps=3, resume_from_checkpoint=None)
+    r["train"]["validation"].update(steps=3, held_out=1, num_images=1)
+    name = f"{out}.yaml"
+    (work / name).write_text(yaml.safe_dump(p, sort_keys=False))
+    cmd = launch_command(Tier.model_validate(p["tiers"][tier_name]), 2, ["train", "--params", name], {})
+    log = run(cmd, work)
+    assert "deadlock" not in log.lower()
+    shutil.move(work / "models/controlnet", work / out)
+    return json.loads((work / out / "training.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_frozen_flux_sharded_across_processes_trains_the_same_controlnet(transformer_project: Path, tmp_path: Path):
+    """The multi-GPU tier (FSDP2 on the frozen transformer, DDP on the ControlNet) on two CPU
+    processes: each holds half of the frozen base, every process takes part in validation, and the
+    ControlNet is bitwise the one the same two processes train with the base held whole."""
+    if family_of(transformer_project) != "flux":
+        pytest.skip("the Flux tiers")
+    import torch
+    from safetensors.torch import load_file
+
+    work = Path(shutil.copytree(transformer_project, tmp_path / "work", symlinks=True))
+    whole = _train_two_processes(work, "flux-40gb-sharded", False, "whole")
+    sharded = _train_two_processes(work, "flux-40gb-sharded", True, "sharded")
+    assert whole["processes"] == sharded["processes"] == 2
+    ratio = sharded["frozen_gib_per_process"] / whole["frozen_gib_per_process"]
+    assert 0.49 < ratio < 0.52, f"each process holds {ratio:.3f} of the frozen base, expected half"
+    assert (work / "train/validation.png").is_file() and "val/fidelity" in sharded
+    a = load_file(work / "whole/diffusion_pytorch_model.safetensors")
+    b = load_file(work / "sharded/diffusion_pytorch_model.safetensors")
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"largest difference {max(diffs.values())}"

@@ -19,6 +19,8 @@ TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80g
 TIER_MEMORY_GB |= {"sdxl-24gb": 24, "sdxl-40gb": 40, "sdxl-80gb": 80}
 # The transformer families' tiers (SD3.5-medium's MMDiT is 2.5B parameters, FLUX.1-dev's 12B).
 TIER_MEMORY_GB |= {"sd3-24gb": 24, "sd3-80gb": 80, "flux-24gb": 24, "flux-40gb": 40, "flux-80gb": 80}
+TIER_MEMORY_GB |= {"flux-40gb-sharded": 40}  # per GPU, on several (shard_frozen)
+MULTI_GPU_TIERS = ("flux-40gb-sharded",)  # sized for several GPUs: gpu: auto never picks them
 FAMILY_TIER_PREFIXES = ("sdxl", "sd3", "flux")  # a tier named <prefix>-* is sized for that family; the rest for sd
 A_BASE = {"sd": "an SD 1.x/2.x base", "sdxl": "an SDXL base", "sd3": "an SD3 base", "flux": "a Flux base"}  # for messages
 
@@ -249,7 +251,9 @@ class TrainCfg(Strict):
     snr_gamma: float = Positive  # min_snr only
     ema_decay: float | None = Field(gt=0, lt=1)  # null: no EMA; else validation, checkpoints' sweep weights and export use it
     new_layers_lr_multiplier: float = Positive  # the zero convolutions and the hint encoder train at learning_rate x this
-    hint_init: Literal["zero", "random"]  # the hint encoder's output conv: zero (upstream) or PyTorch's default init
+    # the condition's embedder (SD: the hint encoder's output conv): zero (upstream), PyTorch's default init, or
+    # (SD3, Flux, whose condition is a latent like the image) a copy of the base's own latent embedder
+    hint_init: Literal["zero", "random", "copy"]
     condition_loss_weight: float = Field(ge=1)  # the MSE's weight under the condition's drawing (1: upstream's plain MSE)
     # The transformer families' ControlNet: how many of the base's blocks it copies (null: the family's default)
     controlnet_layers: int | None = Field(gt=0)  # sd3: joint blocks; flux: double-stream blocks
@@ -351,6 +355,7 @@ class Tier(Strict):
     channels_last: bool  # ControlNet, frozen UNet and their inputs in channels_last memory format
     compile: bool  # torch.compile the ControlNet and the frozen UNet (in place: checkpoints keep their keys)
     frozen_fp8: bool  # the frozen base's weights stored in fp8 (diffusers' layerwise casting), computed in mixed precision
+    shard_frozen: bool = False  # several GPUs: the frozen base sharded across them, block by block (FSDP2)
 
     @model_validator(mode="after")
     def _works_together(self) -> Tier:
@@ -358,6 +363,8 @@ class Tier(Strict):
             raise ConfigError(
                 "use_8bit_adam: expected false with deepspeed (bitsandbytes' 8-bit Adam does not run under DeepSpeed)"
             )
+        if self.shard_frozen and (self.deepspeed or self.frozen_fp8):
+            raise ConfigError("shard_frozen: expected deepspeed null and frozen_fp8 false with it (FSDP2 shards bf16 weights)")
         return self
 
 
@@ -416,7 +423,7 @@ def detect_tier(family: str = "sd") -> str:
     if not torch.cuda.is_available():
         return "cpu"
     gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    mine = {t: m for t, m in TIER_MEMORY_GB.items() if tier_family(t) == family}
+    mine = {t: m for t, m in TIER_MEMORY_GB.items() if tier_family(t) == family and t not in MULTI_GPU_TIERS}
     fitting = [t for t, m in mine.items() if m <= gb + 0.5]
     if not fitting and family != "sd":
         raise ConfigError(

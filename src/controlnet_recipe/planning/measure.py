@@ -80,6 +80,8 @@ class Measured:
     weights: dict[str, int]  # "<model> <dtype>" -> bytes
     trainable_params: int
     param_shapes: list[tuple[int, ...]]  # the ControlNet's trainable tensors (bitsandbytes' state)
+    frozen_names: tuple[str, ...] = ()  # the frozen models' names in the weight groups ("weights: <name> <dtype>")
+    frozen_block_bytes: int = 0  # the frozen models' largest block (their _no_split_modules): what FSDP gathers at once
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -732,7 +734,18 @@ def measure(spec: StepSpec) -> Measured:
             weights=weights,
             trainable_params=sum(p.numel() for p in trainable),
             param_shapes=[tuple(p.shape) for p in trainable],
+            frozen_names=tuple(m.frozen),
+            frozen_block_bytes=max((_param_bytes(b) for model in m.frozen.values() for b in _blocks(model)), default=0),
         )
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    return [mod for mod in model.modules() if type(mod).__name__ in kinds]
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def spec_dict(spec: StepSpec) -> dict:

@@ -15,10 +15,11 @@ from ..config import ConfigError, Recipe, Tier, accumulation_steps
 from .measure import Measured, StepSpec, measure
 
 GIB = 1024**3
-# Assumptions, stated (checked against the GPU check's measurements, README: Know before you rent):
+# Assumptions, stated (checked against the GPU check's measurements, docs/benchmarks.md: The GPU check on an H200):
 ALLOCATOR_OVERHEAD = 0.10  # the caching allocator reserves about this much above the peak it hands out
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context, cuBLAS/cuDNN handles and kernels (lazy loading), outside PyTorch's pools
 USABLE_FRACTION = 0.9375  # of a card's nominal size that it reports: 24 GB cards report 22.5-24 GiB, 16 GB 15-16
+SHARDED_PROCESSES = 8  # a shard_frozen tier is planned on 8 GPUs (upstream's Flux README: 8 x A100 40 GB)
 DEEPSPEED_BUCKET_ELEMENTS = 200_000_000  # configs/deepspeed/zero2.json: reduce_bucket_size
 BNB_BLOCK, BNB_MIN_8BIT = (
     256,
@@ -179,13 +180,26 @@ def _groups_gib(groups: dict[str, int]) -> dict[str, float]:
 
 
 def plan_step(
-    spec: StepSpec, *, use_8bit_adam: bool = False, name: str = "", budget_gb: float | None = None, processes: int = 1
+    spec: StepSpec,
+    *,
+    use_8bit_adam: bool = False,
+    name: str = "",
+    budget_gb: float | None = None,
+    processes: int = 1,
+    shard_frozen: bool = False,
 ) -> TierPlan:
     """Measure ``spec`` and add the named terms; ``budget_gb``: the card's nominal size;
-    ``processes`` > 1: DistributedDataParallel, whose gradient buckets copy every gradient."""
+    ``processes`` > 1: DistributedDataParallel, whose gradient buckets copy every gradient;
+    ``shard_frozen``: the frozen base split across the processes (FSDP2), which gathers a block
+    at a time and prefetches the next."""
     m: Measured = measure(spec)
     extra = {}
     notes = []
+    frozen_share = 1.0
+    if shard_frozen and processes > 1:
+        frozen_share = 1 / processes
+        extra["fsdp_gathered_blocks"] = 2 * m.frozen_block_bytes
+        notes.append(f"the frozen base sharded over {processes} processes")
     if use_8bit_adam:
         extra["optimizer_8bit"] = bnb_state_bytes(m.param_shapes)
     if spec.attention != "math" and m.attention_workspace:
@@ -206,7 +220,14 @@ def plan_step(
     if spec.frozen_fp8 and not spec.gradient_checkpointing:
         notes.append("frozen_fp8 without gradient checkpointing: the backward keeps each layer's upcast copy")
 
+    def shards(peak: int, groups: dict[str, int]) -> tuple[int, dict[str, int]]:
+        """The peak and its groups with each frozen model's weights cut to this process's share."""
+        frozen = tuple(f"weights: {n} " for n in m.frozen_names)
+        cut = {k: (int(v * frozen_share) if k.startswith(frozen) else v) for k, v in groups.items()}
+        return peak - sum(groups.values()) + sum(cut.values()), cut
+
     def total(peak: int, groups: dict[str, int]) -> tuple[float, dict[str, float]]:
+        peak, groups = shards(peak, groups)
         terms = _groups_gib(groups)
         for k, v in extra.items():
             terms[k] = terms.get(k, 0.0) + v / GIB
@@ -246,4 +267,7 @@ def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) ->
 
     spec = step_spec(recipe, tier, arch)
     budget = TIER_MEMORY_GB.get(name, TIER_MEMORY_GB.get(name.split("-")[0]))  # 8gb-zero2: an 8 GB card
-    return plan_step(spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=budget)
+    processes = SHARDED_PROCESSES if tier.shard_frozen else 1
+    return plan_step(
+        spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=budget, processes=processes, shard_frozen=tier.shard_frozen
+    )

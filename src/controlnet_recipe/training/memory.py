@@ -5,6 +5,7 @@ training), the frozen denoiser in fp16/bf16 (a transformer's in fp8 with ``froze
 checkpointing of both the ControlNet and the frozen denoiser (upstream checkpoints the ControlNet
 only), 8-bit AdamW, and set_grads_to_none.
 DeepSpeed ZeRO-2 with the optimizer offloaded to CPU is the alternative for the smallest cards.
+On several GPUs, ``shard_frozen`` splits the frozen base across them (FSDP2): each holds 1/N of it.
 """
 
 from __future__ import annotations
@@ -109,3 +110,26 @@ def deepspeed_plugin(tier: Tier, accumulation: int, micro_batch: int, max_grad_n
     cfg["gradient_accumulation_steps"] = accumulation
     cfg["gradient_clipping"] = max_grad_norm
     return DeepSpeedPlugin(hf_ds_config=cfg)
+
+
+def shard_frozen(denoiser: torch.nn.Module, device: torch.device, world: int) -> int:
+    """Shard the frozen ``denoiser`` across the ``world`` processes with FSDP2 (torch's
+    ``fully_shard``, what accelerate's FSDP plugin applies), each of its blocks (the model's
+    ``_no_split_modules``: FLUX's double- and single-stream blocks, SD3's joint blocks) a unit of
+    its own, so that a forward gathers one block at a time. Its weights move to ``device`` as 1/N
+    shards. Returns how many blocks were sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kinds = set(getattr(denoiser, "_no_split_modules", None) or ())
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in kinds]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(denoiser, mesh=mesh)  # the rest: embedders, norms, the output projection
+    return len(blocks)
+
+
+def local_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters this process holds (its shards, where sharded)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())

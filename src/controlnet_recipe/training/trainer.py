@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..config import Config, Tier, accumulation_steps
+from ..logs import progress
 from ..models.base_model import BaseRef, load_base
 from ..models.families import family
 from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything
@@ -33,7 +34,15 @@ from .batches import CachedPairs, ResumableBatches, batch_stream, step_generator
 from .checkpoints import EMA_WEIGHTS, WEIGHTS, Checkpointer, consolidate_zero, read_state
 from .latent_cache import LatentCache, current_fingerprint
 from .launch import launched
-from .memory import apply_model_settings, deepspeed_plugin, direct_attention_calls, make_optimizer, param_groups
+from .memory import (
+    apply_model_settings,
+    deepspeed_plugin,
+    direct_attention_calls,
+    local_bytes,
+    make_optimizer,
+    param_groups,
+    shard_frozen,
+)
 from .step import LossInputs, controlnet_loss, objective
 from .tracking import Trackers
 from .validation import Validator, load_extractor, validation_pairs
@@ -52,7 +61,7 @@ NOT_IN_RUN = {
 }
 # Learning-rate schedules that do not depend on the run's length: a longer run extends a shorter one.
 LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
-LEVERS = (  # the convergence levers (README: Time to control), recorded in training.json
+LEVERS = (  # the convergence levers (docs/benchmarks.md: Time to control), recorded in training.json
     "timestep_sampling",
     "logit_mean",
     "logit_std",
@@ -127,6 +136,7 @@ class Trainer:
             gradient_accumulation_steps=accum,
             deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
             cpu=cpu and not self.zero,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family(ref.family).unused_parameters)],
         )
         self.world, self.micro, self.accum = world, micro, accum
         self.rank, self.main, device = acc.process_index, acc.is_main_process, acc.device
@@ -154,10 +164,18 @@ class Trainer:
         for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
         controlnet = fam.make_controlnet(base, t)
-        if tier.frozen_fp8:  # stored in fp8 on the CPU first: the GPU never holds it in bf16 (FLUX: 22 GiB)
+        # shard_frozen: every process holds 1/N of the frozen base, and every process validates (a
+        # forward gathers each block from all of them)
+        self.sharded = tier.shard_frozen and world > 1
+        if tier.shard_frozen and not self.sharded:
+            acc.print("train: shard_frozen: one process, nothing to shard across: the frozen base is held whole")
+        if tier.frozen_fp8 or self.sharded:  # cast on the CPU first: the GPU never holds it whole in bf16 (FLUX: 22 GiB)
             base.denoiser.to(dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
-            base.denoiser.to(device)
+            if self.sharded:
+                shard_frozen(base.denoiser, device, world)  # its shards move to the device
+            else:
+                base.denoiser.to(device)
         else:
             base.denoiser.to(device, dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
@@ -226,7 +244,8 @@ class Trainer:
         self.validator = Validator(
             base, pairs, t.validation, r.data.resolution, t.seed, load_extractor(EVALUATOR_DIR), self.trackers, train_dir
         )
-        self.step, self.losses, self.pending, self.last_val = self.start, [], [], {}
+        self.frozen_gib = local_bytes(base.denoiser) / 1024**3  # this process's part of the frozen base
+        self.step, self.losses, self.pending, self.last_val, self.validated_at = self.start, [], [], {}, None
         self.seconds, self.steps_run = 0.0, 0
 
     @contextmanager
@@ -244,6 +263,14 @@ class Trainer:
         if self.ema is not None:  # the sweep's weights, keyed like the model's
             with self.weights() as model:
                 save_file(model.state_dict(), str(Path(folder) / EMA_WEIGHTS))
+
+    def validate(self, step: int) -> None:
+        """Validation at ``step`` (the main process scores, saves and logs it; with a sharded base
+        the others take part in its forwards)."""
+        with self.weights() as model:
+            metrics = self.validator.validate(step, model, write=self.main)
+        self.last_val = metrics if self.main else self.last_val
+        self.validated_at = step
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step (``accum`` micro-batches); the mean loss, on the device."""
@@ -269,7 +296,7 @@ class Trainer:
         and validating on the components' schedules."""
         last, until = self.max_steps, min(until or self.max_steps, self.max_steps)
         t0 = time.time()
-        bar = tqdm(range(self.step, until), initial=self.step, total=last, desc="train: ControlNet", disable=not self.main)
+        bar = progress(range(self.step, until), initial=self.step, total=last, desc="train: ControlNet", disable=not self.main)
         for step in bar:
             self.pending.append(self.train_step(step))
             done = self.step = step + 1
@@ -283,17 +310,15 @@ class Trainer:
             if self.checkpointer.should_save(done, last):
                 state = {"micro_batches_read": done * self.accum, "tier": self.tier_name}
                 self.checkpointer.save(done, self.write_state, state)
-            if self.main and self.validator.should_validate(done, last):
-                with self.weights() as model:
-                    self.last_val = self.validator.validate(done, model)
+            if (self.main or self.sharded) and self.validator.should_validate(done, last):
+                self.validate(done)
         self.seconds += time.time() - t0
 
     def finish(self, out_dir: Path) -> dict:
         """Save the trained ControlNet to ``out_dir`` (diffusers format) and return the run's summary."""
         acc, t = self.accelerator, self.t
-        if self.main and not self.last_val:  # resumed at the last step: the final validation still belongs to the outputs
-            with self.weights() as model:
-                self.last_val = self.validator.validate(self.max_steps, model)
+        if (self.main or self.sharded) and self.validated_at != self.max_steps:  # resumed at the last step: it still belongs
+            self.validate(self.max_steps)
         acc.wait_for_everyone()
         if self.main:
             self.trackers.close()
@@ -307,6 +332,7 @@ class Trainer:
             "micro_batch": self.micro,
             "gradient_accumulation_steps": self.accum,
             "processes": self.world,
+            "frozen_gib_per_process": round(self.frozen_gib, 6),
             "effective_batch": self.micro * self.accum * self.world,
             "steps": self.max_steps,
             "resumed_from_step": self.start,

@@ -127,9 +127,13 @@ class Validator:
     def should_validate(self, step: int, last: int) -> bool:
         return step % self.v.steps == 0 or step == last
 
-    def validate(self, step: int, controlnet) -> dict[str, float]:
-        """Images from ``controlnet`` (the weights to validate), saved, logged and scored."""
-        grid, metrics = run_validation(self.base, controlnet, self.pairs, self.v, self.resolution, self.seed, self.extractor)
+    def validate(self, step: int, controlnet, write: bool = True) -> dict[str, float]:
+        """Images from ``controlnet`` (the weights to validate), saved, logged and scored; ``write``
+        false: only drawn (a process that takes part in a sharded base's forwards)."""
+        extractor = self.extractor if write else None
+        grid, metrics = run_validation(self.base, controlnet, self.pairs, self.v, self.resolution, self.seed, extractor)
+        if not write:
+            return {}
         grid.save(self.out / "validation.png")
         self.trackers.log_image("validation", grid, step)
         self.trackers.log(metrics, step)

@@ -71,7 +71,7 @@ class Family:
     control_argument: str = "image"  # the ControlNet pipeline's argument for the condition image
     default_max_sequence_length: int | None = None  # T5 tokens per caption (the families with a T5)
     # train's objective levers at the values of upstream's script for this family (the other levers'
-    # upstream values are the same for every family: README, Time to control)
+    # upstream values are the same for every family: docs/benchmarks.md, Time to control)
     upstream_objective: dict = {"timestep_sampling": "uniform", "loss_weighting": "none"}
 
     def load(
@@ -127,6 +127,10 @@ class Family:
     def predict(self, denoiser, noised: Noised, text: dict, batch: dict, residuals, dtype, device) -> torch.Tensor:
         """The frozen denoiser's output in the latents' layout (``residuals`` None: the base alone)."""
         raise NotImplementedError
+
+    # Several processes (DDP): the transformer ControlNets hold parameters that no loss reaches (the
+    # last block's text-stream outputs), which DDP must be told to look for each step.
+    unused_parameters = False
 
     # Validation: the SD families' pipelines encode the prompts on the GPU (their text encoders are
     # small); the transformer families' prompts are encoded on the CPU (T5-XXL is 9.5 GB in bf16).

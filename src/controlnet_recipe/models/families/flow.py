@@ -19,6 +19,7 @@ class FlowFamily(Family):
     control_latents = True
     shifts_latents = True
     control_argument = "control_image"
+    unused_parameters = True
 
     text_encoder_classes: tuple[str, ...]  # transformers' classes of text_encoder, text_encoder_2[, text_encoder_3]
     transformer_class: str  # diffusers' class of the denoiser

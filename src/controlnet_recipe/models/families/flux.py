@@ -105,6 +105,8 @@ class Flux(FlowFamily):
         )
         if t.hint_init == "random":  # the condition's embedder, zero in upstream's init
             model.controlnet_x_embedder.reset_parameters()
+        elif t.hint_init == "copy":  # the condition's latents embedded as the base embeds the image's
+            model.controlnet_x_embedder.load_state_dict(base.denoiser.x_embedder.state_dict())
         return model
 
     def _inputs(self, denoiser, noised: Noised, text: dict, device, dtype) -> dict:

@@ -26,6 +26,8 @@ def controlnet_from_unet(unet, vae_config, hint_init: str = "zero"):
     step 0."""
     from diffusers import ControlNetModel
 
+    if hint_init == "copy":
+        raise ValueError("train.hint_init: copy is for SD3 and Flux (their condition is a latent); expected zero or random")
     downs = len(vae_config["block_out_channels"]) - 1
     model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
     if hint_init == "random":

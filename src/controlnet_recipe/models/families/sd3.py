@@ -92,6 +92,8 @@ class StableDiffusion3(FlowFamily):
         model.register_to_config(force_zeros_for_pooled_projection=False)
         if t.hint_init == "random":
             model.pos_embed_input.proj.reset_parameters()
+        elif t.hint_init == "copy":  # the condition's latents patch-embedded as the base embeds the image's
+            model.pos_embed_input.proj.load_state_dict(base.denoiser.pos_embed.proj.state_dict())
         return model
 
     def residuals(self, controlnet, noised, text, batch, control, device):
