@@ -1,5 +1,5 @@
 """Imports run only downward: a module imports modules of lower layers (or its own package),
-never a higher layer, and no stage imports another stage. The layers are the README's (Layout)."""
+never a higher layer, and no stage imports another stage. The layers are docs/pipeline.md's (Layout)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from controlnet_recipe import codedeps
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ["errors", "text", "codedeps"],  # no project imports (but each other)
+    ["errors", "text", "codedeps", "logs"],  # no project imports (but each other)
     ["config"],  # the typed params
     ["storage", "images", "diffusion", "fit"],  # shared plumbing: folders, images, noise and loss, one fit loop
     ["flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
@@ -26,7 +26,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 def _rank(module: str) -> int:
     top = module.split(".")[0] if module else ""
-    assert top in RANK or module == "", f"{module}: not in a layer; add it to LAYERS and the README"
+    assert top in RANK or module == "", f"{module}: not in a layer; add it to LAYERS and docs/pipeline.md (Layout)"
     return RANK.get(top, -1)
 
 

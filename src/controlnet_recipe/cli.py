@@ -9,6 +9,7 @@ import time
 
 from .config import load_config
 from .errors import RecipeError
+from .logs import quiet_libraries
 
 STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
 COMMANDS = ("generate", "web", "plan")  # their own options: <command> --help
@@ -17,6 +18,7 @@ OWN_OPTIONS = (*COMMANDS, "doctor")  # doctor checks the machine and needs no pa
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()  # before any library is imported
     own_help = any(a in OWN_OPTIONS for a in argv)  # `generate --help` shows generate's options
     p = argparse.ArgumentParser(prog="controlnet-recipe", description=__doc__, add_help=not own_help)
     p.add_argument(

@@ -9,7 +9,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
-from tqdm.auto import tqdm
+
+from .logs import progress
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def encode_images(
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     means, stds = [], []
-    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=desc is None):
+    for i in progress(range(0, len(pixels), batch_size), desc=desc, leave=False, disable=desc is None):
         dist = vae.encode(pixels[i : i + batch_size].to(device, dtype)).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .logs import progress
 
 
 def lr_at(step: int, *, steps: int, lr: float, warmup: int = 0, cosine: bool = True) -> float:
@@ -39,7 +40,7 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     losses: list[float] = []
-    for step in (bar := tqdm(range(steps), desc=desc)):
+    for step in (bar := progress(range(steps), desc=desc)):
         loss = loss_fn(step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps=steps, lr=lr, warmup=warmup, cosine=cosine)

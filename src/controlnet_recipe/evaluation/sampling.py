@@ -4,9 +4,9 @@ ControlNet and for the base alone, so every statistic can be paired by (conditio
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import EvaluateCfg
+from ..logs import progress
 from ..models.base_model import BaseComponents, inference_device, make_pipeline, sampling_kwargs, seeded
 
 BATCH = 16
@@ -40,7 +40,7 @@ class Sampler:
             self.base_pipe if controlnet is None else make_pipeline(self.base, controlnet, device=self.device, dtype=self.dtype)
         )
         images = []
-        for i in tqdm(range(0, len(prompts), BATCH), desc=f"evaluate: {desc}", leave=False):
+        for i in progress(range(0, len(prompts), BATCH), desc=f"evaluate: {desc}", leave=False):
             chunk = prompts[i : i + BATCH]
             images += pipe(
                 prompt=chunk,

@@ -16,9 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import BadInput
+from ..logs import progress
 
 USER_AGENT = "controlnet-recipe"
 TIMEOUT_S = 60
@@ -69,7 +68,7 @@ def _fetch(url: str, part: Path, chunk_size: int, sha256: str | None):
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length else None
         h = (_hasher(part, chunk_size) if mode == "ab" else hashlib.sha256()) if sha256 else None
-        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5])
+        bar = progress(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5])
         with bar, open(part, mode) as f:
             while chunk := resp.read(chunk_size):
                 f.write(chunk)

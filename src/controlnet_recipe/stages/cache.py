@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 
 from ..config import Config
 from ..diffusion import encode_images
 from ..images import images_to_tensor
+from ..logs import progress
 from ..models.base_model import BaseRef, load_base
 from ..models.families import CONTROL, family
 from ..storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
@@ -54,7 +54,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
     todo = [i for i in range(n_shards) if not out.done(SPLIT, i)]
     if len(todo) < n_shards:
         print(f"cache: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
-    for i in tqdm(todo, desc="cache: shards"):
+    for i in progress(todo, desc="cache: shards"):
         rows = train.select(range(i * c.shard_size, min((i + 1) * c.shard_size, len(train))))
         cols: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(rows), c.batch_size):

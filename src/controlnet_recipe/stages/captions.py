@@ -56,7 +56,8 @@ def caption_shard(part, c: CaptionsCfg, image_column: str, caption_column: str, 
 def _caption_worker(rank: int, world: int, todo: list[tuple[str, int, int, int]], cfg: Config) -> None:
     """One process: captions the shards ``todo[rank::world]`` (on GPU ``rank`` when there are GPUs)."""
     import torch
-    from tqdm.auto import tqdm
+
+    from ..logs import progress
 
     r, c = cfg.recipe, cfg.recipe.captions
     blip = None
@@ -66,7 +67,7 @@ def _caption_worker(rank: int, world: int, todo: list[tuple[str, int, int, int]]
         device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
         blip = BlipCaptioner(c.model, revision=c.revision, device=device, batch_size=c.batch_size)
     ds = load_dataset_dir(CONDITIONS_DIR)
-    for split, i, lo, hi in tqdm(todo[rank::world], desc=f"captions ({c.captioner}, process {rank})", disable=rank > 0):
+    for split, i, lo, hi in progress(todo[rank::world], desc=f"captions ({c.captioner}, process {rank})", disable=rank > 0):
         part = caption_shard(ds[split].select(range(lo, hi)), c, r.columns.image, r.columns.caption, blip)
         if len(part):
             write_shard(CAPTIONS_DIR, split, i, part)

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
-from tqdm.auto import tqdm
 
 from ..config import Config, DataCfg
 from ..faces.synthetic import make_face
 from ..images import decode_image, encode_png
+from ..logs import progress
 from ..report.grid import save_grid
 from ..storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
 from ..text import UNDECODABLE, UNREADABLE
@@ -154,7 +154,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
             for k, v in stats.items():
                 report[k].update(v)
 
-        bar = tqdm(desc=f"data: {d.source}", unit=" samples")
+        bar = progress(desc=f"data: {d.source}", unit=" samples")
         for split, item in routed_rows(d, cache_dir):
             buffers[split].append(item)
             bar.update()

@@ -9,10 +9,10 @@ Disabled, it writes only ``passthrough.json`` naming ``data/source``: nothing is
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import Config, PhotorealCfg
 from ..images import encode_png
+from ..logs import progress
 from ..report.grid import save_grid
 from ..storage import DATA_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, fresh_dir, load_dataset_dir, write_json
 
@@ -58,7 +58,7 @@ def build_photoreal(cfg: Config) -> dict:
                 continue
             part = data.select(range(lo, min(lo + shard, len(data))))
             new = []
-            for b in tqdm(range(0, len(part), p.batch_size), desc=f"photoreal ({split}, shard {i})"):
+            for b in progress(range(0, len(part), p.batch_size), desc=f"photoreal ({split}, shard {i})"):
                 imgs = part[b : b + p.batch_size][col]
                 new += photoreal_batch(pipe, imgs, p, [p.seed + lo + b + k for k in range(len(imgs))])
             encoded = [{"bytes": encode_png(im), "path": None} for im in new]
