@@ -59,8 +59,12 @@ LEVERS = {  # each alone, on top of upstream's objective
     "shift_3": {"flow_shift": 3.0},  # SD3's shift at 1024 px: most steps at high noise
     "cosmap": {"loss_weighting": "cosmap"},
     "logit_m05": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.0},  # flow: slightly noisier steps
+    "shift_6": {"flow_shift": 6.0},  # noisier still
+    "embed_copy": {"hint_init": "copy"},  # the condition embedder starts as the base's latent embedder
+    "single_2": {"controlnet_single_layers": 2},  # Flux: the tiny base's 2 single-stream blocks copied too
+    "empty_0": {"proportion_empty_prompts": 0.0},  # no caption dropout
 }
-FLOW_ONLY = ("mode", "shift_3", "cosmap")
+FLOW_ONLY = ("mode", "shift_3", "cosmap", "shift_6", "embed_copy", "single_2")
 DDPM_ONLY = ("min_snr", "cubic")
 OUT = ROOT / "benchmarks" / "results"
 STYLES = {"recipe": {"lw": 2.5, "color": "black"}, "upstream": {"lw": 2.5, "color": "black", "ls": "--"}}
