@@ -52,5 +52,5 @@ def fit(
         if ema is not None:
             ema.step(model.parameters())
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-smooth:]):.4f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-smooth:]):.4f}", refresh=False)  # shown at the next redraw
     return losses

@@ -304,7 +304,7 @@ class Trainer:
             if done % 10 == 0 or done == last:  # one host sync per 10 steps
                 self.losses += torch.stack(self.pending).tolist()
                 self.pending.clear()
-                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", refresh=False)  # shown at the next redraw
                 if self.main:
                     self.trackers.log({"loss": float(np.mean(self.losses[-10:])), "lr": self.lr_scheduler.get_last_lr()[0]}, done)
             if self.checkpointer.should_save(done, last):
