@@ -105,7 +105,7 @@ ROWS = [
     ),
     (
         "SDXL 1024px fp16 batch 1, 8-bit Adam, xformers, DDP",
-        "huggingface/diffusers issue #4925 (about 35GB per card)",
+        "https://github.com/huggingface/diffusers/issues/4925 (about 35GB per card)",
         "both",
         35,
         "about",

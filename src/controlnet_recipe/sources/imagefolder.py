@@ -6,8 +6,8 @@
 - Conditioning images: a parallel folder, ``spec.columns["conditioning_folder"]``, holding the same
   relative file names (any image extension), or a metadata field ``conditioning_image_file_name`` (or one
   that ``spec.columns`` maps to ``conditioning_image``). This is the "two image columns" case that
-  upstream's imagefolder loader cannot hold (diffusers #2772, #6077). A missing one gives
-  ``problem="missing_conditioning"``.
+  upstream's imagefolder loader cannot hold (https://github.com/huggingface/diffusers/issues/2772,
+  https://github.com/huggingface/diffusers/issues/6077). A missing one gives ``problem="missing_conditioning"``.
 
 Rows carry file paths, not bytes; ids are the relative paths (posix), in sorted order.
 

@@ -29,7 +29,7 @@ def _load_condition(path: str, resolution: int) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            # RGBA and palette images are flattened to RGB (upstream fails on them, diffusers #2908).
+            # RGBA and palette images are flattened to RGB (upstream fails on them: https://github.com/huggingface/diffusers/issues/2908).
             cond = images_to_tensor([img], resolution, normalize=False)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise BadInput(f"train.validation.images: {path}: cannot read ({e.__class__.__name__})") from None

@@ -85,7 +85,7 @@ class StableDiffusion3(FlowFamily):
         layers = t.controlnet_layers or min(self.default_layers, most)
         if layers > most:
             raise ValueError(f"train.controlnet_layers: {layers}, but the base has {most + 1} joint blocks (at most {most})")
-        # extra channels 0: the default 1 gives "expected 17 channels, got 16" (diffusers #10055)
+        # extra channels 0: the default 1 gives "expected 17 channels, got 16" (https://github.com/huggingface/diffusers/issues/10055)
         model = SD3ControlNetModel.from_transformer(base.denoiser, num_layers=layers, num_extra_conditioning_channels=0)
         # trained with the real pooled projections and the VAE's shift (as upstream trains): the
         # pipeline reads this to give it the same (its default, for InstantX's models, is zeros, no shift)
