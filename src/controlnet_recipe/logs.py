@@ -50,6 +50,9 @@ def progress(iterable=None, **kwargs):
 
     kwargs.setdefault("mininterval", PROGRESS_SECONDS)
     kwargs.setdefault("delay", FIRST_LINE_SECONDS)
+    # the clock read at every update (not every n-th, which tqdm's monitor thread then redraws late, with a stale count)
+    kwargs.setdefault("miniters", 1)
+    kwargs.setdefault("maxinterval", 4 * kwargs["mininterval"])
     return tqdm(iterable, file=_Lines(sys.stderr), ascii=True, ncols=100, **kwargs)
 
 

@@ -130,6 +130,7 @@ def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
 
     # What the base draws from a few training captions, beside the real images.
     pipe = fam.pipeline(parts)
+    pipe.set_progress_bar_config(disable=True)  # 20 steps in a second: no bar
     n = 8
     gen = torch.Generator().manual_seed(0)
     fakes = pipe(
