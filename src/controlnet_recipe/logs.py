@@ -2,10 +2,11 @@
 user cannot act on.
 
 On a terminal, progress bars redraw in place. Sent to a file or a pipe (CI, ``make demo > log``),
-each bar writes an occasional whole line instead (after a few seconds, then every
-:data:`PROGRESS_SECONDS`, and its last state), and the libraries' own bars (datasets' "Saving the
-dataset", transformers' "Loading weights") are off. A handful of third-party messages are silenced
-narrowly, each at its source, by its exact text: never a whole logger or a warning category.
+a bar writes a whole line every :data:`PROGRESS_SECONDS` instead, and its last state once it has
+written one (a shorter bar writes nothing: the stage's summary line follows it), and the
+libraries' own bars (datasets' "Saving the dataset", transformers' "Loading weights") are off.
+A handful of third-party messages are silenced narrowly, each at its source, by its exact text:
+never a whole logger or a warning category.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 import warnings
 
 PROGRESS_SECONDS = 30  # off a terminal: a progress line at most this often
-FIRST_LINE_SECONDS = 5  # off a terminal: a bar that ends sooner writes no progress line
 
 
 def on_terminal() -> bool:
@@ -49,7 +49,7 @@ def progress(iterable=None, **kwargs):
     from tqdm import tqdm
 
     kwargs.setdefault("mininterval", PROGRESS_SECONDS)
-    kwargs.setdefault("delay", FIRST_LINE_SECONDS)
+    kwargs.setdefault("delay", kwargs["mininterval"])  # no line at the start
     # the clock read at every update (not every n-th, which tqdm's monitor thread then redraws late, with a stale count)
     kwargs.setdefault("miniters", 1)
     kwargs.setdefault("maxinterval", 4 * kwargs["mininterval"])
