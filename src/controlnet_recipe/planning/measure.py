@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..training.memory import frozen_blocks, local_bytes
 from .tracker import LiveMemory
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -735,17 +736,8 @@ def measure(spec: StepSpec) -> Measured:
             trainable_params=sum(p.numel() for p in trainable),
             param_shapes=[tuple(p.shape) for p in trainable],
             frozen_names=tuple(m.frozen),
-            frozen_block_bytes=max((_param_bytes(b) for model in m.frozen.values() for b in _blocks(model)), default=0),
+            frozen_block_bytes=max((local_bytes(b) for model in m.frozen.values() for b in frozen_blocks(model)), default=0),
         )
-
-
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    kinds = set(getattr(model, "_no_split_modules", None) or ())
-    return [mod for mod in model.modules() if type(mod).__name__ in kinds]
-
-
-def _param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def spec_dict(spec: StepSpec) -> dict:

@@ -122,14 +122,19 @@ def shard_frozen(denoiser: torch.nn.Module, device: torch.device, world: int) ->
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
-    kinds = set(getattr(denoiser, "_no_split_modules", None) or ())
-    blocks = [m for m in denoiser.modules() if type(m).__name__ in kinds]
+    blocks = frozen_blocks(denoiser)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(denoiser, mesh=mesh)  # the rest: embedders, norms, the output projection
     return len(blocks)
 
 
+def frozen_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model``'s blocks, as diffusers names their kinds (``_no_split_modules``): FSDP's units."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in kinds]
+
+
 def local_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``model``'s parameters this process holds (its shards, where sharded)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())  # fake ones too

@@ -127,6 +127,7 @@ class Trainer:
         r, t = cfg.recipe, cfg.recipe.train
         self.cfg, self.t, self.tier, self.tier_name, self.train_dir = cfg, t, tier, tier_name, train_dir
         ref = BaseRef.read()
+        fam = family(ref.family)
         cpu, self.zero = not torch.cuda.is_available(), tier.deepspeed is not None
         # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
         world = (PartialState(backend="gloo") if cpu and self.zero and launched() else PartialState(cpu=cpu)).num_processes
@@ -136,7 +137,7 @@ class Trainer:
             gradient_accumulation_steps=accum,
             deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
             cpu=cpu and not self.zero,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=family(ref.family).unused_parameters)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=fam.unused_parameters)],
         )
         self.world, self.micro, self.accum = world, micro, accum
         self.rank, self.main, device = acc.process_index, acc.is_main_process, acc.device
@@ -160,13 +161,14 @@ class Trainer:
         micro_per_epoch = len(data) // (micro * world)
         self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
 
-        base, fam = load_base(ref), family(ref.family)  # the VAE and text encoders stay on the CPU (validation only)
+        base = load_base(ref)  # the VAE and text encoders stay on the CPU (validation only)
         for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
         controlnet = fam.make_controlnet(base, t)
         # shard_frozen: every process holds 1/N of the frozen base, and every process validates (a
         # forward gathers each block from all of them)
         self.sharded = tier.shard_frozen and world > 1
+        self.validates = self.main or self.sharded
         if tier.shard_frozen and not self.sharded:
             acc.print("train: shard_frozen: one process, nothing to shard across: the frozen base is held whole")
         if tier.frozen_fp8 or self.sharded:  # cast on the CPU first: the GPU never holds it whole in bf16 (FLUX: 22 GiB)
@@ -268,8 +270,7 @@ class Trainer:
         """Validation at ``step`` (the main process scores, saves and logs it; with a sharded base
         the others take part in its forwards)."""
         with self.weights() as model:
-            metrics = self.validator.validate(step, model, write=self.main)
-        self.last_val = metrics if self.main else self.last_val
+            self.last_val = self.validator.validate(step, model, write=self.main)  # {} where it does not write
         self.validated_at = step
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -310,14 +311,14 @@ class Trainer:
             if self.checkpointer.should_save(done, last):
                 state = {"micro_batches_read": done * self.accum, "tier": self.tier_name}
                 self.checkpointer.save(done, self.write_state, state)
-            if (self.main or self.sharded) and self.validator.should_validate(done, last):
+            if self.validates and self.validator.should_validate(done, last):
                 self.validate(done)
         self.seconds += time.time() - t0
 
     def finish(self, out_dir: Path) -> dict:
         """Save the trained ControlNet to ``out_dir`` (diffusers format) and return the run's summary."""
         acc, t = self.accelerator, self.t
-        if (self.main or self.sharded) and self.validated_at != self.max_steps:  # resumed at the last step: it still belongs
+        if self.validates and self.validated_at != self.max_steps:  # resumed at the last step: it still belongs
             self.validate(self.max_steps)
         acc.wait_for_everyone()
         if self.main:
