@@ -106,8 +106,8 @@ def in_tmp(tmp_path: Path, monkeypatch):
     return tmp_path
 
 
-def _env() -> dict:
-    env = dict(os.environ)
+def _env(**extra: str) -> dict:
+    env = {**os.environ, **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     for k, v in (("NAME", "test"), ("EMAIL", "test@example.com")):
@@ -116,14 +116,19 @@ def _env() -> dict:
     return env
 
 
-def run(args: list[str], cwd: Path) -> str:
-    p = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True)
+def run(args: list[str], cwd: Path, **env: str) -> str:
+    p = subprocess.run(args, cwd=cwd, env=_env(**env), capture_output=True, text=True)
     assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
+def dvc(*args: str, cwd: Path, **env: str) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd, **env)
+
+
+def imports_dir(project: Path) -> Path:
+    """Where :func:`make_project`'s stages recorded, per stage, the package files they imported."""
+    return project.with_name(project.name + ".imports")
 
 
 @pytest.fixture
@@ -183,5 +188,5 @@ def make_project(work: Path, params: dict) -> Path:
     # A project is a clone with history; DVCLive needs at least one commit to log against.
     run(["git", "add", "-A"], work)
     run(["git", "commit", "-q", "-m", "init"], work)
-    dvc("repro", cwd=work)
+    dvc("repro", cwd=work, CONTROLNET_RECIPE_RECORD_IMPORTS=str(imports_dir(work)))
     return work

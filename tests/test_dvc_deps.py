@@ -6,9 +6,11 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from controlnet_recipe import codedeps
 
-from .conftest import ROOT
+from .conftest import ROOT, dvc, imports_dir
 
 
 def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():
@@ -76,3 +78,56 @@ def test_deps_follow_imports_and_fail_when_an_import_has_no_dep(tmp_path: Path):
     assert codedeps.drift(dvc, root) == {"s": {"missing": [], "extra": [codedeps.CODE_PREFIX + "helper.py"]}}
     codedeps.write_dvc_yaml(dvc, root)
     assert codedeps.drift(dvc, root) == {}
+
+
+def _imported_beyond_deps(project: Path) -> dict[str, list[str]]:
+    """Per stage that ran in ``project``, the package files its processes imported (recorded by the
+    stages themselves, not read by codedeps) that its dvc.yaml deps do not list."""
+    import yaml
+
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    recorded = sorted(imports_dir(project).glob("*.txt"))
+    assert recorded, "no stage recorded its imports"
+    out = {}
+    for f in recorded:
+        deps = set(stages[f.stem]["deps"])
+        ran = {codedeps.CODE_PREFIX + line for line in f.read_text().split()}
+        if ran - deps:
+            out[f.stem] = sorted(ran - deps)
+    return out
+
+
+@pytest.mark.slow
+def test_every_module_a_stage_imports_is_its_dep(project: Path):
+    assert {f.stem for f in imports_dir(project).glob("*.txt")} >= {"data", "conditions", "base", "train", "evaluate"}
+    assert _imported_beyond_deps(project) == {}
+
+
+@pytest.mark.slow
+def test_every_module_a_family_stage_imports_is_its_dep(sdxl_project: Path, transformer_project: Path):
+    assert _imported_beyond_deps(sdxl_project) == {}
+    assert _imported_beyond_deps(transformer_project) == {}
+
+
+@pytest.mark.slow
+def test_editing_the_demos_condition_module_reruns_the_stages_that_run_it(own_project: Path):
+    kind = own_project / "src/controlnet_recipe/conditions/face_segmentation.py"
+    kind.write_text(kind.read_text() + "\n# edited\n")
+    status = dvc("status", cwd=own_project)
+    for stage in ("conditions", "evaluator", "train", "evaluate"):
+        assert f"{stage}:" in status, status
+    assert "data:" not in status and "captions:" not in status
+
+
+def test_a_registry_that_loads_by_name_makes_each_member_a_dep(tmp_path: Path):
+    root, _ = _package(tmp_path, "from ..kinds import load\n")
+    (root / "kinds").mkdir()
+    (root / "kinds/__init__.py").write_text(
+        'from importlib import import_module\nKINDS = {"a": "a_kind:A", "b": "b_kind:B"}\nNOTE = "not:a_module"\n\n'
+        "def load(name):\n    module, cls = KINDS[name].split(':')\n    return getattr(import_module('.' + module, __name__), cls)\n"
+    )
+    for m in ("a_kind", "b_kind", "c_unlisted"):
+        (root / f"kinds/{m}.py").write_text("")
+    listed = [d.split("controlnet_recipe/")[1] for d in codedeps.code_deps("s", root)]
+    assert {"kinds/__init__.py", "kinds/a_kind.py", "kinds/b_kind.py"} <= set(listed)
+    assert "kinds/c_unlisted.py" not in listed

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
 import time
+from pathlib import Path
 
 from .config import load_config
 from .errors import RecipeError
@@ -14,6 +17,26 @@ from .logs import quiet_libraries
 STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
 COMMANDS = ("generate", "web", "plan")  # their own options: <command> --help
 OWN_OPTIONS = (*COMMANDS, "doctor")  # doctor checks the machine and needs no params file
+# A folder: each process appends the package files it imported to <folder>/<stage>.txt at exit, so
+# tests can check dvc.yaml's deps against what a stage really ran (tests/test_dvc_deps.py).
+RECORD_IMPORTS = "CONTROLNET_RECIPE_RECORD_IMPORTS"
+
+
+def _record_imports(stage: str) -> None:
+    folder = os.environ.get(RECORD_IMPORTS)
+    if not folder:
+        return
+    package = Path(__file__).resolve().parent
+
+    def write() -> None:
+        mods = [m for n, m in list(sys.modules.items()) if n.split(".")[0] == __package__]
+        files = {Path(m.__file__).resolve() for m in mods if getattr(m, "__file__", None)}
+        lines = sorted(f.relative_to(package).as_posix() for f in files if f.is_relative_to(package))
+        with open(Path(folder, f"{stage}.txt"), "a") as out:
+            out.write("".join(line + "\n" for line in lines))
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atexit.register(write)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.stage == "doctor":
         return importlib.import_module(".doctor", __package__).main(rest)
+    _record_imports(args.stage)
     overrides = {k: v for k, v in (("gpu", args.gpu), ("recipe", args.recipe)) if v}
     try:
         cfg = load_config(args.params, overrides)

@@ -1,5 +1,7 @@
 """Which of this package's files a stage runs: its module's imports, followed transitively (lazy
-imports inside functions too), read with ``ast`` so nothing is imported. ``dvc.yaml``'s deps are
+imports inside functions too), read with ``ast`` so nothing is imported. A registry that loads its
+members by name (``import_module``) names each as a ``"module:Attr"`` string; every such module counts
+as imported, since params choose among them at run time. ``dvc.yaml``'s deps are
 checked against it (tests/test_dvc_deps.py), and a stage resumes finished shards only for the same
 digest of these files (storage.ShardedOutput), so both follow the code, not a hand-kept list."""
 
@@ -35,10 +37,13 @@ def _imports(root: Path, package: str, f: Path) -> tuple[set[str], set[str]]:
     here = name.split(".") if name else []
     if f.name != "__init__.py":
         here = here[:-1]  # a module's relative imports start from its package
-    found, literals = set(), set()
+    found, literals, registry = set(), set(), False
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             literals.add(node.value)
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            registry |= (fn.id if isinstance(fn, ast.Name) else getattr(fn, "attr", "")) == "import_module"
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name == package or a.name.startswith(package + "."):
@@ -54,6 +59,13 @@ def _imports(root: Path, package: str, f: Path) -> tuple[set[str], set[str]]:
             found.add(mod)
             for a in node.names:  # `from . import x`: x may be a submodule
                 sub = f"{mod}.{a.name}" if mod else a.name
+                if _module_file(root, sub) is not None:
+                    found.add(sub)
+    if registry:  # "module:Attr" names a member module of the registry's package
+        for lit in literals:
+            mod, sep, attr = lit.partition(":")
+            if sep and mod.isidentifier() and attr.isidentifier():
+                sub = ".".join([*here, mod])
                 if _module_file(root, sub) is not None:
                     found.add(sub)
     return found, literals
