@@ -124,7 +124,8 @@ def test_a_registry_that_loads_by_name_makes_each_member_a_dep(tmp_path: Path):
     (root / "kinds").mkdir()
     (root / "kinds/__init__.py").write_text(
         'from importlib import import_module\nKINDS = {"a": "a_kind:A", "b": "b_kind:B"}\nNOTE = "not:a_module"\n\n'
-        "def load(name):\n    module, cls = KINDS[name].split(':')\n    return getattr(import_module('.' + module, __name__), cls)\n"
+        "def load(name):\n    module, cls = KINDS[name].split(':')\n"
+        "    return getattr(import_module('.' + module, __name__), cls)\n"
     )
     for m in ("a_kind", "b_kind", "c_unlisted"):
         (root / f"kinds/{m}.py").write_text("")
