@@ -101,11 +101,11 @@ def first_reaching(curve: list[dict], key: str, target: float, higher: bool) -> 
 
 
 def run(args) -> dict:
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.core.storage import CAPTIONS_DIR, load_dataset_dir
     from controlnet_recipe.evaluation.sampling import Sampler
     from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.models.base_model import BaseRef, load_base
-    from controlnet_recipe.storage import CAPTIONS_DIR, load_dataset_dir
 
     cfg = load_config(ROOT / "params.yaml")
     r = cfg.recipe
@@ -173,7 +173,7 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
     probing its fidelity every ``every`` steps."""
     import torch
 
-    from controlnet_recipe.config import TrainCfg
+    from controlnet_recipe.core.config import TrainCfg
     from controlnet_recipe.models.base_model import BaseRef
     from controlnet_recipe.stages.train import tier_for
     from controlnet_recipe.training.trainer import Trainer

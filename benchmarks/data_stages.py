@@ -41,7 +41,7 @@ def _params(folder: Path, data: dict, conditions: dict, captions: dict) -> Path:
 def blip_large_random(folder: Path) -> Path:
     """Salesforce/blip-image-captioning-large's architecture (ViT-L/16 at 384 px, BERT-base text
     decoder), random weights, with a placeholder vocabulary of the same size."""
-    from controlnet_recipe.captioning import BLIP_SPECIAL_TOKENS, save_random_blip
+    from controlnet_recipe.models.captioner import BLIP_SPECIAL_TOKENS, save_random_blip
 
     words = [f"w{i}" for i in range(30524 - len(BLIP_SPECIAL_TOKENS))]
     vision = dict(
@@ -79,7 +79,7 @@ def child(spec: dict) -> dict:
 
     anon = AnonPeak()
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
     from controlnet_recipe.stages.captions import build_captions
     from controlnet_recipe.stages.conditions import build_conditions
     from controlnet_recipe.stages.data import build_data

@@ -251,7 +251,7 @@ def _write_scheduler(folder: Path, dynamic_shifting: bool) -> None:
 
 def step_spec(c: dict, cfg, cuda: bool):
     """The planner's StepSpec for configuration ``c`` (what train_step.child or the Flux step runs)."""
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
     from controlnet_recipe.planning.measure import StepSpec
 
     if c["kind"] == "flux":
@@ -301,7 +301,7 @@ def step_spec(c: dict, cfg, cuda: bool):
 def transformer_recipe(c: dict):
     """The recipe block ``c`` names (params.yaml's flux, sd3) at ``c``'s resolution (the dry run:
     with ControlNets of ``controlnet_layers`` blocks)."""
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
 
     recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
     train = {"controlnet_layers": c["controlnet_layers"]} if "controlnet_layers" in c else {}
@@ -332,7 +332,7 @@ def key(c: dict) -> str:
 def run_unet(c: dict, steps: int, warmup: int) -> dict:
     import train_step
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
 
     micro = load_config(ROOT / "params.yaml").tiers[c["tier"]].batch_size
     spec = dict(arch=c["arch"], tier=c["tier"], mode=c["mode"], resolution=c["resolution"], micro_batch=micro, accumulation=1)
@@ -392,8 +392,9 @@ def run_recipe_validation(c: dict, cfg, cuda: bool) -> dict:
     import torch
     from PIL import Image
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
     from controlnet_recipe.models import architectures, tiny
+    from controlnet_recipe.models.families import family_of_architecture
     from controlnet_recipe.models.families.family import BaseComponents
     from controlnet_recipe.training.memory import make_optimizer, param_groups
     from controlnet_recipe.training.step import controlnet_from_unet
@@ -410,7 +411,7 @@ def run_recipe_validation(c: dict, cfg, cuda: bool) -> dict:
             parts = {"unet": tiny.build_unet(res), "vae": tiny.build_vae(res), "text_encoder": tiny.build_text_encoder(1000)}
             parts["scheduler"] = tiny.build_scheduler()
         else:
-            sdxl = architectures.family_of(c["arch"]) == "sdxl"
+            sdxl = family_of_architecture(c["arch"]) == "sdxl"
             names = ("unet", "vae", "text_encoder", "scheduler", *(("text_encoder_2",) if sdxl else ()))
             parts = architectures.build(c["arch"], names)
         controlnet = controlnet_from_unet(parts["unet"], parts["vae"].config).to(device)
@@ -835,7 +836,7 @@ CONFIG_KEYS += ("per_step_encoding", "label", "family", "controlnet_layers")
 
 def compare(files: list[Path]) -> None:
     """Rows measured on a GPU against the planner's predictions for them, computed now."""
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
 
     cfg = load_config(ROOT / "params.yaml")
     rows = []
@@ -877,7 +878,7 @@ def main() -> None:
 
     import torch
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
 
     if args.compare:
         compare(args.compare)

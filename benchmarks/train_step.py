@@ -44,11 +44,11 @@ def child(spec: dict) -> dict:
     from accelerate import Accelerator
     from PIL import Image
 
-    from controlnet_recipe.config import load_config
-    from controlnet_recipe.diffusion import Objective
-    from controlnet_recipe.images import images_to_tensor
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.core.images import images_to_tensor
     from controlnet_recipe.models import architectures, tiny
-    from controlnet_recipe.models.families import FAMILIES
+    from controlnet_recipe.models.families import FAMILIES, family_of_architecture
+    from controlnet_recipe.objectives.diffusion import Objective
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.memory import (
         apply_model_settings,
@@ -66,7 +66,7 @@ def child(spec: dict) -> dict:
     tier = cfg.tiers[spec["tier"]].model_copy(update={**half, **upstream_off, **spec.get("switches", {})})
     t = cfg.recipe.train
     res, micro, accum = spec["resolution"], spec["micro_batch"], spec["accumulation"]
-    sdxl = spec["arch"] != "tiny" and architectures.family_of(spec["arch"]) == "sdxl"
+    sdxl = spec["arch"] != "tiny" and family_of_architecture(spec["arch"]) == "sdxl"
     family = FAMILIES["sdxl" if sdxl else "sd"]
     accelerator = Accelerator(mixed_precision=tier.mixed_precision, gradient_accumulation_steps=accum, cpu=not cuda)
     device = accelerator.device
@@ -249,7 +249,7 @@ def main() -> None:
 
     import torch
 
-    from controlnet_recipe.config import accumulation_steps, load_config
+    from controlnet_recipe.core.config import accumulation_steps, load_config
 
     cfg = load_config(ROOT / "params.yaml")
     cuda = torch.cuda.is_available()

@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT / "src"))
 def main() -> None:
     import torch
 
-    from controlnet_recipe.config import load_config
-    from controlnet_recipe.diffusion import encode_images
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.core.images import images_to_tensor, tensor_to_images
+    from controlnet_recipe.core.storage import CAPTIONS_DIR, load_dataset_dir
     from controlnet_recipe.evaluation.scorer import Scorer
-    from controlnet_recipe.images import images_to_tensor, tensor_to_images
     from controlnet_recipe.models import tiny
+    from controlnet_recipe.objectives.diffusion import encode_images
     from controlnet_recipe.stages.base import train_vae
-    from controlnet_recipe.storage import CAPTIONS_DIR, load_dataset_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=None, help="STEPSxBATCH[@LR] each (default: params.yaml's)")

@@ -28,7 +28,7 @@ def tiny_blip(tmp_path_factory) -> Path:
     """A tiny BLIP captioner built from configs and saved with save_pretrained (no download)."""
     from transformers import AutoTokenizer
 
-    from controlnet_recipe.captioning import BLIP_SPECIAL_TOKENS, save_random_blip
+    from controlnet_recipe.models.captioner import BLIP_SPECIAL_TOKENS, save_random_blip
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     path = save_random_blip(

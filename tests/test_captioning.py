@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from controlnet_recipe.captioning import BlipCaptioner
+from controlnet_recipe.models.captioner import BlipCaptioner
 
 from .conftest import PROMPT
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from controlnet_recipe import cli, doctor
+from controlnet_recipe import cli
+from controlnet_recipe.apps import doctor
 from controlnet_recipe.stages import data
 from tests.conftest import tiny_params
 

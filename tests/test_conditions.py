@@ -16,7 +16,7 @@ from PIL import Image
 from controlnet_recipe import cli
 from controlnet_recipe.conditions import KINDS, condition
 from controlnet_recipe.conditions.maps import MapType, discover
-from controlnet_recipe.config import load_config
+from controlnet_recipe.core.config import load_config
 from controlnet_recipe.faces.draw import draw_depth, draw_outline, draw_segmentation
 from controlnet_recipe.faces.synthetic import make_face
 
@@ -57,7 +57,7 @@ def test_scores_fit_the_type_and_can_fail(kind: str):
 
 
 def test_stated_map_type_overrides_what_the_data_looks_like():
-    from controlnet_recipe.config import ConditionsCfg
+    from controlnet_recipe.core.config import ConditionsCfg
 
     c = ConditionsCfg(kind="given", detector="dlib", canny_low=1, canny_high=2, map_type="continuous", num_proc=None)
     t = condition(c).map_type(_maps("categorical"), 64)
@@ -131,11 +131,11 @@ def _write_params(tmp: Path, recipe: dict) -> Path:
 def test_model_made_conditions_in_the_stage_and_in_generate(kind, tiny_depth, tiny_segformer, tmp_path, monkeypatch):
     """The conditions stage runs the model batched over the source images; generate (and so the
     web demo) makes the same map from a photo; the evaluation re-extracts it with a model."""
-    from controlnet_recipe.generate import make_condition
+    from controlnet_recipe.apps.generate import make_condition
+    from controlnet_recipe.core.storage import CONDITIONS_DIR, load_dataset_dir
     from controlnet_recipe.stages.conditions import build_conditions
     from controlnet_recipe.stages.data import build_data
     from controlnet_recipe.stages.photoreal import build_photoreal
-    from controlnet_recipe.storage import CONDITIONS_DIR, load_dataset_dir
 
     monkeypatch.chdir(tmp_path)
     model = str(tiny_depth if kind == "depth" else tiny_segformer)
@@ -159,7 +159,7 @@ def test_model_made_conditions_in_the_stage_and_in_generate(kind, tiny_depth, ti
 
 
 def test_a_model_made_kind_needs_a_model(tmp_path):
-    from controlnet_recipe.errors import RecipeError
+    from controlnet_recipe.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="conditions.model"):
         load_config(_write_params(tmp_path, {"conditions": {"kind": "depth"}}))

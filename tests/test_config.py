@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controlnet_recipe.cli import main as cli_main
-from controlnet_recipe.config import ConfigError, accumulation_steps, load_config
+from controlnet_recipe.core.config import ConfigError, accumulation_steps, load_config
 
 from .conftest import ROOT, repo_params
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from controlnet_recipe.config import Tier
+from controlnet_recipe.core.config import Tier
 from controlnet_recipe.evaluation.sweep import candidates, load_controlnet
 from controlnet_recipe.training.checkpoints import WEIGHTS
 from controlnet_recipe.training.launch import launch_command

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from controlnet_recipe import cli, doctor
+from controlnet_recipe import cli
+from controlnet_recipe.apps import doctor
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU report")
 

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from controlnet_recipe import codedeps
+from controlnet_recipe.core import codedeps
 
 from .conftest import ROOT, dvc, imports_dir
 
 
 def test_dvc_yaml_lists_exactly_the_code_each_stage_runs():
-    assert codedeps.drift(ROOT / "dvc.yaml") == {}, "run `python -m controlnet_recipe.codedeps` to rewrite dvc.yaml's code deps"
+    assert codedeps.drift(ROOT / "dvc.yaml") == {}, (
+        "run `python -m controlnet_recipe.core.codedeps` to rewrite dvc.yaml's code deps"
+    )
 
 
 def test_the_dag_stays_fine():
     deps = {s: set(codedeps.code_deps(s)) for s in ("data", "conditions", "captions", "train")}
-    captioning = codedeps.CODE_PREFIX + "captioning.py"
+    captioning = codedeps.CODE_PREFIX + "models/captioner.py"
     assert captioning in deps["captions"] and not ({captioning} & (deps["data"] | deps["conditions"]))
     training = codedeps.CODE_PREFIX + "training/memory.py"
     assert training in deps["train"] and training not in deps["data"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet_recipe.config import Probe
+from controlnet_recipe.core.config import Probe
 from controlnet_recipe.evaluation.probes import ProbeSet
 from controlnet_recipe.evaluation.quality import fid_kid
 from controlnet_recipe.evaluation.stats import mean_ci, paired_diff_ci
@@ -148,11 +148,11 @@ def test_scorer_with_dlib_and_a_pinned_clip(tiny_clip, tmp_path):
     counts as a detection failure."""
     from skimage import data as skimage_data
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.core.storage import write_json
     from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.faces.draw import draw_segmentation
     from controlnet_recipe.models.segmenter import CLIP_REF
-    from controlnet_recipe.storage import write_json
 
     from .conftest import ROOT
 
@@ -183,10 +183,10 @@ def test_scorer_for_canny_conditions(tiny_clip, tmp_path):
     from skimage import data as skimage_data
 
     from controlnet_recipe.conditions.canny import canny
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.core.storage import write_json
     from controlnet_recipe.evaluation.scorer import Scorer
     from controlnet_recipe.models.segmenter import CLIP_REF
-    from controlnet_recipe.storage import write_json
 
     from .conftest import merge, repo_params
 

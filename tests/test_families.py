@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from controlnet_recipe.config import ConfigError, check_tier, detect_tier, load_config
-from controlnet_recipe.errors import BadInput
+from controlnet_recipe.core.config import ConfigError, check_tier, detect_tier, load_config
+from controlnet_recipe.core.errors import BadInput
 from controlnet_recipe.models import tiny
 from controlnet_recipe.models.families import FAMILIES, POOLED, TEXT, BaseComponents, detect_family
 from controlnet_recipe.models.families.sd import load_vae
@@ -119,28 +119,32 @@ def test_vae_override_loads_from_its_own_folder(tmp_path: Path):
 
 
 def test_sd_tiers_stop_an_sdxl_run_before_any_model_loads():
+    tiers = load_config(ROOT / "params.yaml").tiers
     with pytest.raises(ConfigError) as e:
-        check_tier("16gb", "sdxl")
-    assert "\n" not in str(e.value) and "gpu: tier '16gb' is sized for SD 1.x/2.x" in str(e.value) and "sdxl-24gb" in str(e.value)
-    check_tier("sdxl-24gb", "sdxl"), check_tier("cpu", "sdxl"), check_tier("16gb", "sd")
+        check_tier("16gb", "sdxl", tiers)
+    wanted = "params.yaml: gpu: tier '16gb' is sized for family sd; a base of family sdxl needs one of "
+    wanted += "sdxl-24gb, sdxl-40gb, sdxl-80gb"
+    assert str(e.value) == wanted
+    check_tier("sdxl-24gb", "sdxl", tiers), check_tier("cpu", "sdxl", tiers), check_tier("16gb", "sd", tiers)
     cfg = load_config(ROOT / "params.yaml", {"recipe": "sdxl", "gpu": "sdxl-24gb"})
     assert (cfg.recipe.data.resolution, cfg.recipe.train.learning_rate, cfg.recipe.base.family) == (1024, 1e-5, "sdxl")
     assert cfg.recipe.base.vae == "madebyollin/sdxl-vae-fp16-fix" and cfg.tier.use_8bit_adam
-    with pytest.raises(ConfigError, match="params.yaml: gpu: tier '8gb' is sized for SD"):
+    with pytest.raises(ConfigError, match="params.yaml: gpu: tier '8gb' is sized for family sd"):
         load_config(ROOT / "params.yaml", {"recipe": "sdxl", "gpu": "8gb"})
 
 
 def test_auto_picks_the_families_tiers(monkeypatch):
+    tiers = load_config(ROOT / "params.yaml").tiers
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for gb, sd, sdxl in ((16, "16gb", None), (24, "24gb", "sdxl-24gb"), (48, "40gb", "sdxl-40gb"), (80, "80gb", "sdxl-80gb")):
         props = type("P", (), {"total_memory": gb * 1024**3})
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, p=props: p)
-        assert detect_tier("sd") == sd
+        assert detect_tier("sd", tiers) == sd
         if sdxl is None:
-            with pytest.raises(ConfigError, match="an SDXL base needs at least 24 GB"):
-                detect_tier("sdxl")
+            with pytest.raises(ConfigError, match="a base of family sdxl needs at least 24 GB"):
+                detect_tier("sdxl", tiers)
         else:
-            assert detect_tier("sdxl") == sdxl
+            assert detect_tier("sdxl", tiers) == sdxl
 
 
 @pytest.mark.parametrize(
@@ -148,13 +152,14 @@ def test_auto_picks_the_families_tiers(monkeypatch):
     [{}, {"gradient_checkpointing": True, "channels_last": True}, {"mixed_precision": "bf16", "set_grads_to_none": False}],
 )
 def test_sdxl_loss_trains_under_the_tier_switches(parts: BaseComponents, switches: dict):
-    from controlnet_recipe.config import Tier
-    from controlnet_recipe.diffusion import Objective
+    from controlnet_recipe.core.config import Tier
+    from controlnet_recipe.objectives.diffusion import Objective
     from controlnet_recipe.training.memory import apply_model_settings
     from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     tier = Tier(
         **{
+            "family": "sdxl", "memory_gb": None,
             "batch_size": 2, "gradient_checkpointing": False, "use_8bit_adam": False, "set_grads_to_none": True,
             "mixed_precision": "no", "attention": "sdpa", "deepspeed": None, "channels_last": False, "compile": False,
             "frozen_fp8": False,

@@ -13,11 +13,11 @@ from diffusers import FluxControlNetPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from controlnet_recipe.config import load_config
-from controlnet_recipe.diffusion import Objective
-from controlnet_recipe.flow_matching import flow_sigmas
+from controlnet_recipe.core.config import load_config
 from controlnet_recipe.models import tiny
 from controlnet_recipe.models.families import FAMILIES, POOLED, TEXT
+from controlnet_recipe.objectives.diffusion import Objective
+from controlnet_recipe.objectives.flow_matching import flow_sigmas
 from controlnet_recipe.training.step import LossInputs, controlnet_loss
 
 from .conftest import ROOT

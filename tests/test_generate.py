@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from controlnet_recipe import cli
-from controlnet_recipe.config import load_config
+from controlnet_recipe.apps.generate import GenerateError, Generator, Settings, default_model, grid_cell
+from controlnet_recipe.core.config import load_config
+from controlnet_recipe.core.storage import BEST_DIR, CAPTIONS_DIR, CONTROLNET_DIR, load_dataset_dir
 from controlnet_recipe.faces.draw import PALETTE, PARTS
-from controlnet_recipe.generate import GenerateError, Generator, Settings, default_model, grid_cell
 from controlnet_recipe.report.grid import TITLE_HEIGHT
-from controlnet_recipe.storage import BEST_DIR, CAPTIONS_DIR, CONTROLNET_DIR, load_dataset_dir
 
 from .conftest import tiny_params
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from controlnet_recipe.core.images import REASONS, Decoded, decode_image, encode_png
 from controlnet_recipe.faces.synthetic import make_face
-from controlnet_recipe.images import REASONS, Decoded, decode_image, encode_png
 
 
 @pytest.fixture(scope="module")

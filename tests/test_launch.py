@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlnet_recipe.config import ConfigError, load_config
+from controlnet_recipe.core.config import ConfigError, load_config
 from controlnet_recipe.training.launch import launch_command
 
 from .conftest import ROOT

@@ -3,31 +3,38 @@ never a higher layer, and no stage imports another stage. The layers are docs/pi
 
 from __future__ import annotations
 
-from controlnet_recipe import codedeps
+from controlnet_recipe.core import codedeps
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ["errors", "text", "codedeps", "logs"],  # no project imports (but each other)
-    ["config"],  # the typed params
-    ["storage", "images", "diffusion", "fit"],  # shared plumbing: folders, images, noise and loss, one fit loop
-    ["flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
+    ["core", "objectives", "apps"],  # the rooms' empty __init__.py files
+    ["core.errors", "core.text", "core.codedeps", "core.logs"],  # no project imports (but each other)
+    ["core.config"],  # the typed params
+    ["core.storage", "core.images", "objectives.diffusion", "models.fit"],  # folders, images, noise and loss, one fit loop
+    ["objectives.flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
     ["faces"],  # landmarks, drawing, the synthetic generator
-    ["metrics", "models", "sources", "captioning", "report"],  # the domain's parts
+    ["metrics", "models", "sources", "report"],  # the domain's parts
     ["conditions"],  # one module per condition kind: making, map type, fidelity (uses metrics and models)
     ["training"],  # the ControlNet engine
     ["evaluation", "planning"],  # scoring, sampling and the sweep; the GPU-memory planner (runs training's step)
-    ["publish", "generate", "doctor"],  # applications
-    ["stages", "web"],
+    ["apps.publish", "apps.generate", "apps.doctor"],  # applications
+    ["stages", "apps.web"],
     ["cli"],
     ["__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
+def _unit(module: str) -> str:
+    """The longest listed prefix of ``module`` ("" for the package itself)."""
+    parts = module.split(".") if module else []
+    return next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in RANK), "")
+
+
 def _rank(module: str) -> int:
-    top = module.split(".")[0] if module else ""
-    assert top in RANK or module == "", f"{module}: not in a layer; add it to LAYERS and docs/pipeline.md (Layout)"
-    return RANK.get(top, -1)
+    unit = _unit(module)
+    assert unit or module == "", f"{module}: not in a layer; add it to LAYERS and docs/pipeline.md (Layout)"
+    return RANK.get(unit, -1)
 
 
 def _edges() -> list[tuple[str, str]]:
@@ -51,7 +58,7 @@ def test_every_module_has_a_layer():
 def violations(edges: list[tuple[str, str]]) -> list[str]:
     wrong = []
     for src, dst in edges:
-        same_package = src.split(".")[0] == dst.split(".")[0]
+        same_package = _unit(src) == _unit(dst)
         if src.startswith("stages.") and dst.startswith("stages.") and dst != "stages":
             wrong.append(f"{src} -> {dst} (a stage imports another stage)")
         elif not same_package and _rank(dst) >= _rank(src) and src != "":
@@ -69,11 +76,11 @@ def test_the_check_catches_what_this_project_had():
     had = [
         ("training.validation", "evaluation.scorer"),
         ("stages.train", "stages.cache"),
-        ("storage", "models.tiny"),
+        ("core.storage", "models.tiny"),
         ("metrics.clip", "metrics.landmarks"),  # within one package: allowed
     ]
     assert violations(had) == [
         "training.validation -> evaluation.scorer",
         "stages.train -> stages.cache (a stage imports another stage)",
-        "storage -> models.tiny",
+        "core.storage -> models.tiny",
     ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from controlnet_recipe import logs
+from controlnet_recipe.core import logs
 
 
 def test_progress_off_a_terminal_writes_whole_lines(capsys, monkeypatch):

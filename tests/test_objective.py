@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from controlnet_recipe.diffusion import Objective, condition_weights, diffusion_loss, loss_weights, sample_timesteps
 from controlnet_recipe.models import tiny
+from controlnet_recipe.objectives.diffusion import Objective, condition_weights, diffusion_loss, loss_weights, sample_timesteps
 from controlnet_recipe.training.memory import NEW_LAYERS, param_groups
 from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from controlnet_recipe import storage
-from controlnet_recipe.config import load_config
+from controlnet_recipe.core import storage
+from controlnet_recipe.core.config import load_config
+from controlnet_recipe.core.storage import PHOTOREAL_DIR, load_dataset_dir
 from controlnet_recipe.stages.photoreal import build_photoreal
-from controlnet_recipe.storage import PHOTOREAL_DIR, load_dataset_dir
 
 
 def _tree(root: Path) -> dict[str, bytes]:

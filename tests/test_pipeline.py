@@ -19,7 +19,7 @@ from .conftest import dvc, run, tiny_params
 def test_pipeline_outputs(project: Path):
     from diffusers import ControlNetModel
 
-    from controlnet_recipe.storage import load_dataset_dir
+    from controlnet_recipe.core.storage import load_dataset_dir
 
     metrics = json.loads((project / "eval/metrics.json").read_text())
     for key in ("miou", "miou_base", "miou_ceiling", "concept_survival", "concept_survival_base", "face_rate_probes"):
@@ -159,7 +159,7 @@ def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
     its kernels by batch size and CPU: a few pixels may differ by a level or two): so the evaluate
     stage reuses the sweep's images of the chosen checkpoint when the sweep drew every held-out
     condition."""
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
     from controlnet_recipe.evaluation.sampling import Sampler
     from controlnet_recipe.evaluation.sweep import Candidate, load_controlnet
     from controlnet_recipe.models.base_model import BaseRef, load_base
@@ -186,7 +186,7 @@ def test_cache_resumes_at_its_missing_shard(project: Path, tmp_path: Path, monke
     only the shards that never finished, and the cache reads back the same."""
     import torch
 
-    from controlnet_recipe.config import load_config
+    from controlnet_recipe.core.config import load_config
     from controlnet_recipe.stages.cache import build_cache
     from controlnet_recipe.training.latent_cache import SPLIT, LatentCache
 

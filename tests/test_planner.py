@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from controlnet_recipe.cli import main as cli_main
-from controlnet_recipe.config import Config, ConfigError, Tier, load_config, tier_family
+from controlnet_recipe.core.config import Config, ConfigError, Tier, load_config
 from controlnet_recipe.planning import cli as plan_cli
 from controlnet_recipe.planning import fit, plan, tracker
 from controlnet_recipe.planning.measure import StepSpec, measure
@@ -57,8 +57,8 @@ def _real_step_peak(spec: StepSpec) -> int:
     """The same step run for real on the CPU, its peak from PyTorch's profiler (the allocator's own
     events, not the planner's dispatch-mode tracker): the ControlNet and loss as the train stage
     makes them, fused AdamW, two optimizer steps."""
-    from controlnet_recipe.diffusion import Objective
     from controlnet_recipe.models import tiny
+    from controlnet_recipe.objectives.diffusion import Objective
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
@@ -145,7 +145,7 @@ def test_train_stage_auto_uses_the_planner_on_a_gpu(monkeypatch, capsys):
 
     cfg = load_config("params.yaml", {"recipe": "faces", "gpu": "auto"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fit, "detect_and_fit", lambda recipe, arch: (cfg.tiers["24gb"], f"faked for {arch}"))
+    monkeypatch.setattr(fit, "detect_and_fit", lambda recipe, arch, tiers: (cfg.tiers["24gb"], f"faked for {arch}"))
     name, tier = train.tier_for(cfg, BaseRef("stabilityai/stable-diffusion-2-1-base"))
     assert (name, tier) == ("auto", cfg.tiers["24gb"])
     assert "gpu: auto: faked for sd21-base" in capsys.readouterr().out
@@ -155,8 +155,8 @@ def test_plan_cli_prints_every_tier_and_json(capsys):
     assert cli_main(["plan", "--recipe", "demo"]) == 0
     out = capsys.readouterr().out
     cfg = load_config("params.yaml")
-    for name in cfg.tiers:  # every tier but the transformer families' (sized for SD3 and Flux)
-        assert (f"\n{name} " in out) == (tier_family(name) not in ("sd3", "flux")), name
+    for name, tier in cfg.tiers.items():  # every tier but the transformer families' (sized for SD3 and Flux)
+        assert (f"\n{name} " in out) == (tier.family not in ("sd3", "flux")), name
     assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tier"] for r in rows] == ["24gb"]
@@ -207,7 +207,7 @@ def test_flux_24gb_tier_fits_a_24gb_card_only_with_the_transformer_in_fp8():
     recipe = _transformer_recipe("flux", FLUX_DEV)
     spec = plan.step_spec(recipe, tier)
     # the train section's defaults: 4 double-stream + 0 single-stream blocks; micro-batch 1
-    assert (spec.arch, spec.flux_layers, spec.micro_batch, spec.resolution) == ("flux1-dev", (4, 0), 1, 512)
+    assert (spec.arch, spec.controlnet_layers, spec.micro_batch, spec.resolution) == ("flux1-dev", (4, 0), 1, 512)
     assert spec.frozen_fp8 and spec.gradient_checkpointing and spec.deepspeed
     fp8, bf16 = _flux_24gb_plans()
     assert fp8.budget_gib == pytest.approx(24 * plan.USABLE_FRACTION)
@@ -259,7 +259,7 @@ def test_sd3_architecture_builds_and_its_24gb_tier_trains_on_a_24gb_card():
     tier = load_config("params.yaml").tiers["sd3-24gb"]
     recipe = _transformer_recipe("auto", SD35_MEDIUM)
     spec = plan.step_spec(recipe, tier)
-    assert (spec.arch, spec.sd3_layers) == ("sd35-medium", 12) and plan.arch_family(spec.arch) == "sd3"
+    assert (spec.arch, spec.controlnet_layers) == ("sd35-medium", (12, 0)) and plan.arch_family(spec.arch) == "sd3"
     with _FAKE:
         m = _models(spec)
     blocks = m.transformer.transformer_blocks
@@ -287,7 +287,7 @@ def test_plan_cli_prints_the_transformer_tiers(monkeypatch, capsys):
         flux = Config(recipe_name=family, recipe=_transformer_recipe(family, model), gpu="auto", tiers=cfg.tiers)
         assert plan_cli.main(flux, []) == 0
         out = capsys.readouterr().out
-        mine = [t for t in cfg.tiers if tier_family(t) == family]
+        mine = [t for t, x in cfg.tiers.items() if x.family == family]
         assert [n for n, _ in planned] == mine and {a for _, a in planned} == {arch}
         assert all(f"\n{t} " in out for t in mine) and "\n24gb " not in out
     assert "ControlNet 12 blocks" in out

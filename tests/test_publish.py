@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlnet_recipe.config import load_config
-from controlnet_recipe.publish import push_to_hub
+from controlnet_recipe.apps.publish import push_to_hub
+from controlnet_recipe.core.config import load_config
 
 
 class RecordingApi:

@@ -14,14 +14,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from controlnet_recipe import codedeps
-from controlnet_recipe.config import load_config
+from controlnet_recipe.core import codedeps
+from controlnet_recipe.core.config import load_config
+from controlnet_recipe.core.storage import CAPTIONS_DIR, CONDITIONS_DIR, DATA_DIR, load_dataset_dir
 from controlnet_recipe.faces.synthetic import make_face
 from controlnet_recipe.stages.captions import build_captions
 from controlnet_recipe.stages.conditions import build_conditions
 from controlnet_recipe.stages.data import build_data
 from controlnet_recipe.stages.photoreal import build_photoreal
-from controlnet_recipe.storage import CAPTIONS_DIR, CONDITIONS_DIR, DATA_DIR, load_dataset_dir
 
 from .conftest import repo_params
 
@@ -255,7 +255,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_a_killed_stage_resumes_to_the_same_bytes(bad_folder: Path, tmp_path: Path, monkeypatch, stage: str):
     """Each sharded stage killed after its first shard, then rerun: every file it writes (the
     shards, the preview) and its report are those of a run that was never interrupted."""
-    from controlnet_recipe import storage
+    from controlnet_recipe.core import storage
     from controlnet_recipe.stages import captions, conditions
 
     writers = (storage, captions, conditions)  # the stages that write shards from their worker processes

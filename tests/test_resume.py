@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from controlnet_recipe.training.checkpoints import (
     STATE,
     clean_partial,
+    damage,
     find_resume,
     list_checkpoints,
     run_dir,
@@ -230,3 +231,69 @@ def test_another_optimizer_starts_a_new_run_and_keeps_the_old_one(project: Path,
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "optimizer: 'AdamW' -> 'AdamW8bit'" in errors[0]
+
+
+def test_a_damaged_checkpoint_is_found_by_what_it_recorded_and_by_its_format(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    mine = run_dir(tmp_path, "k")
+
+    def write(folder: Path) -> None:
+        save_file({"w": torch.arange(1000.0)}, str(folder / "model.safetensors"))
+        torch.save({"state": torch.ones(100)}, folder / "optimizer.bin")
+
+    for step in (2, 4):
+        save_checkpoint(mine, step, write, {"run": "k", "settings": {}}, keep=None)
+    good, bad = mine / "checkpoint-2", mine / "checkpoint-4"
+    assert damage(good) is None and damage(bad) is None
+    weights = bad / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-100])  # what a bad copy leaves
+    assert damage(bad) == f"model.safetensors: {size - 100} bytes, {size} when saved"
+    read_json_state = json.loads((bad / STATE).read_text())
+    read_json_state.pop("files")  # a checkpoint from before sizes were recorded: its format tells
+    (bad / STATE).write_text(json.dumps(read_json_state))
+    assert damage(bad) == f"model.safetensors: {size - 100} bytes where its header needs {size}"
+    path, why = find_resume(tmp_path, "latest", "k", {})
+    assert path == good
+    assert (
+        why == f"{bad}/model.safetensors: {size - 100} bytes where its header needs {size}: cannot be read; resuming from {good}"
+    )
+    optimizer = good / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:-10])
+    assert "optimizer.bin" in damage(good)
+    with pytest.raises(
+        ValueError, match=r"^train: no checkpoint of this run can be read \(.*checkpoint-4/model.*checkpoint-2/optimizer"
+    ):
+        find_resume(tmp_path, "latest", "k", {})
+    assert (bad / "model.safetensors").is_file() and (good / "optimizer.bin").is_file()  # nothing deleted
+
+
+@pytest.mark.slow
+def test_resume_goes_back_past_a_damaged_checkpoint_to_the_same_weights(project: Path, tmp_path: Path):
+    work = _copy(project, tmp_path / "work", "latest")
+    p = yaml.safe_load((work / "resume.yaml").read_text())
+    p["demo"]["train"].update(max_train_steps=4, checkpoints_total_limit=None)
+    (work / "resume.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    run(_train_cmd(), work)
+    expected = load_file(work / WEIGHTS)
+    latest = _run_folder(work) / "checkpoint-4"
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = run(_train_cmd(), work)
+    line = next(line for line in out.splitlines() if "cannot be read" in line)
+    print(line)  # the line it prints, for the record
+    assert re.fullmatch(
+        r"train: \S+/checkpoint-4/model.safetensors: \d+ bytes, \d+ when saved: cannot be read; resuming from \S+/checkpoint-2",
+        line,
+    )
+    assert (latest.with_name("checkpoint-4.damaged") / "model.safetensors").is_file()  # kept for a person to look at
+    assert all(torch.equal(v, expected[k]) for k, v in load_file(work / WEIGHTS).items())
+    # Every checkpoint damaged: one line, exit 2, nothing deleted.
+    for checkpoint in list_checkpoints(_run_folder(work)):
+        (checkpoint / "model.safetensors").write_bytes(b"")
+    before = sorted(p.relative_to(work) for p in (work / "train/checkpoints").rglob("*"))
+    proc = subprocess.run(_train_cmd(), cwd=work, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"^error: train: no checkpoint of this run can be read \(.*\); nothing was deleted$", proc.stderr, re.M)
+    assert sorted(p.relative_to(work) for p in (work / "train/checkpoints").rglob("*")) == before

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlnet_recipe.config import load_config
+from controlnet_recipe.apps.publish import model_card
+from controlnet_recipe.core.config import load_config
+from controlnet_recipe.core.storage import load_dataset_dir
 from controlnet_recipe.models import tiny
 from controlnet_recipe.models.base_model import BaseRef
-from controlnet_recipe.publish import model_card
-from controlnet_recipe.storage import load_dataset_dir
 
 from .conftest import SDXL_RECIPE, _env, run
 from .test_resume import assert_kill_and_resume_is_exact
@@ -112,6 +112,6 @@ def test_an_sd_tier_stops_an_sdxl_run_in_one_line(sdxl_project: Path, tmp_path: 
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
-        "error: models/base/base.json (family sdxl): gpu: tier '16gb' is sized for SD 1.x/2.x; "
-        "an SDXL base needs one of sdxl-24gb, sdxl-40gb, sdxl-80gb"
+        "error: models/base/base.json (family sdxl): gpu: tier '16gb' is sized for family sd; "
+        "a base of family sdxl needs one of sdxl-24gb, sdxl-40gb, sdxl-80gb"
     )

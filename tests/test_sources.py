@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet_recipe.errors import BadInput
+from controlnet_recipe.core.errors import BadInput
+from controlnet_recipe.core.images import decode_image, encode_png
 from controlnet_recipe.faces.synthetic import make_face
-from controlnet_recipe.images import decode_image, encode_png
 from controlnet_recipe.sources import SOURCES, SourceRow, SourceSpec, facesynthetics, hub, imagefolder, parquet
 from controlnet_recipe.sources.download import download
 

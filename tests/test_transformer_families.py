@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlnet_recipe.config import load_config
+from controlnet_recipe.apps.publish import model_card
+from controlnet_recipe.core.config import load_config
+from controlnet_recipe.core.storage import load_dataset_dir
 from controlnet_recipe.models import tiny
 from controlnet_recipe.models.base_model import BaseRef
-from controlnet_recipe.publish import model_card
-from controlnet_recipe.storage import load_dataset_dir
 
 from .conftest import _env, run
 from .test_resume import assert_kill_and_resume_is_exact
@@ -158,7 +158,7 @@ def test_an_sd_tier_stops_a_transformer_run_in_one_line(transformer_project: Pat
     )  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: models/base/base.json (family {fam}): gpu: tier '24gb' is sized for SD 1.x/2.x; ")
+    assert last.startswith(f"error: models/base/base.json (family {fam}): gpu: tier '24gb' is sized for family sd; ")
     assert f"{fam}-24gb" in last
 
 
@@ -166,7 +166,7 @@ def _train_two_processes(work: Path, tier_name: str, shard: bool, out: str) -> d
     """Train the project's ControlNet on two CPU processes (as `make train` launches two GPUs) on
     ``tier_name`` as a CPU runs it (fp32, no 8-bit Adam), sharding the frozen base or not; returns
     the run's training.json, with the ControlNet in ``out``."""
-    from controlnet_recipe.config import Tier
+    from controlnet_recipe.core.config import Tier
     from controlnet_recipe.training.launch import launch_command
 
     p = yaml.safe_load((work / "params.yaml").read_text())

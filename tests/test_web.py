@@ -46,9 +46,9 @@ def free_port() -> int:
 def web_app(request, monkeypatch):
     """The demo on the tiny pipeline's models (SD, then SDXL), served from a background thread on a
     free port."""
-    from controlnet_recipe.config import load_config
-    from controlnet_recipe.generate import Generator
-    from controlnet_recipe.web import build_app
+    from controlnet_recipe.apps.generate import Generator
+    from controlnet_recipe.apps.web import build_app
+    from controlnet_recipe.core.config import load_config
 
     monkeypatch.chdir(request.getfixturevalue(request.param))
     cfg = load_config("params.yaml")

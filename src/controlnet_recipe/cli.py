@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import load_config
-from .errors import RecipeError
-from .logs import quiet_libraries
+from .core.config import load_config
+from .core.errors import RecipeError
+from .core.logs import quiet_libraries
 
 STAGES = ("data", "photoreal", "conditions", "captions", "base", "cache", "evaluator", "train", "evaluate")
 COMMANDS = ("generate", "web", "plan")  # their own options: <command> --help
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.stage not in OWN_OPTIONS:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.stage == "doctor":
-        return importlib.import_module(".doctor", __package__).main(rest)
+        return importlib.import_module(".apps.doctor", __package__).main(rest)
     _record_imports(args.stage)
     overrides = {k: v for k, v in (("gpu", args.gpu), ("recipe", args.recipe)) if v}
     try:
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
             return 0
         if args.stage in COMMANDS:
-            module = ".planning.cli" if args.stage == "plan" else f".{args.stage}"
+            module = ".planning.cli" if args.stage == "plan" else f".apps.{args.stage}"
             return importlib.import_module(module, __package__).main(cfg, rest)
-        module = ".publish" if args.stage == "publish" else f".stages.{args.stage}"
+        module = ".apps.publish" if args.stage == "publish" else f".stages.{args.stage}"
         t0 = time.perf_counter()
         stage = importlib.import_module(module, __package__)
         t1 = time.perf_counter()

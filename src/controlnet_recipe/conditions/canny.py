@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..images import to_rgb
+from ..core.images import to_rgb
 from ..metrics.maps import f1
 from .condition import Condition, Fidelity, Made
 from .maps import MapType

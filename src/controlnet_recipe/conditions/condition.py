@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 from .maps import MapType
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..config import ConditionsCfg, EvaluatorCfg, Recipe
+    from ..core.config import ConditionsCfg, EvaluatorCfg, Recipe
     from .extractor import Extractor
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EvaluatorCfg
-from ..fit import fit
-from ..images import images_to_tensor
+from ..core.config import EvaluatorCfg
+from ..core.images import images_to_tensor
+from ..core.storage import seed_everything
+from ..models.fit import fit
 from ..models.segmenter import Segmenter, degrade
-from ..storage import seed_everything
 from .maps import MapType
 
 WEIGHTS = "extractor.pt"  # in models/evaluator, beside the map type it learned

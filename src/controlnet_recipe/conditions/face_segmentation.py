@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.images import images_to_tensor
 from ..faces.draw import PALETTE, PARTS, draw_segmentation
-from ..images import images_to_tensor
 from ..metrics.landmarks import landmark_fidelity
 from ..models.landmark_net import LandmarkNet, train_landmark_net
 from .condition import Fidelity

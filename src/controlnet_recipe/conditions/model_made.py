@@ -12,7 +12,7 @@ import colorsys
 import numpy as np
 from PIL import Image
 
-from ..images import to_rgb
+from ..core.images import to_rgb
 from ..metrics.maps import miou, rmse, ssim
 from .condition import Condition, Fidelity, Made
 from .maps import MapType

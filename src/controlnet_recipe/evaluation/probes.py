@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Probe
+from ..core.config import Probe
 from ..metrics.clip import to_uint8
 
 PROBE_SEED_OFFSET = 100_000

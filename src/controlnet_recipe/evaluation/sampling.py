@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import EvaluateCfg
-from ..logs import progress
+from ..core.config import EvaluateCfg
+from ..core.logs import progress
 from ..models.base_model import BaseComponents, inference_device, make_pipeline, sampling_kwargs, seeded
 
 BATCH = 16

@@ -11,11 +11,11 @@ from PIL import Image
 
 from ..conditions import condition
 from ..conditions.extractor import Extractor
-from ..config import Recipe
-from ..errors import MissingInput
+from ..core.config import Recipe
+from ..core.errors import MissingInput
+from ..core.storage import EVALUATOR_DIR, read_json
 from ..metrics.clip import Clip, to_uint8
 from ..models.segmenter import CLIP_REF
-from ..storage import EVALUATOR_DIR, read_json
 
 
 class Scorer:

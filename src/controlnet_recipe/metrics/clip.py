@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import BadInput, MissingInput
+from ..core.errors import BadInput, MissingInput
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 

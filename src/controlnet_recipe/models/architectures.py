@@ -40,10 +40,9 @@ def build(name: str, parts: tuple[str, ...] = ("unet", "vae", "text_encoder", "s
     return {p: builders[p]() for p in parts}
 
 
-def family_of(name: str) -> str:
-    """The model family of architecture ``name`` (models/families): from its UNet's conditioning."""
-    unet = UNet2DConditionModel.load_config(folder_of(name) / "unet")
-    return "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"
+def has(name: str, part: str) -> bool:
+    """Whether architecture ``name`` has the component ``part`` (a subfolder: text_encoder_2...)."""
+    return (folder_of(name) / part / "config.json").is_file()
 
 
 def vae_config(name: str) -> dict:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MissingInput
-from ..storage import BASE_DIR, read_json
+from ..core.errors import MissingInput
+from ..core.storage import BASE_DIR, read_json
 from .families import BaseComponents, family
 
 BASE_FILE = "base.json"

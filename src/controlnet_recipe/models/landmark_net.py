@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..faces.draw import NUM_LANDMARKS
-from ..fit import fit
+from .fit import fit
 from .segmenter import Segmenter, degrade
 
 

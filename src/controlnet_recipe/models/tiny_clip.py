@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from ..fit import fit
+from .fit import fit
 from .segmenter import degrade
 from .tiny import MAX_TOKENS, build_tokenizer
 

@@ -9,11 +9,11 @@ import argparse
 import json
 import sys
 
-from ..config import Config, check_tier, tier_family
+from ..core.config import Config, Tier, check_tier
+from ..models.families import family as family_named
 from .plan import (
     ALLOCATOR_OVERHEAD,
     CUDA_CONTEXT_GIB,
-    DEFAULT_CONTROLNET_LAYERS,
     USABLE_FRACTION,
     TierPlan,
     arch_family,
@@ -30,15 +30,15 @@ SHORT = {
     "frozen_fp8_upcast": "fp8-upcast",
     "deepspeed_buckets": "ds-buckets",
 }
-TRANSFORMER_FAMILIES = tuple(DEFAULT_CONTROLNET_LAYERS)  # sd3, flux
 
 
-def tiers_for(family: str, tiers) -> list[str]:
-    """The tiers a base of ``family`` is planned on: a transformer family's own; for the UNet
-    families every tier but the transformer families'."""
-    if family in TRANSFORMER_FAMILIES:
-        return [t for t in tiers if tier_family(t) == family]
-    return [t for t in tiers if tier_family(t) not in TRANSFORMER_FAMILIES]
+def tiers_for(family: str, tiers: dict[str, Tier]) -> list[str]:
+    """The tiers a base of ``family`` is planned on: a transformer family's own; for a UNet family
+    every tier of a UNet family, and the tiers of no family (cpu)."""
+    denoiser = family_named(family).denoiser_name
+    if denoiser == "transformer":
+        return [t for t, x in tiers.items() if x.family == family]
+    return [t for t, x in tiers.items() if x.family is None or family_named(x.family).denoiser_name == denoiser]
 
 
 def _terms(p: TierPlan) -> str:
@@ -54,14 +54,8 @@ def _terms(p: TierPlan) -> str:
 def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
     r = cfg.recipe
     family = arch_family(arch)
-    layers = ""
-    if family in TRANSFORMER_FAMILIES:
-        double, single = controlnet_layers(r, family)
-        layers = (
-            f", ControlNet {double} double-stream + {single} single-stream blocks"
-            if family == "flux"
-            else f", ControlNet {double} blocks"
-        )
+    copied = controlnet_layers(r, family)
+    layers = f", ControlNet {family_named(family).describe_layers(*copied)}" if copied else ""
     width = max([10, *(len(p.tier) for p in plans)])
     lines = [
         f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
@@ -92,7 +86,7 @@ def main(cfg: Config, argv: list[str]) -> int:
     if cfg.gpu == "auto":
         names = tiers_for(arch_family(arch), cfg.tiers)
     else:
-        check_tier(cfg.gpu, cfg.recipe.base.family)
+        check_tier(cfg.gpu, cfg.recipe.base.family, cfg.tiers)
         names = [cfg.gpu]
     plans = []
     for i, name in enumerate(names):

@@ -9,7 +9,8 @@ speed than a smaller micro-batch with accumulation.
 
 from __future__ import annotations
 
-from ..config import ConfigError, Recipe, Tier
+from ..core.config import ConfigError, Recipe, Tier
+from ..models.families import family as family_named
 from .plan import GIB, TierPlan, arch_family, architecture, plan_step, step_spec
 
 MARGIN = 0.05  # of the free memory, kept free: other processes, the allocator's bad days
@@ -31,16 +32,22 @@ def micro_batches(effective: int) -> list[int]:
     return [b for b in range(effective, 0, -1) if effective % b == 0]
 
 
-def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = None) -> tuple[Tier, TierPlan, str]:
-    """(the tier, its plan, why) for ``free_bytes`` of GPU memory; ConfigError if nothing fits."""
+def fit_tier(
+    recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = None, tiers: dict[str, Tier] | None = None
+) -> tuple[Tier, TierPlan, str]:
+    """(the tier, its plan, why) for ``free_bytes`` of GPU memory; ConfigError if nothing fits
+    (naming the family's DeepSpeed tiers among ``tiers``, if any)."""
     budget = free_bytes / GIB * (1 - MARGIN)
     precision = "bf16" if bf16 else "fp16"
     tried = []
     family = arch_family(arch or architecture(recipe.base.pretrained_model, recipe.base.family))
-    levels = LEVELS + (TRANSFORMER_LEVELS if family in ("sd3", "flux") else ())
+    # a transformer base: its frozen weights in fp8 too (layerwise casting, as the transformer tiers do)
+    levels = LEVELS + (TRANSFORMER_LEVELS if family_named(family).denoiser_name == "transformer" else ())
     for what, switches in levels:
         for micro in micro_batches(recipe.train.batch_size):
             tier = Tier(
+                family=family,
+                memory_gb=None,
                 batch_size=micro,
                 set_grads_to_none=True,
                 mixed_precision=precision,
@@ -60,17 +67,17 @@ def fit_tier(recipe: Recipe, free_bytes: int, bf16: bool, arch: str | None = Non
                     f"under {budget:.1f} GiB ({free_bytes / GIB:.1f} GiB free less {MARGIN:.0%})"
                 )
                 return tier, plan, why
-    zero2 = {"sd": "8gb-zero2", "flux": "flux-24gb"}.get(family)  # the family's DeepSpeed tier
+    zero2 = ", ".join(t for t, x in (tiers or {}).items() if x.family == family and x.deepspeed)
     raise ConfigError(
         f"gpu: auto: nothing fits {free_bytes / GIB:.1f} GiB free (less {MARGIN:.0%}); smallest: {tried[-1]}. "
         + (f"Try a DeepSpeed tier (gpu: {zero2}) or a lower data.resolution" if zero2 else "Try a lower data.resolution")
     )
 
 
-def detect_and_fit(recipe: Recipe, arch: str | None = None) -> tuple[Tier, str]:
+def detect_and_fit(recipe: Recipe, arch: str | None = None, tiers: dict[str, Tier] | None = None) -> tuple[Tier, str]:
     """On the first CUDA device: its free memory, whether it does bf16, and the fitting tier."""
     import torch
 
     free, _total = torch.cuda.mem_get_info(0)
-    tier, _plan, why = fit_tier(recipe, free, torch.cuda.is_bf16_supported(), arch)
+    tier, _plan, why = fit_tier(recipe, free, torch.cuda.is_bf16_supported(), arch, tiers)
     return tier, why

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, Recipe, Tier, accumulation_steps
+from ..core.config import ConfigError, Recipe, Tier, accumulation_steps
 from .measure import Measured, StepSpec, measure
 
 GIB = 1024**3
@@ -35,9 +35,6 @@ KNOWN_BASES = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev",
     "stabilityai/stable-diffusion-3.5-medium": "sd35-medium",
 }
-# A transformer family's ControlNet: how many blocks it copies when train.controlnet_layers /
-# controlnet_single_layers are null (params.yaml: sd3 12 joint blocks; flux 4 double-stream, 0 single)
-DEFAULT_CONTROLNET_LAYERS = {"sd3": (12, 0), "flux": (4, 0)}
 
 
 def architecture(pretrained_model: str | None, family: str = "auto") -> str:
@@ -65,16 +62,10 @@ def architecture(pretrained_model: str | None, family: str = "auto") -> str:
 
 
 def arch_family(arch: str) -> str:
-    """sd | sdxl | sd3 | flux: the family of a planner architecture (``tiny``: sd)."""
-    from ..models.architectures import family_of
-    from .measure import TRANSFORMER_FAMILIES, transformer_class
+    """The family of a planner architecture (``tiny``: sd), from its model_index.json."""
+    from ..models.families import family_of_architecture
 
-    if arch == "tiny":
-        return "sd"
-    cls = transformer_class(arch)
-    if cls is not None:
-        return TRANSFORMER_FAMILIES.get(cls, cls)
-    return family_of(arch)
+    return family_of_architecture(arch)
 
 
 def bnb_state_bytes(shapes: list[tuple[int, ...]]) -> int:
@@ -130,10 +121,15 @@ class TierPlan:
         }
 
 
-def controlnet_layers(recipe: Recipe, family: str) -> tuple[int, int]:
+def controlnet_layers(recipe: Recipe, family: str) -> tuple[int, int] | None:
     """(blocks, single-stream blocks) a transformer family's ControlNet copies: the train
-    section's counts, the family's defaults where they are null."""
-    double, single = DEFAULT_CONTROLNET_LAYERS[family]
+    section's counts, the family's defaults (``Family.default_layers``) where they are null;
+    None for a family whose ControlNet copies a fixed part (a UNet's encoder)."""
+    from ..models.families import family as family_named
+
+    if family_named(family).default_layers is None:
+        return None
+    double, single = family_named(family).default_layers
     double = recipe.train.controlnet_layers or double
     single = single if recipe.train.controlnet_single_layers is None else recipe.train.controlnet_single_layers
     return double, single
@@ -143,11 +139,9 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
     """The train stage's step for ``recipe`` on ``tier`` (``override``: any StepSpec field)."""
     micro, accum = accumulation_steps(recipe.train.batch_size, override.pop("micro_batch", tier.batch_size))
     arch = arch or architecture(recipe.base.pretrained_model, recipe.base.family)
+    from ..models.families import family as family_named
+
     family = arch_family(arch)
-    layers = {}
-    if family in DEFAULT_CONTROLNET_LAYERS:
-        double, single = controlnet_layers(recipe, family)
-        layers = {"flux_layers": (double, single)} if family == "flux" else {"sd3_layers": double}
     spec = dict(
         arch=arch,
         resolution=recipe.data.resolution,
@@ -165,8 +159,8 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
         max_sequence_length=recipe.base.max_sequence_length,
         # the transformer families' validation encodes its prompts on the CPU (FlowFamily.validation_inputs):
         # only their embeddings and the VAE come to the GPU; SD's and SDXL's pipelines encode there
-        validation_text_encoders=family not in DEFAULT_CONTROLNET_LAYERS,
-        **layers,
+        validation_text_encoders=family_named(family).encodes_prompts_on_device,
+        controlnet_layers=controlnet_layers(recipe, family),
     )
     return StepSpec(**{**spec, **override})
 
@@ -263,10 +257,8 @@ def plan_step(
 
 
 def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) -> TierPlan:
-    from ..config import TIER_MEMORY_GB
-
     spec = step_spec(recipe, tier, arch)
-    budget = TIER_MEMORY_GB.get(name, TIER_MEMORY_GB.get(name.split("-")[0]))  # 8gb-zero2: an 8 GB card
+    budget = tier.memory_gb
     processes = SHARDED_PROCESSES if tier.shard_frozen else 1
     return plan_step(
         spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=budget, processes=processes, shard_frozen=tier.shard_frozen

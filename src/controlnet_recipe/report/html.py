@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from ..config import Config
+from ..core.config import Config
 
 
 def write_report(out: Path, cfg: Config, metrics: dict, summary: dict, sweep: list[dict], rule: str, settings: dict) -> Path:

@@ -2,7 +2,7 @@
 
 Each reader is ``read(spec: SourceSpec) -> Iterator[SourceRow]``: a generator that yields rows in a
 deterministic order (sorted ids) and holds at most one image in memory, so that the stage can
-decode in worker processes (:func:`controlnet_recipe.images.decode_image`) and count bad files by
+decode in worker processes (:func:`controlnet_recipe.core.images.decode_image`) and count bad files by
 reason. Problems found while reading (bad landmarks, a missing conditioning image) are reported in
 ``SourceRow.problem`` rather than raised.
 """

@@ -16,8 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import BadInput
-from ..logs import progress
+from ..core.errors import BadInput
+from ..core.logs import progress
 
 USER_AGENT = "controlnet-recipe"
 TIMEOUT_S = 60

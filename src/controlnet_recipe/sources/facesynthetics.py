@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ..errors import MissingInput
+from ..core.errors import MissingInput
 from . import SourceRow, SourceSpec
 from .download import download
 

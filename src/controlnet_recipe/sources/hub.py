@@ -12,7 +12,7 @@ import io
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 from . import RECIPE_COLUMNS, SourceRow, SourceSpec
 
 DEFAULT_COLUMNS = {"image": "image", "conditioning_image": "conditioning_image", "caption": "caption", "text": "caption"}

@@ -28,8 +28,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import BadInput, MissingInput
-from ..text import UNREADABLE, Text, decode_text
+from ..core.errors import BadInput, MissingInput
+from ..core.text import UNREADABLE, Text, decode_text
 from . import SourceRow, SourceSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -7,7 +7,7 @@ import glob
 import os
 from collections.abc import Iterator
 
-from ..errors import MissingInput
+from ..core.errors import MissingInput
 from . import SourceRow, SourceSpec
 from .hub import rows_from_dataset
 

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from ..config import Config, TinyBaseCfg
-from ..diffusion import diffusion_loss, drop_caption_features, encode_images, sample_latents
+from ..core.config import Config, TinyBaseCfg
+from ..core.images import images_to_tensor, tensor_to_images
+from ..core.storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 from ..faces.synthetic import CAPTION_WORDS
-from ..fit import fit
-from ..images import images_to_tensor, tensor_to_images
 from ..models import tiny
 from ..models.base_model import BASE_FILE, BaseRef
 from ..models.families import BaseComponents, Family, LatentSpace, detect_family, family
+from ..models.fit import fit
+from ..objectives.diffusion import diffusion_loss, drop_caption_features, encode_images, sample_latents
 from ..report.grid import save_grid
-from ..storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 
 # Words the tiny tokenizer keeps whole besides the captions' own: common prompt words.
 EXTRA_WORDS = ["photo", "portrait", "of", "the", "an", "in", "man", "woman", "person", "close", "up", "high", "quality"]

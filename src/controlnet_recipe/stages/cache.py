@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from ..config import Config
-from ..diffusion import encode_images
-from ..images import images_to_tensor
-from ..logs import progress
+from ..core.config import Config
+from ..core.images import images_to_tensor
+from ..core.logs import progress
+from ..core.storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
 from ..models.base_model import BaseRef, load_base
 from ..models.families import CONTROL, family
-from ..storage import CACHE_DIR, CAPTIONS_DIR, ShardedOutput, load_dataset_dir, write_json
+from ..objectives.diffusion import encode_images
 from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint, write_empty
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 
-from ..config import CaptionsCfg, Config
-from ..faces.synthetic import FaceAttributes, describe
-from ..storage import (
+from ..core.config import CaptionsCfg, Config
+from ..core.storage import (
     CAPTIONS_DIR,
     CONDITIONS_DIR,
     ShardedOutput,
@@ -24,6 +23,7 @@ from ..storage import (
     write_json,
     write_shard,
 )
+from ..faces.synthetic import FaceAttributes, describe
 
 
 def simple_captions(part, c: CaptionsCfg, caption_column: str) -> list[str]:
@@ -57,12 +57,12 @@ def _caption_worker(rank: int, world: int, todo: list[tuple[str, int, int, int]]
     """One process: captions the shards ``todo[rank::world]`` (on GPU ``rank`` when there are GPUs)."""
     import torch
 
-    from ..logs import progress
+    from ..core.logs import progress
 
     r, c = cfg.recipe, cfg.recipe.captions
     blip = None
     if c.captioner == "blip":
-        from ..captioning import BlipCaptioner
+        from ..models.captioner import BlipCaptioner
 
         device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
         blip = BlipCaptioner(c.model, revision=c.revision, device=device, batch_size=c.batch_size)

@@ -15,10 +15,9 @@ from collections import Counter
 from PIL import Image
 
 from ..conditions import Condition, condition
-from ..config import Config
-from ..images import encode_png
-from ..report.grid import save_grid
-from ..storage import (
+from ..core.config import Config
+from ..core.images import encode_png
+from ..core.storage import (
     CONDITIONS_DIR,
     PHOTOREAL_DIR,
     ShardedOutput,
@@ -30,6 +29,7 @@ from ..storage import (
     write_json,
     write_shard,
 )
+from ..report.grid import save_grid
 
 
 def condition_batch(batch: dict, cond: Condition, image_column: str, out_column: str) -> dict:

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
 
-from ..config import Config, DataCfg
+from ..core.config import Config, DataCfg
+from ..core.images import decode_image, encode_png
+from ..core.logs import progress
+from ..core.storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
+from ..core.text import UNDECODABLE, UNREADABLE
 from ..faces.synthetic import make_face
-from ..images import decode_image, encode_png
-from ..logs import progress
 from ..report.grid import save_grid
-from ..storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
-from ..text import UNDECODABLE, UNREADABLE
 
 SPLIT_SEED_STRIDE = 10_000_000  # synthetic validation seeds never collide with training seeds
 VALIDATION_RATE = 0.1  # share of rows offered to validation (by hash) until it is full
@@ -164,7 +164,7 @@ def build_data(cfg: Config, cache_dir) -> dict:
             flush(split)
         bar.close()
     out.finish()
-    from ..storage import load_dataset_dir
+    from ..core.storage import load_dataset_dir
 
     ds = load_dataset_dir(DATA_DIR)
     report["splits"] = {s: len(v) for s, v in ds.items()}

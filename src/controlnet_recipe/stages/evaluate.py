@@ -18,7 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..core.config import Config
+from ..core.storage import (
+    BEST_DIR,
+    CAPTIONS_DIR,
+    CONTROLNET_DIR,
+    EVAL_DIR,
+    TRAIN_DIR,
+    fresh_dir,
+    load_dataset_dir,
+    read_json,
+    write_json,
+)
 from ..evaluation.probes import ProbeSet, probe_scores
 from ..evaluation.quality import fid_kid
 from ..evaluation.sampling import Sampler
@@ -30,17 +41,6 @@ from ..models.base_model import BaseRef, load_base
 from ..report.grid import save_grid
 from ..report.html import write_report
 from ..report.plots import plot_sweep
-from ..storage import (
-    BEST_DIR,
-    CAPTIONS_DIR,
-    CONTROLNET_DIR,
-    EVAL_DIR,
-    TRAIN_DIR,
-    fresh_dir,
-    load_dataset_dir,
-    read_json,
-    write_json,
-)
 
 
 def summarize(scores: dict[str, np.ndarray], n_boot: int, seed: int) -> dict[str, list[float]]:
@@ -327,6 +327,6 @@ def main(cfg: Config) -> None:
         f"forgetting {metrics['forgetting']:+.2f} -> {out}/report.html"
     )
     if e.push_to_hub:  # upstream's flag; what is pushed is the chosen checkpoint, once evaluated
-        from ..publish import push_to_hub
+        from ..apps.publish import push_to_hub
 
         push_to_hub(cfg)

@@ -16,12 +16,12 @@ import numpy as np
 
 from ..conditions import condition
 from ..conditions.extractor import train_extractor
-from ..config import Config
-from ..images import images_to_tensor
+from ..core.config import Config
+from ..core.images import images_to_tensor
+from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, load_dataset_dir, write_json
 from ..metrics.clip import verify_weights
 from ..models.segmenter import CLIP_REF
 from ..models.tiny_clip import train_clip
-from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, fresh_dir, load_dataset_dir, write_json
 
 
 def main(cfg: Config) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config, PhotorealCfg
-from ..images import encode_png
-from ..logs import progress
+from ..core.config import Config, PhotorealCfg
+from ..core.images import encode_png
+from ..core.logs import progress
+from ..core.storage import DATA_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, fresh_dir, load_dataset_dir, write_json
 from ..report.grid import save_grid
-from ..storage import DATA_DIR, PHOTOREAL_DIR, ShardedOutput, dataset_key, digest, fresh_dir, load_dataset_dir, write_json
 
 
 def load_img2img(p: PhotorealCfg):

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ..config import Config, ConfigError, Tier, check_tier, resolve_tier
+from ..core.config import Config, ConfigError, Tier, check_tier, resolve_tier
+from ..core.storage import BASE_DIR, CONTROLNET_DIR, TRAIN_DIR, write_json
 from ..models.base_model import BASE_FILE, BaseRef
-from ..storage import BASE_DIR, CONTROLNET_DIR, TRAIN_DIR, write_json
 from ..training.launch import relaunch
 from ..training.trainer import Trainer
 
@@ -26,7 +26,7 @@ def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
     """The tier, checked against the base's family (with ``family: auto``, known only once the base
     stage has read the model's index) before any model loads. ``gpu: auto`` on a GPU: the planner's
     fit for this run and the card's free memory (planning/fit.py), said with its reasons."""
-    check_tier(cfg.gpu, ref.family, f"{BASE_DIR / BASE_FILE} (family {ref.family})")
+    check_tier(cfg.gpu, ref.family, cfg.tiers, f"{BASE_DIR / BASE_FILE} (family {ref.family})")
     if cfg.gpu == "auto" and torch.cuda.is_available():
         from ..planning.fit import detect_and_fit
         from ..planning.plan import architecture
@@ -34,13 +34,13 @@ def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
         try:
             arch = architecture(ref.name_or_path)
         except ConfigError as e:
-            name = resolve_tier(cfg.gpu, ref.family)
+            name = resolve_tier(cfg.gpu, ref.family, cfg.tiers)
             print(f"train: gpu: auto: {e}; tier {name} from the card's size")
             return name, cfg.tiers[name]
-        tier, why = detect_and_fit(cfg.recipe, arch)
+        tier, why = detect_and_fit(cfg.recipe, arch, cfg.tiers)
         print(f"train: gpu: auto: {why}")
         return "auto", tier
-    name = resolve_tier(cfg.gpu, ref.family)
+    name = resolve_tier(cfg.gpu, ref.family, cfg.tiers)
     return name, cfg.tiers[name]
 
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..errors import BadInput
-from ..images import images_to_tensor
+from ..core.errors import BadInput
+from ..core.images import images_to_tensor
 from ..models.families import CONTROL
 
 CONDITIONS_IN_MEMORY_BYTES = 2 * 1024**3  # decoded conditioning images (uint8) kept in memory up to this

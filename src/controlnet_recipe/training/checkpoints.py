@@ -10,6 +10,11 @@ batch; the length of the run only where the learning-rate schedule depends on it
 that leave those steps alone (a larger ``max_train_steps`` on a constant schedule, validation,
 logging and checkpoint cadence) resume the same run, and any other change starts a new run
 beside the earlier one, whose checkpoints nothing prunes or overwrites.
+
+A checkpoint is read back before a run resumes from it (:func:`damage`): the sizes its state
+recorded, safetensors headers, zip archives' checksums. A damaged one (a bad copy, a failing disk)
+is renamed ``checkpoint-N.damaged``, kept for a person to look at, and the run resumes from the
+newest good one before it; where none is good, the run stops with one line.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import hashlib
 import json
 import re
 import shutil
+import struct
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import BadInput, MissingInput
-from ..storage import begin_atomic, commit_atomic, read_json, staging, write_json
+from ..core.errors import BadInput, MissingInput
+from ..core.storage import begin_atomic, commit_atomic, read_json, staging, write_json
 
 STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
 WEIGHTS = "model.safetensors"  # the ControlNet's weights: accelerate's save_state, or consolidated from ZeRO
@@ -63,6 +70,63 @@ def clean_partial(root: Path) -> list[str]:
     return gone
 
 
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (but the state) and its size in bytes."""
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != STATE]
+    return {f.relative_to(folder).as_posix(): f.stat().st_size for f in files}
+
+
+def _unreadable(f: Path) -> str | None:
+    """Why ``f`` cannot be read back, from its format (None where it can, or the format is unknown)."""
+    try:
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            size = f.stat().st_size
+            return None if size == end else f"{size} bytes where its header needs {end}"
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        else:
+            with open(f, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's format: optimizer, scheduler, RNG states
+            if zipped:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                return None if bad is None else f"{bad} fails its checksum"
+    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (``file: reason``), or None when it reads back whole."""
+    try:
+        recorded = read_json(checkpoint / STATE).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"{STATE}: {type(e).__name__}: {e}"
+    for name, size in recorded.items():
+        f = checkpoint / name
+        if not f.is_file():
+            return f"{name}: missing"
+        if f.stat().st_size != size:
+            return f"{name}: {f.stat().st_size} bytes, {size} when saved"
+    for f in sorted(checkpoint.rglob("*")):
+        if f.is_file() and (why := _unreadable(f)):
+            return f"{f.relative_to(checkpoint).as_posix()}: {why}"
+    return None
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``path.1``, ``path.2``... : the first name not taken."""
+    n, free = 0, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}.{n}")
+    return free
+
+
 def _alone() -> None:
     """The barrier of a single process."""
 
@@ -92,7 +156,7 @@ def save_checkpoint(
     write(tmp)
     barrier()
     if main:
-        write_json(tmp / STATE, {"step": step, **state})
+        write_json(tmp / STATE, {"step": step, **state, "files": _files(tmp)})
         commit_atomic(tmp, final, fsync=True)
         if keep:
             for old in list_checkpoints(root)[:-keep]:
@@ -130,8 +194,13 @@ def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tup
         return None, "resume_from_checkpoint is null: starting fresh"
     if resume == "latest":
         found = list_checkpoints(mine)
+        damaged = []
+        for checkpoint in reversed(found):
+            if (why := damage(checkpoint)) is None:
+                return checkpoint, "".join(damaged) + f"resuming from {checkpoint}"
+            damaged.append(f"{checkpoint}/{why}: cannot be read; ")
         if found:
-            return found[-1], f"resuming from {found[-1]}"
+            raise BadInput(f"train: no checkpoint of this run can be read ({''.join(damaged).rstrip('; ')}); nothing was deleted")
         others = _other_runs(root, mine)
         if not others:
             return None, f"no checkpoint in {root}: starting fresh"
@@ -143,6 +212,8 @@ def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tup
     path = Path(resume)
     if not (path / STATE).is_file():
         raise MissingInput(f"train.resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE})")
+    if why := damage(path):
+        raise BadInput(f"train.resume_from_checkpoint: {path}/{why}: cannot be read")
     state = read_json(path / STATE)
     if state.get("run") != key:
         raise BadInput(
@@ -177,7 +248,12 @@ class Checkpointer:
         if self.main:
             for name in clean_partial(self.dir):
                 print(f"train: removed {name}, left by an interrupted save")
-        return find_resume(self.root, resume, self.key, self.settings)
+        path, why = find_resume(self.root, resume, self.key, self.settings)
+        if self.main and path is not None and path.parent == self.dir:  # the damaged ones after it: kept aside
+            for later in list_checkpoints(self.dir):
+                if int(later.name.split("-")[1]) > int(path.name.split("-")[1]) and damage(later):
+                    later.rename(_free(later.with_name(later.name + ".damaged")))
+        return path, why
 
     def should_save(self, step: int, last: int) -> bool:
         return step % self.every == 0 or step == last

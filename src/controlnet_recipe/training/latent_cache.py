@@ -11,11 +11,11 @@ import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence, Value
 from safetensors.torch import load_file, save_file
 
-from ..config import Config
-from ..errors import BadInput, MissingInput
+from ..core.config import Config
+from ..core.errors import BadInput, MissingInput
+from ..core.storage import CACHE_DIR, CAPTIONS_DIR, load_dataset_dir, read_json
 from ..models.base_model import BaseRef
 from ..models.families import POOLED, TEXT, family
-from ..storage import CACHE_DIR, CAPTIONS_DIR, load_dataset_dir, read_json
 
 META = "cache.json"
 SPLIT = "train"  # the cache is a sharded dataset (storage.ShardedOutput) with this one split

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, Tier
+from ..core.config import ConfigError, Tier
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, Tier, TrainCfg
+from ..core.config import ConfigError, Tier, TrainCfg
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"  # package data
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import TrainCfg
-from ..diffusion import Objective, condition_weights, diffusion_loss, drop_caption_features, sample_latents
+from ..core.config import TrainCfg
 from ..models.families import FAMILIES, Family, LatentSpace
 from ..models.families.sd import DEFAULT_HINT_CHANNELS, controlnet_from_unet
+from ..objectives.diffusion import Objective, condition_weights, diffusion_loss, drop_caption_features, sample_latents
 
 __all__ = ["DEFAULT_HINT_CHANNELS", "LossInputs", "controlnet_from_unet", "controlnet_loss", "objective"]
 

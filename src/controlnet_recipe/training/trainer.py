@@ -25,11 +25,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from ..config import Config, Tier, accumulation_steps
-from ..logs import progress
+from ..core.config import Config, Tier, accumulation_steps
+from ..core.logs import progress
+from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything
 from ..models.base_model import BaseRef, load_base
 from ..models.families import family
-from ..storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything
 from .batches import CachedPairs, ResumableBatches, batch_stream, step_generator
 from .checkpoints import EMA_WEIGHTS, WEIGHTS, Checkpointer, consolidate_zero, read_state
 from .latent_cache import LatentCache, current_fingerprint

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..config import ValidationCfg
-from ..errors import BadInput
-from ..images import images_to_tensor, tensor_to_images
+from ..core.config import ValidationCfg
+from ..core.errors import BadInput
+from ..core.images import images_to_tensor, tensor_to_images
 from ..models.base_model import make_pipeline, seeded
 from ..models.families import family
 from ..report.grid import make_grid

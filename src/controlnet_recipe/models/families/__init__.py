@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...errors import BadInput
+from ...core.errors import BadInput
 from .family import CONTROL, POOLED, TEXT, BaseComponents, Family, LatentSpace
 from .flux import Flux
 from .sd import StableDiffusion
@@ -27,6 +27,7 @@ __all__ = [
     "LatentSpace",
     "detect_family",
     "family",
+    "family_of_architecture",
     "family_of_pipeline",
 ]
 
@@ -57,4 +58,19 @@ def detect_family(name_or_path: str, revision: str | None = None) -> str:
     if name is None:
         known = ", ".join(f"{f.name} ({f.pipeline_class})" for f in FAMILIES.values())
         raise BadInput(f"{where}: _class_name: expected a pipeline of a known family, {known}; got {cls!r}")
+    return name
+
+
+def family_of_architecture(arch: str) -> str:
+    """The family of a planner architecture (models/architectures: a shipped config folder or a
+    diffusers folder), from its ``model_index.json``'s pipeline class; ``tiny`` (the demo's base): sd."""
+    if arch == "tiny":
+        return "sd"
+    from ..architectures import folder_of
+
+    index = folder_of(arch) / "model_index.json"
+    cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    name = family_of_pipeline(cls)
+    if name is None:
+        raise BadInput(f"{index}: _class_name: expected a pipeline of a known family ({', '.join(FAMILIES)}); got {cls!r}")
     return name

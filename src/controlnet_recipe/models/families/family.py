@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ...config import TrainCfg
-    from ...diffusion import Noised, Objective
+    from ...core.config import TrainCfg
+    from ...objectives.diffusion import Noised, Objective
 
 TEXT = "text_embedding"  # every family's per-token caption embedding (the cache's column)
 POOLED = "pooled_embedding"  # one vector per caption (SDXL, SD3: CLIP's projections; Flux: CLIP-L's pooled output)
@@ -70,6 +70,16 @@ class Family:
     control_latents: bool = False  # the condition enters as VAE latents (cached, sampled per step), not pixels
     control_argument: str = "image"  # the ControlNet pipeline's argument for the condition image
     default_max_sequence_length: int | None = None  # T5 tokens per caption (the families with a T5)
+    # a transformer family's ControlNet: (blocks, single-stream blocks) it copies when params say null
+    default_layers: tuple[int, int] | None = None
+    # the GPU-memory planner's view: a measured.MeasuredModels subclass that builds the family's
+    # full-size models on fake tensors and runs one training step and one validation pass
+    measured: type
+
+    def describe_layers(self, blocks: int, single: int) -> str:
+        """What a ControlNet of ``default_layers``' shape copies, for the planner's table."""
+        return f"{blocks} blocks"
+
     # train's objective levers at the values of upstream's script for this family (the other levers'
     # upstream values are the same for every family: docs/benchmarks.md, Time to control)
     upstream_objective: dict = {"timestep_sampling": "uniform", "loss_weighting": "none"}

@@ -11,7 +11,7 @@ from .family import CONTROL, POOLED, TEXT, BaseComponents, Family, LatentSpace
 if TYPE_CHECKING:
     import torch
 
-    from ...diffusion import Noised, Objective
+    from ...objectives.diffusion import Noised, Objective
 
 
 class FlowFamily(Family):
@@ -50,23 +50,23 @@ class FlowFamily(Family):
 
     def tiny_objective(self, snr_gamma: float | None) -> Objective:
         """Flow matching with logit-normal timesteps, as SD3 and Flux were trained (no SNR weighting)."""
-        from ...diffusion import Objective
+        from ...objectives.diffusion import Objective
 
         return Objective(timesteps="logit_normal")
 
     def noise(self, scheduler, x0, generator, objective: Objective) -> Noised:
-        from ...flow_matching import flow_inputs
+        from ...objectives.flow_matching import flow_inputs
 
         return flow_inputs(scheduler, x0, generator, objective)
 
     def output(self, pred, noised: Noised, objective: Objective):
-        from ...flow_matching import flow_output
+        from ...objectives.flow_matching import flow_output
 
         return flow_output(pred, noised, objective)
 
     def control_input(self, batch: dict, latents: LatentSpace, generator, device) -> torch.Tensor:
         """A sample of the condition's posterior, shifted and scaled as the pipeline does it."""
-        from ...diffusion import sample_latents
+        from ...objectives.diffusion import sample_latents
 
         mean, std = batch[f"{CONTROL}_mean"], batch[f"{CONTROL}_std"]
         return sample_latents(mean, std, latents.scaling_factor, generator, latents.shift_factor).to(device)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from .family import POOLED, TEXT, BaseComponents
 from .flow import FlowFamily
+from .measured import MeasuredModels, StepSpec, build, encode_control, layerwise_fp8
 
 if TYPE_CHECKING:
-    import torch
-
-    from ...config import TrainCfg
-    from ...diffusion import Noised
+    from ...core.config import TrainCfg
+    from ...objectives.diffusion import Noised
 
 TRAIN_GUIDANCE = 3.5  # upstream's --guidance_scale: the guidance embedding's value while training (FLUX.1-dev)
 
@@ -47,6 +48,8 @@ class Flux(FlowFamily):
     text_encoder_classes = ("CLIPTextModel", "T5EncoderModel")
     transformer_class = "FluxTransformer2DModel"
     default_max_sequence_length = 512
+    measured = property(lambda self: FluxMeasured)  # the planner's full-size models (defined below)
+    describe_layers = staticmethod(lambda blocks, single: f"{blocks} double-stream + {single} single-stream blocks")
     default_layers = (4, 0)  # double-stream, single-stream: maintainers' advice (4/10 runs out of 80 GB)
 
     def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
@@ -73,7 +76,7 @@ class Flux(FlowFamily):
     def noise(self, scheduler, x0, generator, objective):
         """Flow matching on the packed latents, as upstream draws its noise (in the packed layout),
         returned in the latents' own layout."""
-        from ...flow_matching import flow_inputs
+        from ...objectives.flow_matching import flow_inputs
 
         h, w = x0.shape[-2:]
         n = flow_inputs(scheduler, pack(x0), generator, objective)
@@ -154,3 +157,120 @@ class Flux(FlowFamily):
         if not base.denoiser.config.guidance_embeds:  # no distilled guidance (the tiny base, schnell): true CFG
             kw.update(true_cfg_scale=guidance_scale, negative_prompt=[""] * n)
         return kw
+
+
+class FluxMeasured(MeasuredModels):
+    """FLUX.1: FluxTransformer2DModel + FluxControlNetModel.from_transformer, latents packed in
+    2x2 patches (upstream's train_controlnet_flux.py; T5 features precomputed, text encoders off
+    the GPU while training)."""
+
+    @property
+    def TEXT_TOKENS(self) -> int:  # T5's max_sequence_length: upstream's script's 512 unless the recipe says
+        return self.spec.max_sequence_length or Flux.default_max_sequence_length
+
+    def __init__(self, spec: StepSpec, validation_models: bool = True) -> None:
+        super().__init__(spec)
+        from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        from ..architectures import folder_of
+
+        folder = folder_of(spec.arch)
+        cfg = FluxTransformer2DModel.load_config(folder / "transformer")
+        self.transformer = build(lambda: FluxTransformer2DModel.from_config(cfg), self.dtype)
+        self.transformer.requires_grad_(False).eval()
+        double, single = spec.controlnet_layers or Flux.default_layers
+        cn_dtype = self.dtype if spec.deepspeed else torch.float32
+        self.controlnet = build(
+            lambda: FluxControlNetModel.from_transformer(
+                self.transformer,
+                num_layers=double,
+                num_single_layers=single,
+                attention_head_dim=cfg["attention_head_dim"],
+                num_attention_heads=cfg["num_attention_heads"],
+            ),
+            cn_dtype,
+        )
+        self.base = self.transformer
+        if spec.frozen_fp8:  # after from_transformer: the ControlNet copies the base's weights first
+            layerwise_fp8(self.transformer, "transformer", self.dtype)
+        self.vae = build(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")), self.dtype)
+        self.vae.requires_grad_(False).eval()
+        self.frozen["transformer"] = self.transformer
+        if spec.per_step_encoding:
+            self.frozen["vae"] = self.vae
+        else:
+            self.for_validation["vae"] = self.vae
+        self.latent_channels = self.vae.config.latent_channels
+        self.joint_dim = cfg["joint_attention_dim"]
+        self.pooled_dim = cfg["pooled_projection_dim"]
+        if not validation_models:  # the GPU check's training step: T5 would only take memory
+            return
+        clip = build(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")), self.dtype)
+        t5 = build(lambda: T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2")), self.dtype)
+        for m in (clip, t5):
+            m.requires_grad_(False).eval()
+        self.for_validation.update({"text_encoder": clip, "text_encoder_2": t5})
+
+    def _inputs(self, b: int, side: int | None = None) -> dict:
+        side = side or self.spec.resolution // 16  # 8x VAE, then 2x2 patches
+        return dict(
+            encoder_hidden_states=torch.randn(b, self.TEXT_TOKENS, self.joint_dim).to(self.dtype),
+            pooled_projections=torch.randn(b, self.pooled_dim).to(self.dtype),
+            timestep=torch.rand(b).to(self.dtype),
+            guidance=torch.full((b,), 3.5).to(self.dtype),
+            img_ids=torch.zeros(side * side, 3).to(self.dtype),
+            txt_ids=torch.zeros(self.TEXT_TOKENS, 3).to(self.dtype),
+        )
+
+    def _packed(self, b: int) -> torch.Tensor:
+        side = self.spec.resolution // 16
+        if self.spec.per_step_encoding:
+            x = self.vae.encode(torch.randn(b, 3, self.spec.resolution, self.spec.resolution).to(self.dtype)).latent_dist.sample()
+            return x.reshape(b, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, -1)
+        return torch.randn(b, side * side, 4 * self.latent_channels).to(self.dtype)
+
+    def training_loss(self) -> torch.Tensor:
+        b = self.spec.micro_batch
+        x0, cond = self._packed(b), self._packed(b)
+        noise = torch.randn_like(x0)
+        noisy = 0.5 * x0 + 0.5 * noise
+        kw = self._inputs(b)
+        with self.autocast():
+            blocks, singles = self.controlnet(hidden_states=noisy, controlnet_cond=cond, return_dict=False, **kw)
+            pred = self.transformer(
+                hidden_states=noisy,
+                controlnet_block_samples=[s.to(self.dtype) for s in blocks] if blocks is not None else None,
+                controlnet_single_block_samples=[s.to(self.dtype) for s in singles] if singles is not None else None,
+                return_dict=False,
+                **kw,
+            )[0]
+        return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """The prompt through CLIP and T5 (``validation_text_encoders``; else its embeddings, encoded
+        on the CPU, come to the GPU: ``_inputs``' tensors), the control image through the VAE's
+        encoder, one denoising step (guidance is an input: no doubled batch), then the VAE
+        decoding, one image at a time with ``vae_slicing``; all under autocast, as the recipe's
+        validation runs the pipeline."""
+        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+        side = res // 16
+        if self.spec.validation_text_encoders:
+            self.for_validation["text_encoder"](torch.randint(0, 1000, (n, 77)))
+            self.for_validation["text_encoder_2"](torch.randint(0, 1000, (n, self.TEXT_TOKENS)))
+        with self.autocast():
+            cond = encode_control(self.vae, n, res, self.dtype, self.spec.vae_slicing)
+        cond = cond.reshape(n, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+        x = torch.randn(n, side * side, 4 * self.latent_channels).to(self.dtype)
+        kw = self._inputs(n, side)
+        with self.autocast():
+            blocks, singles = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
+            self.transformer(
+                hidden_states=x, controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False, **kw
+            )
+        del blocks, singles, cond
+        with self.autocast():
+            for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
+                latents = torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, 2 * side, 2 * side)
+                self.vae.decode(latents.to(self.dtype))

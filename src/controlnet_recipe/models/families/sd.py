@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from .family import TEXT, BaseComponents, Family, tokenize
+from .measured import MeasuredModels, StepSpec, build, layerwise_fp8
 
 if TYPE_CHECKING:
-    import torch
-
-    from ...config import TrainCfg
-    from ...diffusion import Noised, Objective
+    from ...core.config import TrainCfg
+    from ...objectives.diffusion import Noised, Objective
 
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet hint encoder: 3 downsamplings (8x)
 
@@ -37,6 +38,7 @@ def controlnet_from_unet(unet, vae_config, hint_init: str = "zero"):
 
 class StableDiffusion(Family):
     name = "sd"
+    measured = property(lambda self: UNetMeasured)  # the planner's full-size models (defined below)
     title = "Stable Diffusion"
     hub_tag = "stable-diffusion"
     pipelines = (
@@ -88,12 +90,12 @@ class StableDiffusion(Family):
         )
 
     def tiny_objective(self, snr_gamma: float | None) -> Objective:
-        from ...diffusion import Objective
+        from ...objectives.diffusion import Objective
 
         return Objective(weighting="none" if snr_gamma is None else "min_snr", snr_gamma=snr_gamma or 5.0)
 
     def noise(self, scheduler, x0, generator, objective: Objective) -> Noised:
-        from ...diffusion import ddpm_inputs
+        from ...objectives.diffusion import ddpm_inputs
 
         return ddpm_inputs(scheduler, x0, generator, objective)
 
@@ -163,3 +165,150 @@ def load_vae(name_or_path: str, revision: str | None, vae: str | None):
     if vae:
         return AutoencoderKL.from_pretrained(vae)
     return AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", revision=revision)
+
+
+class UNetMeasured(MeasuredModels):
+    """SD 1.x/2.x and SDXL (and the demo's tiny base): UNet + ControlNetModel.from_unet."""
+
+    def __init__(self, spec: StepSpec) -> None:
+        super().__init__(spec)
+        from diffusers import ControlNetModel
+
+        from .. import architectures, tiny
+
+        res = spec.resolution
+        if spec.arch == "tiny":
+            parts = {
+                "unet": lambda: tiny.build_unet(res),
+                "vae": lambda: tiny.build_vae(res),
+                "text_encoder": lambda: tiny.build_text_encoder(1000),
+            }
+            self.tokens, self.text_dim = tiny.MAX_TOKENS, tiny.TEXT_DIM
+        else:
+            names = ["unet", "vae", "text_encoder"] + (
+                ["text_encoder_2"] if architectures.has(spec.arch, "text_encoder_2") else []
+            )
+            parts = {n: (lambda n=n: architectures.build(spec.arch, (n,))[n]) for n in names}
+            self.tokens = 77
+        unet = build(parts["unet"], self.dtype)
+        unet.requires_grad_(False).eval()
+        if spec.arch != "tiny":
+            self.text_dim = unet.config.cross_attention_dim
+        vae_cfg = build(parts["vae"], torch.float32).config if spec.arch == "tiny" else architectures.vae_config(spec.arch)
+        self.down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.latent_channels = vae_cfg["latent_channels"]
+        cn_dtype = self.dtype if spec.deepspeed else torch.float32
+        self.controlnet = build(
+            lambda: ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: len(vae_cfg["block_out_channels"])]
+            ),
+            cn_dtype,
+        )
+        self.unet = self.base = unet
+        self.frozen["unet"] = unet
+        if spec.frozen_fp8:  # after from_unet: the ControlNet copies the base's weights first
+            layerwise_fp8(unet, "unet", self.dtype)
+        self.sdxl = unet.config.get("addition_embed_type") == "text_time"
+        # upstream's SDXL script keeps its VAE in fp32 unless given another (the fp16-fixed) one
+        vae_dtype = torch.float32 if self.sdxl and spec.per_step_encoding else self.dtype
+        encoders = [n for n in parts if n.startswith("text_encoder")]
+        vae = build(parts["vae"], vae_dtype)
+        text = {n: build(parts[n], self.dtype) for n in encoders}
+        for m in (vae, *text.values()):
+            m.requires_grad_(False).eval()
+        self.vae = vae
+        self.text_encoder = text.get("text_encoder")
+        # the SDXL pipeline's decoding upcasts a force_upcast VAE to fp32 (its weights too)
+        upcast = spec.vae_force_upcast if spec.vae_force_upcast is not None else bool(vae.config.get("force_upcast"))
+        self.upcast_vae = None
+        if self.sdxl and upcast and vae_dtype != torch.float32:
+            self.upcast_vae = build(parts["vae"], torch.float32).requires_grad_(False).eval()
+            self.for_validation["vae upcast to fp32"] = self.upcast_vae
+        if spec.per_step_encoding:  # upstream: VAE and text encoders on the GPU throughout
+            # (SDXL's script runs its encoders once, over the dataset, and leaves them there)
+            self.frozen.update({"vae": vae, **text})
+        else:
+            self.for_validation.update({"vae": vae, **text})
+
+    def set_switches(self) -> None:
+        """Checkpointing, and the attention: ``math`` as diffusers computed it before PyTorch 2's
+        SDPA (scores materialised), else SDPA."""
+        super().set_switches()
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        proc = AttnProcessor if self.spec.attention == "math" else AttnProcessor2_0
+        for model in (self.controlnet, self.base):
+            model.set_attn_processor(proc())
+
+    def _text(self, b: int) -> tuple[torch.Tensor, dict | None]:
+        added = None
+        if self.sdxl:
+            pooled = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)}
+        return torch.randn(b, self.tokens, self.text_dim), added
+
+    def training_loss(self) -> torch.Tensor:
+        b, res, lat = self.spec.micro_batch, self.spec.resolution, self.spec.resolution // self.down
+        hint = torch.rand(b, 3, res, res)
+        if self.spec.per_step_encoding:
+            pixels = torch.randn(b, 3, res, res).to(next(self.vae.parameters()).dtype)
+            x0 = self.vae.encode(pixels).latent_dist.sample().float()
+            if not self.sdxl:  # SDXL: the embeddings were computed once, before training
+                enc = self.text_encoder(torch.randint(0, 1000, (b, self.tokens)))[0].float()
+                _, added = self._text(b)
+            else:
+                enc, added = self._text(b)
+        else:
+            x0 = torch.randn(b, self.latent_channels, lat, lat)
+            enc, added = self._text(b)
+        noise = torch.randn_like(x0)
+        noisy = x0 + noise
+        ts = torch.randint(0, 1000, (b,))
+        with self.autocast():
+            down, mid = self.controlnet(
+                noisy, ts, encoder_hidden_states=enc, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False
+            )
+            pred = self.unet(
+                noisy.to(self.dtype),
+                ts,
+                encoder_hidden_states=enc.to(self.dtype),
+                added_cond_kwargs=None if added is None else {k: v.to(self.dtype) for k, v in added.items()},
+                down_block_additional_residuals=[d.to(self.dtype) for d in down],
+                mid_block_additional_residual=mid.to(self.dtype),
+            ).sample
+        return torch.nn.functional.mse_loss(pred.float(), noise)
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """One denoising step of the pipeline (classifier-free guidance doubles the batch), then
+        the VAE decoding the images."""
+        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+        lat = res // self.down
+        for name, enc in self.for_validation.items():
+            if name.startswith("text_encoder"):
+                enc(torch.randint(0, 1000, (2 * n, self.tokens)))
+        enc, added = self._text(2 * n)
+        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
+        with self.autocast():
+            down, mid = self.controlnet(
+                x,
+                torch.tensor(500),
+                encoder_hidden_states=enc.to(self.dtype),
+                controlnet_cond=torch.rand(2 * n, 3, res, res).to(self.dtype),
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            self.unet(
+                x,
+                torch.tensor(500),
+                encoder_hidden_states=enc.to(self.dtype),
+                added_cond_kwargs=added,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            )
+        del down, mid
+        vae = self.upcast_vae or self.vae
+        vae_dtype = next(vae.parameters()).dtype
+        with self.autocast():  # the recipe's validation runs the whole pipeline under autocast
+            for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
+                vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(vae_dtype))

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from .family import POOLED, TEXT, BaseComponents
 from .flow import FlowFamily
+from .measured import MeasuredModels, StepSpec, buffers_to, build, encode_control, layerwise_fp8
 
 if TYPE_CHECKING:
-    from ...config import TrainCfg
-    from ...diffusion import Objective
+    from ...core.config import TrainCfg
+    from ...objectives.diffusion import Objective
 
 
 class StableDiffusion3(FlowFamily):
@@ -37,7 +40,8 @@ class StableDiffusion3(FlowFamily):
     text_encoder_classes = ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")
     transformer_class = "SD3Transformer2DModel"
     default_max_sequence_length = 256  # the SD3 pipelines' default
-    default_layers = 12  # upstream's from_transformer default (SD3.5-medium has 24 joint blocks)
+    measured = property(lambda self: SD3Measured)  # the planner's full-size models (defined below)
+    default_layers = (12, 0)  # joint blocks: upstream's from_transformer default (SD3.5-medium has 24); no single-stream
 
     def objective(self, objective: Objective) -> Objective:
         return replace(objective, precondition=True)  # upstream's --precondition_outputs 1
@@ -82,7 +86,7 @@ class StableDiffusion3(FlowFamily):
             raise ValueError("train.controlnet_single_layers: expected null for SD3 (its blocks are all joint blocks)")
         # the base's last block updates the image stream alone: a ControlNet copies the ones before it
         most = base.denoiser.config.num_layers - 1
-        layers = t.controlnet_layers or min(self.default_layers, most)
+        layers = t.controlnet_layers or min(self.default_layers[0], most)
         if layers > most:
             raise ValueError(f"train.controlnet_layers: {layers}, but the base has {most + 1} joint blocks (at most {most})")
         # extra channels 0: the default 1 gives "expected 17 channels, got 16" (https://github.com/huggingface/diffusers/issues/10055)
@@ -115,3 +119,116 @@ class StableDiffusion3(FlowFamily):
             block_controlnet_hidden_states=None if residuals is None else [r.to(dtype) for r in residuals],
             return_dict=False,
         )[0]
+
+
+class SD3Measured(MeasuredModels):
+    """SD3/SD3.5: SD3Transformer2DModel + SD3ControlNetModel.from_transformer (``controlnet_layers`` joint
+    blocks, no extra conditioning channels: the control image enters as VAE latents). Latents are
+    not packed; the timestep is the scheduler's (0-1000). The prompt: CLIP-L and CLIP-G's 77 tokens
+    then T5's, all precomputed while training."""
+
+    CLIP_TOKENS = 77
+
+    def __init__(self, spec: StepSpec, validation_models: bool = True) -> None:
+        super().__init__(spec)
+        from diffusers import AutoencoderKL, SD3ControlNetModel, SD3Transformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+        from ..architectures import folder_of
+
+        folder = folder_of(spec.arch)
+        cfg = SD3Transformer2DModel.load_config(folder / "transformer")
+        self.transformer = build(lambda: SD3Transformer2DModel.from_config(cfg), self.dtype)
+        self.transformer.requires_grad_(False).eval()
+        buffers_to(self.transformer, self.dtype)  # from_pretrained(torch_dtype=...) casts pos_embed's too
+        cn_dtype = self.dtype if spec.deepspeed else torch.float32
+        self.controlnet = build(
+            lambda: SD3ControlNetModel.from_transformer(
+                self.transformer,
+                num_layers=(spec.controlnet_layers or StableDiffusion3.default_layers)[0],
+                num_extra_conditioning_channels=0,
+            ),
+            cn_dtype,
+        )
+        self.base = self.transformer
+        if spec.frozen_fp8:  # after from_transformer: the ControlNet copies the base's weights first
+            layerwise_fp8(self.transformer, "transformer", self.dtype)
+        vae_cfg = AutoencoderKL.load_config(folder / "vae")
+        self.vae = build(lambda: AutoencoderKL.from_config(vae_cfg), self.dtype)
+        self.vae.requires_grad_(False).eval()
+        self.down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        self.frozen["transformer"] = self.transformer
+        if spec.per_step_encoding:
+            self.frozen["vae"] = self.vae
+        else:
+            self.for_validation["vae"] = self.vae
+        self.latent_channels = vae_cfg["latent_channels"]
+        self.joint_dim = cfg["joint_attention_dim"]
+        self.pooled_dim = cfg["pooled_projection_dim"]
+        if not validation_models:
+            return
+        encoders = {
+            "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
+            "text_encoder_3": lambda: T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_3")),
+        }
+        for name, make in encoders.items():
+            if (folder / name / "config.json").is_file():
+                self.for_validation[name] = build(make, self.dtype).requires_grad_(False).eval()
+
+    @property
+    def text_tokens(self) -> int:
+        return self.CLIP_TOKENS + (self.spec.max_sequence_length or StableDiffusion3.default_max_sequence_length)
+
+    def _inputs(self, b: int) -> dict:
+        return dict(
+            encoder_hidden_states=torch.randn(b, self.text_tokens, self.joint_dim).to(self.dtype),
+            pooled_projections=torch.randn(b, self.pooled_dim).to(self.dtype),
+            timestep=(torch.rand(b) * 1000).to(self.dtype),
+        )
+
+    def _latents(self, b: int, res: int) -> torch.Tensor:
+        lat = res // self.down
+        if self.spec.per_step_encoding:
+            return self.vae.encode(torch.randn(b, 3, res, res).to(self.dtype)).latent_dist.sample()
+        return torch.randn(b, self.latent_channels, lat, lat).to(self.dtype)
+
+    def training_loss(self) -> torch.Tensor:
+        b, res = self.spec.micro_batch, self.spec.resolution
+        x0, cond = self._latents(b, res), self._latents(b, res)
+        noise = torch.randn_like(x0)
+        noisy = 0.5 * x0 + 0.5 * noise
+        kw = self._inputs(b)
+        with self.autocast():
+            (blocks,) = self.controlnet(hidden_states=noisy, controlnet_cond=cond, return_dict=False, **kw)
+            pred = self.transformer(
+                hidden_states=noisy,
+                block_controlnet_hidden_states=[s.to(self.dtype) for s in blocks],
+                return_dict=False,
+                **kw,
+            )[0]
+        return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """The prompt and the negative one through the three encoders (``validation_text_encoders``;
+        else their embeddings come to the GPU), the control image through the VAE's encoder, one
+        denoising step with classifier-free guidance (a doubled batch), then the VAE decoding."""
+        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+        t5 = self.spec.max_sequence_length or StableDiffusion3.default_max_sequence_length
+        if self.spec.validation_text_encoders:
+            for name, enc in self.for_validation.items():
+                if name.startswith("text_encoder"):
+                    enc(torch.randint(0, 1000, (2 * n, t5 if name == "text_encoder_3" else self.CLIP_TOKENS)))
+        lat = res // self.down
+        with self.autocast():  # the control image, doubled for guidance before the pipeline encodes it
+            cond = encode_control(self.vae, 2 * n, res, self.dtype, self.spec.vae_slicing)
+        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
+        kw = self._inputs(2 * n)
+        with self.autocast():
+            (blocks,) = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
+            self.transformer(hidden_states=x, block_controlnet_hidden_states=blocks, return_dict=False, **kw)
+        del blocks, cond
+        with self.autocast():
+            for _ in range(n if self.spec.vae_slicing else 1):
+                self.vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(self.dtype))

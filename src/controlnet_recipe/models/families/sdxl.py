@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...images import resize_and_crop
+from ...core.images import resize_and_crop
 from .family import POOLED, TEXT, BaseComponents, tokenize
 from .sd import StableDiffusion
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import to_rgb
+from ..core.images import to_rgb
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 

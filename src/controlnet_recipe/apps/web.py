@@ -4,7 +4,7 @@ image), type a prompt, click Generate, see the condition and the generated faces
 ``python -m controlnet_recipe web [--host 127.0.0.1] [--port 7860] [--model DIR]`` serves it with
 Gradio. It loads the base model and the ControlNet once (``models/best``, else ``models/controlnet``:
 what ``make demo`` trains when no ``--model`` is given) and calls the same core as the CLI,
-:class:`controlnet_recipe.generate.Generator`.
+:class:`controlnet_recipe.apps.generate.Generator`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import Config
+from ..core.config import Config
+from ..core.storage import BEST_DIR, CONTROLNET_DIR
 from .generate import GenerateError, Generator, Settings
-from .storage import BEST_DIR, CONTROLNET_DIR
 
 PHOTO, CONDITION = "a face photo", "a condition image"
 SHOW_MIN = 256  # small images (the embedded default is 64 px) are shown scaled up, pixels kept sharp

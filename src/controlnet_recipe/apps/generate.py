@@ -18,10 +18,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import Config
-from .errors import RecipeError
-from .images import images_to_tensor, tensor_to_images
-from .storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, write_json
+from ..core.config import Config
+from ..core.errors import RecipeError
+from ..core.images import images_to_tensor, tensor_to_images
+from ..core.storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, write_json
 
 OUT_DIR = Path("outputs/generate")
 DETECT_MAX_SIDE = 1024  # a photo is centre-cropped, then detected at up to this many pixels
@@ -87,7 +87,7 @@ def centre_square(img: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Image.Im
 
 def read_image(path: str | Path) -> Image.Image:
     """An RGB image from a file, or a one-line error naming it."""
-    from .images import decode_image
+    from ..core.images import decode_image
 
     d = decode_image(path)
     if not d.ok:
@@ -101,8 +101,8 @@ def make_condition(
 ) -> Image.Image:
     """The condition at the recipe's resolution: made from ``photo`` by the recipe's condition kind
     (``kind``: one already loaded), as the conditions stage makes it, or ``condition`` as given."""
-    from .conditions import ConditionError
-    from .conditions import condition as condition_kind
+    from ..conditions import ConditionError
+    from ..conditions import condition as condition_kind
 
     if (photo is None) == (condition is None):
         raise GenerateError("expected a photo or a condition image (one of them)")
@@ -125,7 +125,7 @@ class Generator:
         self.resolution = cfg.recipe.data.resolution
         self.model = check_model(model)  # before the slow imports
 
-        from .models.base_model import BaseRef, inference_device, load_base, load_controlnet, make_pipeline
+        from ..models.base_model import BaseRef, inference_device, load_base, load_controlnet, make_pipeline
 
         try:
             base = load_base(BaseRef.read())
@@ -134,7 +134,7 @@ class Generator:
         self.device, dtype = inference_device()
         controlnet = load_controlnet(self.model, torch_dtype=dtype)
         self.base, self.pipe = base, make_pipeline(base, controlnet, device=self.device, dtype=dtype)
-        from .conditions import condition as condition_kind
+        from ..conditions import condition as condition_kind
 
         self.kind = condition_kind(cfg.recipe.conditions)  # its detector or model loads once, on first use
 
@@ -144,7 +144,7 @@ class Generator:
 
     def __call__(self, condition: Image.Image, s: Settings) -> list[Image.Image]:
         """``s.num_images`` images; image i always uses seed ``s.seed + i``, whatever the batching."""
-        from .models.base_model import sampling_kwargs, seeded
+        from ..models.base_model import sampling_kwargs, seeded
 
         if s.num_images < 1:
             raise GenerateError(f"expected at least one image, got {s.num_images}")
@@ -174,7 +174,7 @@ def save_outputs(
 ) -> dict:
     """``image-NN.png``, ``condition.png``, ``grid.png`` (photo, condition, images side by side) and
     ``generation.json`` (the settings) into ``out``; returns what was written."""
-    from .report.grid import save_grid
+    from ..report.grid import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"condition": out / "condition.png", "grid": out / "grid.png", "images": []}

@@ -12,7 +12,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ENTRY_MODULES = ("__main__", "cli")  # `python -m controlnet_recipe <stage>` runs these, then stages.<stage>
 
 

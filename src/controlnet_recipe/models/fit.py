@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .logs import progress
+from ..core.logs import progress
 
 
 def lr_at(step: int, *, steps: int, lr: float, warmup: int = 0, cosine: bool = True) -> float:

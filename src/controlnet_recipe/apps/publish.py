@@ -12,12 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from .conditions import condition
-from .config import Config
-from .errors import BadInput, MissingInput
-from .models.base_model import BaseRef
-from .models.families import family
-from .storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
+from ..conditions import condition
+from ..core.config import Config
+from ..core.errors import BadInput, MissingInput
+from ..core.storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
+from ..models.base_model import BaseRef
+from ..models.families import family
 
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json")
 IMAGES = {

@@ -14,16 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 
-TIER_MEMORY_GB = {"8gb": 8, "12gb": 12, "16gb": 16, "24gb": 24, "40gb": 40, "80gb": 80}
-# SDXL's tiers (its UNet is 2.6B parameters, its ControlNet 1.25B): none is sized under 24 GB.
-TIER_MEMORY_GB |= {"sdxl-24gb": 24, "sdxl-40gb": 40, "sdxl-80gb": 80}
-# The transformer families' tiers (SD3.5-medium's MMDiT is 2.5B parameters, FLUX.1-dev's 12B).
-TIER_MEMORY_GB |= {"sd3-24gb": 24, "sd3-80gb": 80, "flux-24gb": 24, "flux-40gb": 40, "flux-80gb": 80}
-TIER_MEMORY_GB |= {"flux-40gb-sharded": 40}  # per GPU, on several (shard_frozen)
-MULTI_GPU_TIERS = ("flux-40gb-sharded",)  # sized for several GPUs: gpu: auto never picks them
-FAMILY_TIER_PREFIXES = ("sdxl", "sd3", "flux")  # a tier named <prefix>-* is sized for that family; the rest for sd
-A_BASE = {"sd": "an SD 1.x/2.x base", "sdxl": "an SDXL base", "sd3": "an SD3 base", "flux": "a Flux base"}  # for messages
-
 
 class ConfigError(RecipeError, ValueError):
     """A bad params file: the message is one line, naming the key and what was expected."""
@@ -150,7 +140,7 @@ class BaseCfg(Strict):
 
     pretrained_model: str | None
     revision: str | None
-    family: Literal["auto", "sd", "sdxl", "sd3", "flux"]
+    family: str  # auto, or a family that tiers are sized for (checked with the tiers, in load_config)
     vae: str | None
     max_sequence_length: int | None = Field(gt=0)  # T5 tokens per caption (sd3, flux); null: the family's default
     tiny: TinyBaseCfg
@@ -345,6 +335,11 @@ class Recipe(Strict):
 
 
 class Tier(Strict):
+    """A GPU's switches. ``family``: the model family the tier is sized for (null: every family, the
+    cpu tier); ``memory_gb``: the card it is sized for, per GPU (null: no budget, the cpu tier)."""
+
+    family: str | None
+    memory_gb: int | None = Field(gt=0)
     batch_size: int = Positive
     gradient_checkpointing: bool
     use_8bit_adam: bool
@@ -380,6 +375,11 @@ class Params(Strict):
             raise ConfigError(f"gpu: unknown tier {self.gpu!r}, expected one of auto, {', '.join(known)}")
         return self
 
+    @property
+    def families(self) -> list[str]:
+        """The families that tiers are sized for, in the order params.yaml lists them."""
+        return list(dict.fromkeys(t.family for t in self.tiers.values() if t.family))
+
 
 class Config(Strict):
     """What a stage needs: the selected recipe and the tier (``None`` while ``gpu: auto``)."""
@@ -396,44 +396,42 @@ class Config(Strict):
 
     @property
     def tier(self) -> Tier:
-        return self.tiers[resolve_tier(self.gpu, self.family)]
+        return self.tiers[resolve_tier(self.gpu, self.family, self.tiers)]
 
 
-def tier_family(name: str) -> str:
-    """Which family a GPU tier is sized for: ``sdxl-*`` for SDXL (``sd3-*``, ``flux-*`` likewise),
-    the others for SD 1.x/2.x."""
-    prefix = name.split("-")[0]
-    return prefix if prefix in FAMILY_TIER_PREFIXES else "sd"
-
-
-def check_tier(gpu: str, family: str, where: str = "params.yaml") -> None:
+def check_tier(gpu: str, family: str, tiers: dict[str, Tier], where: str = "params.yaml") -> None:
     """A tier sized for another family stops a run here, before any model loads (an SD tier
-    under an SDXL base, say); ``auto`` and ``cpu`` fit every family."""
-    if family == "auto" or gpu in ("auto", "cpu") or tier_family(gpu) == family:
+    under an SDXL base, say); ``auto`` and a tier of no family (``cpu``) fit every family."""
+    if family == "auto" or gpu == "auto" or tiers[gpu].family in (None, family):
         return
-    mine = ", ".join(t for t in TIER_MEMORY_GB if tier_family(t) == family)
-    sized = A_BASE[tier_family(gpu)].split(" ", 1)[1].removesuffix(" base")
-    raise ConfigError(f"{where}: gpu: tier {gpu!r} is sized for {sized}; {A_BASE[family]} needs one of {mine}")
+    mine = ", ".join(t for t, x in tiers.items() if x.family == family)
+    raise ConfigError(
+        f"{where}: gpu: tier {gpu!r} is sized for family {tiers[gpu].family}; a base of family {family} needs one of {mine}"
+    )
 
 
-def detect_tier(family: str = "sd") -> str:
-    """The largest tier of ``family`` whose budget fits the first CUDA device; ``cpu`` without one."""
+def detect_tier(family: str, tiers: dict[str, Tier]) -> str:
+    """The largest one-GPU tier of ``family`` whose ``memory_gb`` fits the first CUDA device
+    (the first listed of equals); ``cpu`` without one."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu"
     gb = torch.cuda.get_device_properties(0).total_memory / 1024**3
-    mine = {t: m for t, m in TIER_MEMORY_GB.items() if tier_family(t) == family and t not in MULTI_GPU_TIERS}
+    mine = {t: x.memory_gb for t, x in tiers.items() if x.family == family and x.memory_gb and not x.shard_frozen}
     fitting = [t for t, m in mine.items() if m <= gb + 0.5]
-    if not fitting and family != "sd":
+    if fitting:
+        return max(fitting, key=mine.get)
+    if family != "sd":
+        least = min(mine.values())
         raise ConfigError(
-            f"gpu: auto: the GPU has {gb:.0f} GB; {A_BASE[family]} needs at least {min(mine.values())} GB ({', '.join(mine)})"
+            f"gpu: auto: the GPU has {gb:.0f} GB; a base of family {family} needs at least {least} GB ({', '.join(mine)})"
         )
-    return fitting[-1] if fitting else "8gb"
+    return min(mine, key=mine.get)  # SD's smallest tier, which DeepSpeed or a lower resolution may still fit
 
 
-def resolve_tier(gpu: str, family: str = "sd") -> str:
-    return detect_tier(family) if gpu == "auto" else gpu
+def resolve_tier(gpu: str, family: str, tiers: dict[str, Tier]) -> str:
+    return detect_tier(family, tiers) if gpu == "auto" else gpu
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -486,7 +484,12 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, str] | No
         raise ConfigError(f"{path}: recipe: expected the name of a recipe block ({', '.join(blocks)}), got {name!r}")
     params = _validate(Params, {k: raw[k] for k in ("recipe", "gpu", "tiers")}, str(path))
     recipe = _validate(Recipe, raw[name], str(path), prefix=f"{name}.")
-    check_tier(params.gpu, recipe.base.family, str(path))
+    if recipe.base.family != "auto" and recipe.base.family not in params.families:
+        raise ConfigError(
+            f"{path}: {name}.base.family: expected auto or a family that tiers are sized for "
+            f"({', '.join(params.families)}), got {recipe.base.family!r}"
+        )
+    check_tier(params.gpu, recipe.base.family, params.tiers, str(path))
     return Config(recipe_name=name, recipe=recipe, gpu=params.gpu, tiers=params.tiers)
 
 

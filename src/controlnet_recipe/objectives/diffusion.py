@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .logs import progress
+from ..core.logs import progress
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ class Objective:
     - ``condition_weight``: 1 (upstream), or how much more the latent pixels under the condition's
       drawing (its non-black pixels: the face parts, the edges) count in the MSE than the rest.
 
-    Flow matching (flow_matching.py) reads the same fields, plus ``mode`` timesteps
+    Flow matching (objectives/flow_matching.py) reads the same fields, plus ``mode`` timesteps
     (``mode_scale``), ``shift``, ``sigma_sqrt``/``cosmap`` weightings and ``precondition``
     (the families set the last: SD3's upstream preconditions, Flux's does not).
     """
