@@ -29,176 +29,239 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from full_size import UNetModels, build_unet_models, compute_dtype, cuda_peak_memory, text_encoder_names  # noqa: E402
 
 
 def child(spec: dict) -> dict:
     """Build the models, run warm-up + timed optimizer steps of one configuration, measure."""
-    import io
-    from contextlib import nullcontext
-
     import torch
     from accelerate import Accelerator
-    from PIL import Image
 
     from controlnet_recipe.core.config import load_config
-    from controlnet_recipe.core.images import images_to_tensor
-    from controlnet_recipe.models import architectures, tiny
-    from controlnet_recipe.models.families import FAMILIES, family_of_architecture
-    from controlnet_recipe.objectives.diffusion import Objective
-    from controlnet_recipe.training.batches import step_generator
-    from controlnet_recipe.training.memory import (
-        apply_model_settings,
-        direct_attention_calls,
-        make_optimizer,
-        param_groups,
-    )
-    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     cfg = load_config(ROOT / "params.yaml")
     per_step = spec["mode"] == "per-step encoding"
-    upstream_off = {"channels_last": False, "compile": False} if per_step else {}
     cuda = torch.cuda.is_available()
-    half = {} if cuda or cfg.tiers[spec["tier"]].mixed_precision != "fp16" else {"mixed_precision": "bf16"}
-    tier = cfg.tiers[spec["tier"]].model_copy(update={**half, **upstream_off, **spec.get("switches", {})})
-    t = cfg.recipe.train
-    res, micro, accum = spec["resolution"], spec["micro_batch"], spec["accumulation"]
-    sdxl = spec["arch"] != "tiny" and family_of_architecture(spec["arch"]) == "sdxl"
-    family = FAMILIES["sdxl" if sdxl else "sd"]
+    tier = step_tier(cfg, spec, per_step, cuda)
+    accum = spec["accumulation"]
     accelerator = Accelerator(mixed_precision=tier.mixed_precision, gradient_accumulation_steps=accum, cpu=not cuda)
     device = accelerator.device
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
+    dtype = compute_dtype(tier.mixed_precision)
     torch.manual_seed(0)
-    # With the cache, the VAE and the text encoder are never built: training does not need them.
-    # On a GPU the models are made there (random init of billions of weights on the CPU is slow).
-    text_encoder_2 = None
-    with torch.device(device) if cuda else nullcontext():
-        if spec["arch"] == "tiny":
-            unet, scheduler, vae_cfg = tiny.build_unet(res), tiny.build_scheduler(), tiny.build_vae(res).config
-            vae, text_encoder = (tiny.build_vae(res), tiny.build_text_encoder(1000)) if per_step else (None, None)
-        else:
-            # upstream's SDXL script encodes the captions once, but leaves both encoders on the GPU
-            encoders = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
-            parts = architectures.build(spec["arch"], ("unet", "scheduler", *(("vae", *encoders) if per_step else ())))
-            unet, scheduler, vae_cfg = parts["unet"], parts["scheduler"], architectures.vae_config(spec["arch"])
-            vae, text_encoder, text_encoder_2 = parts.get("vae"), parts.get("text_encoder"), parts.get("text_encoder_2")
-        unet.requires_grad_(False).eval()
-        controlnet = controlnet_from_unet(unet, vae_cfg)
-    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)  # the VAE's downsampling
-    unet.to(device, dtype)
-    if per_step:  # upstream: VAE and text encoder(s) on the GPU, the VAE (and SD's encoder) run every step
-        for m in (vae, text_encoder, text_encoder_2):
+    models = step_models(spec, per_step, device, cuda, dtype)
+    controlnet, optimizer = prepared_training(accelerator, models, tier, per_step, cfg.recipe.train)
+    batches = StepBatches(spec, models, per_step, device)
+    inputs = step_loss_inputs(controlnet, models, batches.empty_prompt, tier, device, dtype)
+    run = StepRun(accelerator, controlnet, optimizer, inputs, batches, accum, per_step, tier.set_grads_to_none)
+    seconds = run.timed(spec["warmup"], spec["steps"], cuda)
+    out = {
+        **spec,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "steps_per_s": spec["steps"] / seconds,
+        "samples_per_s": spec["steps"] * spec["micro_batch"] * accum / seconds,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
+    if cuda:
+        out.update(cuda_peak_memory())
+    return out
+
+
+def step_tier(cfg, spec: dict, per_step: bool, cuda: bool):
+    """``spec``'s tier as the step runs it: upstream's without the memory-format and compile
+    switches, ``spec``'s switches on top, and on a CPU bf16 for fp16 (the CPU's half precision)."""
+    upstream_off = {"channels_last": False, "compile": False} if per_step else {}
+    half = {} if cuda or cfg.tiers[spec["tier"]].mixed_precision != "fp16" else {"mixed_precision": "bf16"}
+    return cfg.tiers[spec["tier"]].model_copy(update={**half, **upstream_off, **spec.get("switches", {})})
+
+
+def step_models(spec: dict, per_step: bool, device, cuda: bool, dtype) -> UNetModels:
+    """The frozen UNet in the compute dtype on ``device`` and its ControlNet; upstream's step also
+    has the VAE and the text encoder(s) there, run every step. With the cache the recipe's step
+    never builds them: training does not need them. On a GPU the models are made there."""
+    import torch
+
+    # upstream's SDXL script encodes the captions once, but leaves both encoders on the GPU
+    encoding = ("vae", *text_encoder_names(spec["arch"])) if per_step else ()
+    models = build_unet_models(spec["arch"], spec["resolution"], ("scheduler", *encoding), device if cuda else None)
+    models.unet.to(device, dtype)
+    if per_step:
+        for m in (models.vae, models.text_encoder, models.text_encoder_2):
             if m is not None:
                 # upstream's SDXL VAE stays fp32 (its own VAE overflows in fp16) unless given the fp16-fixed one
-                m.requires_grad_(False).eval().to(device, torch.float32 if sdxl and m is vae else dtype)
+                m.requires_grad_(False).eval().to(device, torch.float32 if models.sdxl and m is models.vae else dtype)
+    return models
+
+
+def prepared_training(accelerator, models: UNetModels, tier, per_step: bool, train) -> tuple:
+    """The tier's model settings (the recipe's step: direct attention calls too), the ControlNet in
+    training mode and its optimizer (upstream's AdamW as it comes; the recipe's fused), prepared."""
+    from controlnet_recipe.training.memory import apply_model_settings, direct_attention_calls, make_optimizer, param_groups
+
+    unet, controlnet = models.unet, models.controlnet
     apply_model_settings(unet, controlnet, tier)
     if not per_step:
         direct_attention_calls(unet, controlnet)
     controlnet.train()
-    # Upstream's AdamW as it comes; the recipe's fused.
-    optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, t, 1e-5, fused=None if per_step else True)
-    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    optimizer = make_optimizer(param_groups(controlnet, 1e-5, 1.0), tier, train, 1e-5, fused=None if per_step else True)
+    return accelerator.prepare(controlnet, optimizer)
 
-    lat = (4, res // down, res // down)
-    n_tokens, dim = (tiny.MAX_TOKENS, tiny.TEXT_DIM) if spec["arch"] == "tiny" else (77, unet.config.cross_attention_dim)
-    g = torch.Generator().manual_seed(0)
 
-    def png(seed: int) -> bytes:
-        arr = torch.randint(0, 256, (res, res, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr.numpy()).save(buf, format="PNG")
-        return buf.getvalue()
+def _png(resolution: int, seed: int) -> bytes:
+    """A random RGB image of ``resolution`` pixels a side, as PNG bytes."""
+    import io
 
-    image_pngs, cond_pngs = [png(i) for i in range(micro)], [png(1000 + i) for i in range(micro)]
+    import torch
+    from PIL import Image
 
-    def decode(pngs: list[bytes], normalize: bool) -> torch.Tensor:
-        return images_to_tensor([Image.open(io.BytesIO(b)) for b in pngs], res, normalize=normalize)
+    size = (resolution, resolution, 3)
+    arr = torch.randint(0, 256, size, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.numpy()).save(buf, format="PNG")
+    return buf.getvalue()
 
-    ids = torch.randint(0, 1000, (micro, n_tokens), generator=g)
-    cond_u8 = (decode(cond_pngs, False) * 255).round().to(torch.uint8)  # decoded once, as CachedPairs keeps them
-    cached = {
-        "latent_mean": torch.randn(micro, *lat, generator=g),
-        "latent_std": torch.full((micro, *lat), 0.01),
-        "text_embedding": torch.randn(micro, n_tokens, dim, generator=g),
-    }
-    empty = {"text_embedding": torch.zeros(1, n_tokens, dim)}
-    sdxl_inputs = {}
-    if sdxl:  # the pooled embedding and the time ids, as the cache stores them
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        sdxl_inputs = {
-            "pooled_embedding": torch.randn(micro, pooled, generator=g),
-            "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * micro).float(),
+
+class StepBatches:
+    """A micro-batch of the step's columns per call: the recipe's from the latent cache (the
+    conditioning images decoded once, as CachedPairs keeps them); upstream's decoded from PNG and
+    encoded by the VAE (and SD's text encoder) every step. SDXL: the cache's pooled embedding and
+    time ids (upstream's SDXL script encodes the captions once)."""
+
+    def __init__(self, spec: dict, models: UNetModels, per_step: bool, device) -> None:
+        import torch
+
+        from controlnet_recipe.models import tiny
+
+        res, micro = spec["resolution"], spec["micro_batch"]
+        self.resolution, self.models, self.per_step, self.device = res, models, per_step, device
+        down = 2 ** (len(models.vae_config["block_out_channels"]) - 1)  # the VAE's downsampling
+        lat = (4, res // down, res // down)
+        tiny_tokens = (tiny.MAX_TOKENS, tiny.TEXT_DIM)
+        n_tokens, dim = tiny_tokens if spec["arch"] == "tiny" else (77, models.unet.config.cross_attention_dim)
+        g = torch.Generator().manual_seed(0)
+        self.image_pngs, self.cond_pngs = [_png(res, i) for i in range(micro)], [_png(res, 1000 + i) for i in range(micro)]
+        self.ids = torch.randint(0, 1000, (micro, n_tokens), generator=g)
+        self.cond_u8 = (self.decode(self.cond_pngs, False) * 255).round().to(torch.uint8)  # decoded once
+        self.cached = {
+            "latent_mean": torch.randn(micro, *lat, generator=g),
+            "latent_std": torch.full((micro, *lat), 0.01),
+            "text_embedding": torch.randn(micro, n_tokens, dim, generator=g),
         }
-        empty["pooled_embedding"] = torch.zeros(1, pooled)
+        self.empty_prompt = {"text_embedding": torch.zeros(1, n_tokens, dim)}
+        self.sdxl_inputs = {}
+        if models.sdxl:  # the pooled embedding and the time ids, as the cache stores them
+            unet_cfg = models.unet.config
+            pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+            self.sdxl_inputs = {
+                "pooled_embedding": torch.randn(micro, pooled, generator=g),
+                "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * micro).float(),
+            }
+            self.empty_prompt["pooled_embedding"] = torch.zeros(1, pooled)
 
-    def batch() -> dict:
-        if not per_step:
-            return {**cached, **sdxl_inputs, "conditioning": cond_u8.float() / 255}
-        pixels, cond = decode(image_pngs, True), decode(cond_pngs, False)  # upstream's loader, every step
+    def decode(self, pngs: list[bytes], normalize: bool):
+        import io
+
+        from PIL import Image
+
+        from controlnet_recipe.core.images import images_to_tensor
+
+        return images_to_tensor([Image.open(io.BytesIO(b)) for b in pngs], self.resolution, normalize=normalize)
+
+    def __call__(self) -> dict:
+        import torch
+
+        if not self.per_step:
+            return {**self.cached, **self.sdxl_inputs, "conditioning": self.cond_u8.float() / 255}
+        pixels, cond = self.decode(self.image_pngs, True), self.decode(self.cond_pngs, False)  # upstream's loader, every step
+        vae, device = self.models.vae, self.device
         with torch.no_grad():
             dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-            text = cached["text_embedding"] if sdxl else text_encoder(ids.to(device))[0]
+            text = self.cached["text_embedding"] if self.models.sdxl else self.models.text_encoder(self.ids.to(device))[0]
         return {
             "latent_mean": dist.mean.float(),
             "latent_std": dist.std.float(),
             "text_embedding": text.float(),
-            **sdxl_inputs,
+            **self.sdxl_inputs,
             "conditioning": cond,
         }
 
-    inputs = LossInputs(
+
+def step_loss_inputs(controlnet, models: UNetModels, empty_prompt: dict, tier, device, dtype):
+    """training/step.py's LossInputs for the SD or SDXL family's step."""
+    from controlnet_recipe.models.families import FAMILIES
+    from controlnet_recipe.objectives.diffusion import Objective
+    from controlnet_recipe.training.step import LossInputs
+
+    return LossInputs(
         controlnet=controlnet,
-        denoiser=unet,
-        scheduler=scheduler,
-        empty_prompt=empty,
+        denoiser=models.unet,
+        scheduler=models.scheduler,
+        empty_prompt=empty_prompt,
         scaling_factor=0.18215,
         p_empty=0.1,
         device=device,
         dtype=dtype,
         objective=Objective(),
-        family=family,
+        family=FAMILIES["sdxl" if models.sdxl else "sd"],
         channels_last=tier.channels_last,
     )
 
-    def optimizer_step(step: int) -> None:
-        total = torch.zeros((), device=device)
+
+@dataclass
+class StepRun:
+    """The optimizer steps: ``accumulation`` micro-steps each, through accelerate."""
+
+    accelerator: Any
+    controlnet: Any
+    optimizer: Any
+    inputs: Any
+    batches: StepBatches
+    accumulation: int
+    per_step: bool
+    set_grads_to_none: bool
+
+    def optimizer_step(self, step: int) -> None:
+        import torch
+
+        from controlnet_recipe.training.batches import step_generator
+        from controlnet_recipe.training.step import controlnet_loss
+
+        acc, accum = self.accelerator, self.accumulation
+        total = torch.zeros((), device=acc.device)
         for m in range(accum):
-            with accelerator.accumulate(controlnet):
-                loss = controlnet_loss(inputs, batch(), step_generator(0, step, m, 0))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=tier.set_grads_to_none)
-            if per_step:
+            with acc.accumulate(self.controlnet):
+                loss = controlnet_loss(self.inputs, self.batches(), step_generator(0, step, m, 0))
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(self.controlnet.parameters(), 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
+            if self.per_step:
                 total += loss.item() / accum  # upstream reads the loss on every step
             else:
                 total += loss.detach() / accum
 
-    for s in range(spec["warmup"]):
-        optimizer_step(s)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for s in range(spec["steps"]):
-        optimizer_step(spec["warmup"] + s)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    out = {
-        **spec,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "steps_per_s": spec["steps"] / seconds,
-        "samples_per_s": spec["steps"] * micro * accum / seconds,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-    }
-    if cuda:
-        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1024**3
-        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1024**3
-    return out
+    def timed(self, warmup: int, steps: int, cuda: bool) -> float:
+        """``warmup`` optimizer steps, then the seconds that ``steps`` more take."""
+        import torch
+
+        for s in range(warmup):
+            self.optimizer_step(s)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s in range(steps):
+            self.optimizer_step(warmup + s)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
 
 def parse_switch(kv: str) -> dict:

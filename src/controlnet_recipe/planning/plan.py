@@ -173,25 +173,13 @@ def _groups_gib(groups: dict[str, int]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v > 0}
 
 
-def plan_step(
-    spec: StepSpec,
-    *,
-    use_8bit_adam: bool = False,
-    name: str = "",
-    budget_gb: float | None = None,
-    processes: int = 1,
-    shard_frozen: bool = False,
-) -> TierPlan:
-    """Measure ``spec`` and add the named terms; ``budget_gb``: the card's nominal size;
-    ``processes`` > 1: DistributedDataParallel, whose gradient buckets copy every gradient;
-    ``shard_frozen``: the frozen base split across the processes (FSDP2), which gathers a block
-    at a time and prefetches the next."""
-    m: Measured = measure(spec)
-    extra = {}
-    notes = []
-    frozen_share = 1.0
+def _added_terms(
+    spec: StepSpec, m: Measured, use_8bit_adam: bool, processes: int, shard_frozen: bool
+) -> tuple[dict[str, int], list[str], float]:
+    """What the fake run cannot allocate (bytes, by term), the plan's notes, and DeepSpeed's host GiB."""
+    extra: dict[str, int] = {}
+    notes: list[str] = []
     if shard_frozen and processes > 1:
-        frozen_share = 1 / processes
         extra["fsdp_gathered_blocks"] = 2 * m.frozen_block_bytes
         notes.append(f"the frozen base sharded over {processes} processes")
     if use_8bit_adam:
@@ -213,6 +201,25 @@ def plan_step(
         notes.append("xformers planned as PyTorch's memory-efficient SDPA (the same saved tensors)")
     if spec.frozen_fp8 and not spec.gradient_checkpointing:
         notes.append("frozen_fp8 without gradient checkpointing: the backward keeps each layer's upcast copy")
+    return extra, notes, host
+
+
+def plan_step(
+    spec: StepSpec,
+    *,
+    use_8bit_adam: bool = False,
+    name: str = "",
+    budget_gb: float | None = None,
+    processes: int = 1,
+    shard_frozen: bool = False,
+) -> TierPlan:
+    """Measure ``spec`` and add the named terms; ``budget_gb``: the card's nominal size;
+    ``processes`` > 1: DistributedDataParallel, whose gradient buckets copy every gradient;
+    ``shard_frozen``: the frozen base split across the processes (FSDP2), which gathers a block
+    at a time and prefetches the next."""
+    m: Measured = measure(spec)
+    extra, notes, host = _added_terms(spec, m, use_8bit_adam, processes, shard_frozen)
+    frozen_share = 1 / processes if shard_frozen and processes > 1 else 1.0
 
     def shards(peak: int, groups: dict[str, int]) -> tuple[int, dict[str, int]]:
         """The peak and its groups with each frozen model's weights cut to this process's share."""

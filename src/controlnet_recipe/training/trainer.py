@@ -124,10 +124,25 @@ class Trainer:
     where the checkpointer says; :meth:`run` trains, :meth:`finish` exports and summarises."""
 
     def __init__(self, cfg: Config, tier_name: str, tier: Tier, train_dir: Path = TRAIN_DIR):
-        r, t = cfg.recipe, cfg.recipe.train
-        self.cfg, self.t, self.tier, self.tier_name, self.train_dir = cfg, t, tier, tier_name, train_dir
+        self.cfg, self.t, self.tier, self.tier_name, self.train_dir = cfg, cfg.recipe.train, tier, tier_name, train_dir
         ref = BaseRef.read()
-        fam = family(ref.family)
+        self.family = family(ref.family)
+        # The parts, each built by its own method, in the order their random draws and files need.
+        self._build_processes()
+        cache, dataset, data = self._build_data()
+        base, controlnet = self._build_models(ref)
+        self._build_optimization(controlnet)
+        self.loss_inputs = self._loss_inputs(base, cache)
+        self._build_checkpointer(cache.fingerprint)
+        self._build_reporting(data, dataset, base)
+        self.frozen_gib = local_bytes(base.denoiser) / 1024**3  # this process's part of the frozen base
+        self.step, self.losses, self.pending, self.last_val, self.validated_at = self.start, [], [], {}, None
+        self.seconds, self.steps_run = 0.0, 0
+
+    def _build_processes(self) -> None:
+        """The processes (world, rank), the batch's split into micro-batches, the accelerator, the
+        dtype; TF32 and the seeds."""
+        t, tier = self.t, self.tier
         cpu, self.zero = not torch.cuda.is_available(), tier.deepspeed is not None
         # Without a GPU accelerate gives DeepSpeed's ranks no process group of their own: gloo joins them.
         world = (PartialState(backend="gloo") if cpu and self.zero and launched() else PartialState(cpu=cpu)).num_processes
@@ -137,17 +152,20 @@ class Trainer:
             gradient_accumulation_steps=accum,
             deepspeed_plugin=deepspeed_plugin(tier, accum, micro, t.max_grad_norm),
             cpu=cpu and not self.zero,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=fam.unused_parameters)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.family.unused_parameters)],
         )
         self.world, self.micro, self.accum = world, micro, accum
-        self.rank, self.main, device = acc.process_index, acc.is_main_process, acc.device
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
+        self.rank, self.main, self.device = acc.process_index, acc.is_main_process, acc.device
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tier.mixed_precision, torch.float32)
         if t.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(t.seed)
 
-        cache = LatentCache.load(current_fingerprint(cfg))
+    def _build_data(self) -> tuple[LatentCache, dict, CachedPairs]:
+        """The latent cache, the captions dataset, the training pairs, and the run's length."""
+        r, t = self.cfg.recipe, self.t
+        cache = LatentCache.load(current_fingerprint(self.cfg))
         dataset = load_dataset_dir(CAPTIONS_DIR)
         data = CachedPairs(
             cache.rows,
@@ -158,24 +176,30 @@ class Trainer:
         )
         if t.shuffle_conditions:
             print("train: shuffle_conditions is on: every image is paired with another sample's condition (a planted failure)")
-        micro_per_epoch = len(data) // (micro * world)
-        self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // accum)
+        micro_per_epoch = len(data) // (self.micro * self.world)
+        self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // self.accum)
+        return cache, dataset, data
 
-        base = load_base(ref)  # the VAE and text encoders stay on the CPU (validation only)
+    def _build_models(self, ref: BaseRef):
+        """The frozen base (its VAE and text encoders stay on the CPU, for validation) and the
+        ControlNet the family makes from it, with the tier's switches; the frozen denoiser on the
+        device: cast, and sharded across the processes with ``shard_frozen``."""
+        tier, device, dtype = self.tier, self.device, self.dtype
+        base = load_base(ref)
         for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
-        controlnet = fam.make_controlnet(base, t)
+        controlnet = self.family.make_controlnet(base, self.t)
         # shard_frozen: every process holds 1/N of the frozen base, and every process validates (a
         # forward gathers each block from all of them)
-        self.sharded = tier.shard_frozen and world > 1
+        self.sharded = tier.shard_frozen and self.world > 1
         self.validates = self.main or self.sharded
         if tier.shard_frozen and not self.sharded:
-            acc.print("train: shard_frozen: one process, nothing to shard across: the frozen base is held whole")
+            self.accelerator.print("train: shard_frozen: one process, nothing to shard across: the frozen base is held whole")
         if tier.frozen_fp8 or self.sharded:  # cast on the CPU first: the GPU never holds it whole in bf16 (FLUX: 22 GiB)
             base.denoiser.to(dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
             if self.sharded:
-                shard_frozen(base.denoiser, device, world)  # its shards move to the device
+                shard_frozen(base.denoiser, device, self.world)  # its shards move to the device
             else:
                 base.denoiser.to(device)
         else:
@@ -183,9 +207,15 @@ class Trainer:
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
         direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
         controlnet.train()
+        return base, controlnet
 
+    def _build_optimization(self, controlnet: torch.nn.Module) -> None:
+        """The optimizer (its parameter groups, the tier's kind), the schedule, both prepared with
+        the ControlNet by accelerate; the EMA, checkpointed with them."""
+        t, acc, world = self.t, self.accelerator, self.world
         lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
-        optimizer = make_optimizer(param_groups(controlnet, lr, t.new_layers_lr_multiplier, fam.new_layers), tier, t, lr)
+        groups = param_groups(controlnet, lr, t.new_layers_lr_multiplier, self.family.new_layers)
+        optimizer = make_optimizer(groups, self.tier, t, lr)
         lr_scheduler = get_scheduler(
             t.lr_scheduler,
             optimizer=optimizer,
@@ -198,24 +228,31 @@ class Trainer:
         self.ema = None
         if t.ema_decay is not None:  # diffusers' EMA (with its warm-up: decay min(d, (1+n)/(10+n)))
             self.ema = EMAModel(acc.unwrap_model(self.controlnet).parameters(), decay=t.ema_decay, foreach=True)
-            self.ema.to(device)
+            self.ema.to(self.device)
             acc.register_for_checkpointing(self.ema)  # saved and restored with the run's state
-        self.loss_inputs = LossInputs(
+
+    def _loss_inputs(self, base, cache: LatentCache) -> LossInputs:
+        t = self.t
+        return LossInputs(
             controlnet=self.controlnet,
             denoiser=base.denoiser,
             scheduler=base.noise_scheduler,
             empty_prompt=cache.empty_prompt,
             scaling_factor=cache.scaling_factor,
             p_empty=t.proportion_empty_prompts,
-            device=device,
-            dtype=dtype,
+            device=self.device,
+            dtype=self.dtype,
             objective=objective(t),
-            family=fam,
-            channels_last=tier.channels_last,
+            family=self.family,
+            channels_last=self.tier.channels_last,
             shift_factor=cache.shift_factor,
         )
 
-        settings = run_settings(cfg, tier, cache.fingerprint, micro, accum, world, self.max_steps)
+    def _build_checkpointer(self, cache_fingerprint: str) -> None:
+        """This run's checkpointer, and where it resumes: its state loaded, or a fresh start that
+        clears this run's logs and checkpoints (never another run's)."""
+        t, acc, train_dir = self.t, self.accelerator, self.train_dir
+        settings = run_settings(self.cfg, self.tier, cache_fingerprint, self.micro, self.accum, self.world, self.max_steps)
         checkpoints = train_dir / "checkpoints"
         self.checkpointer = Checkpointer(
             checkpoints, settings, t.checkpointing_steps, t.checkpoints_total_limit, main=self.main, barrier=acc.wait_for_everyone
@@ -234,21 +271,28 @@ class Trainer:
             train_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
 
-        sampler = ResumableBatches(len(data), micro, t.seed, start=self.start * accum, rank=self.rank, world=world)
+    def _build_reporting(self, data: CachedPairs, dataset: dict, base) -> None:
+        """The batches from the resume point, the trackers, and the validator."""
+        cfg, r, t = self.cfg, self.cfg.recipe, self.t
+        sampler = ResumableBatches(len(data), self.micro, t.seed, start=self.start * self.accum, rank=self.rank, world=self.world)
         self.stream = batch_stream(data, sampler, t.dataloader_num_workers)
-        run_config = {"recipe": cfg.recipe_name, "tier": tier_name, **tier.model_dump(), **t.model_dump(exclude={"validation"})}
+        run_config = {
+            "recipe": cfg.recipe_name,
+            "tier": self.tier_name,
+            **self.tier.model_dump(),
+            **t.model_dump(exclude={"validation"}),
+        }
         self.trackers = (
-            Trackers(t.report_to, train_dir, t.tracker_project_name, run_config, resume=self.start > 0) if self.main else None
+            Trackers(t.report_to, self.train_dir, t.tracker_project_name, run_config, resume=self.start > 0)
+            if self.main
+            else None
         )
         pairs = validation_pairs(
             t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
         )
         self.validator = Validator(
-            base, pairs, t.validation, r.data.resolution, t.seed, load_extractor(EVALUATOR_DIR), self.trackers, train_dir
+            base, pairs, t.validation, r.data.resolution, t.seed, load_extractor(EVALUATOR_DIR), self.trackers, self.train_dir
         )
-        self.frozen_gib = local_bytes(base.denoiser) / 1024**3  # this process's part of the frozen base
-        self.step, self.losses, self.pending, self.last_val, self.validated_at = self.start, [], [], {}, None
-        self.seconds, self.steps_run = 0.0, 0
 
     @contextmanager
     def weights(self) -> Iterator[torch.nn.Module]:
