@@ -21,7 +21,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help env demo repro train generate web test lint format check lock clean
+.PHONY: help env demo repro train generate web test test-slow lint format check lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -89,8 +89,11 @@ generate: env ## generate faces: make generate PHOTO=face.jpg PROMPT="..." (or C
 web: env ## the web demo on http://127.0.0.1:7860: make web [MODEL=dir] [HOST=0.0.0.0] [PORT=7860]
 	$(BIN)/python -m controlnet_recipe web --host "$(HOST)" --port "$(PORT)" $(if $(MODEL),--model "$(MODEL)")
 
-test: env ## the test suite (fast tests plus one whole pipeline at a very small size)
-	$(BIN)/python -m pytest -q
+test: env ## the tests (fast ones, plus one whole pipeline at a very small size): about 6 min on 2 cores
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: env ## the slow set: every family's pipeline, kill-and-resume, DeepSpeed, the web demo (CI runs it too)
+	$(BIN)/python -m pytest -q -m slow
 
 lint: env ## ruff lint and format check
 	$(BIN)/ruff check src tests benchmarks
