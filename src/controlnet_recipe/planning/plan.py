@@ -26,15 +26,19 @@ BNB_BLOCK, BNB_MIN_8BIT = (
     4096,
 )  # bitsandbytes' blockwise 8-bit state: one fp32 absmax per 256 values; smaller tensors stay fp32
 
+
 # The bases the recipes name, and where their configs ship (configs/architectures).
-KNOWN_BASES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-    "runwayml/stable-diffusion-v1-5": "sd15",
-    "stabilityai/stable-diffusion-2-1-base": "sd21-base",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
-    "black-forest-labs/FLUX.1-dev": "flux1-dev",
-    "stabilityai/stable-diffusion-3.5-medium": "sd35-medium",
-}
+def known_bases() -> dict[str, str]:
+    """Hub id -> the shipped architecture folder with its shapes (each folder's model_index.json
+    lists its ids under ``_hub_ids``)."""
+    import json
+
+    from ..models.architectures import ARCHITECTURES
+
+    out = {}
+    for index in sorted(ARCHITECTURES.glob("*/model_index.json")):
+        out |= dict.fromkeys(json.loads(index.read_text()).get("_hub_ids", []), index.parent.name)
+    return out
 
 
 def architecture(pretrained_model: str | None, family: str = "auto") -> str:
@@ -45,14 +49,14 @@ def architecture(pretrained_model: str | None, family: str = "auto") -> str:
 
     if pretrained_model is None:
         arch = "tiny"
-    elif pretrained_model in KNOWN_BASES:
-        arch = KNOWN_BASES[pretrained_model]
+    elif pretrained_model in known_bases():
+        arch = known_bases()[pretrained_model]
     elif (Path(pretrained_model) / "model_index.json").is_file():
         arch = pretrained_model
     else:
         raise ConfigError(
             f"base.pretrained_model: the planner knows no architecture for {pretrained_model!r}; "
-            f"known: {', '.join(KNOWN_BASES)}, or a local diffusers folder"
+            f"known: {', '.join(known_bases())}, or a local diffusers folder"
         )
     if family != "auto" and arch_family(arch) != family:
         raise ConfigError(
