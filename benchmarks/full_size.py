@@ -108,3 +108,28 @@ def cuda_peak_memory() -> dict[str, float]:
         "peak_allocated_gb": torch.cuda.max_memory_allocated() / GIB,
         "peak_reserved_gb": torch.cuda.max_memory_reserved() / GIB,
     }
+
+
+def timed_validation(base, controlnet, pairs, v, resolution: int, cuda: bool, empty_cache: bool = False) -> dict:
+    """training/validation.py's run_validation, timed; on a GPU its peak memory from a reset (after
+    emptying PyTorch's cache with ``empty_cache``, as the train stage does before validating)."""
+    import time
+
+    import torch
+
+    from controlnet_recipe.training.validation import run_validation
+
+    if cuda:
+        torch.cuda.synchronize()
+        if empty_cache:
+            torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run_validation(base, controlnet, pairs, v, resolution, 0)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"samples_per_s": v.num_images / seconds, "micro_batch": v.num_images, "validation_images": v.num_images}
+    if cuda:
+        out.update(cuda_peak_memory())
+    return out

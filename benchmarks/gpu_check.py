@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from full_size import GIB, build_unet_models, compute_dtype, cuda_peak_memory, is_sdxl  # noqa: E402
+from full_size import GIB, build_unet_models, compute_dtype, cuda_peak_memory, is_sdxl, timed_validation  # noqa: E402
 from gpu_check_report import compare, table  # noqa: E402
 from gpu_check_transformers import (  # noqa: E402
     TransformerRun,
@@ -245,7 +245,7 @@ def run_recipe_validation(c: dict, cfg, cuda: bool) -> dict:
     from PIL import Image
 
     from controlnet_recipe.core.config import load_config
-    from controlnet_recipe.training.validation import ValidationPairs, run_validation
+    from controlnet_recipe.training.validation import ValidationPairs
 
     recipe = load_config(ROOT / "params.yaml", {"recipe": c["recipe"]}).recipe
     spec = step_spec(c, cfg, cuda)
@@ -259,17 +259,7 @@ def run_recipe_validation(c: dict, cfg, cuda: bool) -> dict:
     optimizer = _stepped_optimizer(controlnet, tier, recipe.train)  # its state held through validation
     v = recipe.train.validation.model_copy(update={"num_inference_steps": 2})
     pairs = ValidationPairs([Image.new("RGB", (res, res))], ["a photo of a face"])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    run_validation(base, controlnet, pairs, v, res, 0)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    out = {"samples_per_s": v.num_images / seconds, "micro_batch": v.num_images, "validation_images": v.num_images}
-    if cuda:
-        out.update(cuda_peak_memory())
+    out = timed_validation(base, controlnet, pairs, v, res, cuda)
     del optimizer  # held until the peaks are read, as the train stage holds it
     return out
 

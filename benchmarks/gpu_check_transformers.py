@@ -13,7 +13,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from full_size import GIB, compute_dtype, cuda_peak_memory
+from full_size import GIB, compute_dtype, cuda_peak_memory, timed_validation
+
+# the tiny folders' T5 text encoder (Flux's text_encoder_2, SD3's text_encoder_3)
+TINY_T5 = {
+    "model_type": "t5",
+    "vocab_size": 1000,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 1,
+    "num_heads": 2,
+    "feed_forward_proj": "gated-gelu",
+    "is_gated_act": True,
+}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,17 +71,7 @@ def tiny_flux_folder() -> Path:
             "max_position_embeddings": 77,
             "projection_dim": 32,
         },
-        "text_encoder_2": {
-            "model_type": "t5",
-            "vocab_size": 1000,
-            "d_model": 32,
-            "d_kv": 8,
-            "d_ff": 64,
-            "num_layers": 1,
-            "num_heads": 2,
-            "feed_forward_proj": "gated-gelu",
-            "is_gated_act": True,
-        },
+        "text_encoder_2": TINY_T5,
     }
     for name, cfg in configs_.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -122,17 +125,7 @@ def tiny_sd3_folder() -> Path:
         },
         "text_encoder": clip,
         "text_encoder_2": clip,
-        "text_encoder_3": {
-            "model_type": "t5",
-            "vocab_size": 1000,
-            "d_model": 32,
-            "d_kv": 8,
-            "d_ff": 64,
-            "num_layers": 1,
-            "num_heads": 2,
-            "feed_forward_proj": "gated-gelu",
-            "is_gated_act": True,
-        },
+        "text_encoder_3": TINY_T5,
     }
     for name, cfg in configs_.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -369,14 +362,9 @@ def _free_port() -> int:
 
 def _built_in(dtype, builder):
     """A model built with ``dtype`` as the default (its random weights made in it, not cast after)."""
-    import torch
+    from controlnet_recipe.models.families.measured import build
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return builder()
-    finally:
-        torch.set_default_dtype(old)
+    return build(builder, dtype)
 
 
 def _layerwise_compute_dtype(model, dtype) -> None:
@@ -459,7 +447,7 @@ def run_transformer_validation(c: dict, cfg, cuda: bool, run: TransformerRun | N
     import torch
     from PIL import Image
 
-    from controlnet_recipe.training.validation import ValidationPairs, run_validation
+    from controlnet_recipe.training.validation import ValidationPairs
 
     if run is None:
         _, run = run_transformer(c, cfg, cuda, steps=1, warmup=0, keep=True)
@@ -472,20 +460,7 @@ def run_transformer_validation(c: dict, cfg, cuda: bool, run: TransformerRun | N
         if not cuda:  # run_validation computes in fp32 on a CPU (it casts the denoiser): the dry run's parts too
             controlnet.float()  # DeepSpeed holds it in bf16
             _layerwise_compute_dtype(run.denoiser, torch.float32)  # frozen_fp8's layers compute in bf16
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        run_validation(base, controlnet, pairs, v, res, 0)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        out = {"samples_per_s": v.num_images / seconds, "micro_batch": v.num_images, "validation_images": v.num_images}
-        out["deepspeed"] = run.zero
-        if cuda:
-            out.update(cuda_peak_memory())
-        return out
+        return {**timed_validation(base, controlnet, pairs, v, res, cuda, empty_cache=True), "deepspeed": run.zero}
     finally:
         run.close()
 

@@ -85,6 +85,8 @@ def test_memory_tier_settings_train_for_real(own_project: Path):
     project = own_project
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tiers"]["cpu"] = {
+        "family": None,
+        "memory_gb": None,
         "batch_size": 1,
         "gradient_checkpointing": True,
         "use_8bit_adam": True,
