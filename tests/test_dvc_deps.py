@@ -25,6 +25,9 @@ def test_the_dag_stays_fine():
     assert captioning in deps["captions"] and not ({captioning} & (deps["data"] | deps["conditions"]))
     training = codedeps.CODE_PREFIX + "training/memory.py"
     assert training in deps["train"] and training not in deps["data"]
+    # the registry's members, and so the shard-resume digest, which hashes these same files
+    kind = codedeps.PACKAGE_DIR / "conditions" / "face_segmentation.py"
+    assert kind in codedeps.stage_files("conditions") and kind not in codedeps.stage_files("captions")
 
 
 def _package(tmp_path: Path, stage_source: str) -> tuple[Path, Path]:
