@@ -15,6 +15,24 @@ from pathlib import Path
 
 from full_size import GIB, compute_dtype, cuda_peak_memory, timed_validation
 
+
+def _tiny_vae(scaling_factor: float, shift_factor: float) -> dict:
+    """The tiny folders' 16-channel VAE (Flux's and SD3's layout), with the family's latent scaling."""
+    return {
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [8, 8, 8, 8],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "latent_channels": 16,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
 # the tiny folders' T5 text encoder (Flux's text_encoder_2, SD3's text_encoder_3)
 TINY_T5 = {
     "model_type": "t5",
@@ -48,19 +66,7 @@ def tiny_flux_folder() -> Path:
             "pooled_projection_dim": 32,
             "axes_dims_rope": [4, 6, 6],
         },
-        "vae": {
-            "_class_name": "AutoencoderKL",
-            "block_out_channels": [8, 8, 8, 8],
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "latent_channels": 16,
-            "layers_per_block": 1,
-            "norm_num_groups": 4,
-            "scaling_factor": 0.3611,
-            "shift_factor": 0.1159,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-        },
+        "vae": _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),
         "text_encoder": {
             "model_type": "clip_text_model",
             "vocab_size": 1000,
@@ -110,19 +116,7 @@ def tiny_sd3_folder() -> Path:
             "pooled_projection_dim": 32,
             "pos_embed_max_size": 16,
         },
-        "vae": {
-            "_class_name": "AutoencoderKL",
-            "block_out_channels": [8, 8, 8, 8],
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "latent_channels": 16,
-            "layers_per_block": 1,
-            "norm_num_groups": 4,
-            "scaling_factor": 1.5305,
-            "shift_factor": 0.0609,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-        },
+        "vae": _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),
         "text_encoder": clip,
         "text_encoder_2": clip,
         "text_encoder_3": TINY_T5,

@@ -49,14 +49,14 @@ def architecture(pretrained_model: str | None, family: str = "auto") -> str:
 
     if pretrained_model is None:
         arch = "tiny"
-    elif pretrained_model in known_bases():
-        arch = known_bases()[pretrained_model]
+    elif pretrained_model in (known := known_bases()):
+        arch = known[pretrained_model]
     elif (Path(pretrained_model) / "model_index.json").is_file():
         arch = pretrained_model
     else:
         raise ConfigError(
             f"base.pretrained_model: the planner knows no architecture for {pretrained_model!r}; "
-            f"known: {', '.join(known_bases())}, or a local diffusers folder"
+            f"known: {', '.join(known)}, or a local diffusers folder"
         )
     if family != "auto" and arch_family(arch) != family:
         raise ConfigError(

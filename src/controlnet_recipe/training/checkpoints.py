@@ -249,10 +249,10 @@ class Checkpointer:
             for name in clean_partial(self.dir):
                 print(f"train: removed {name}, left by an interrupted save")
         path, why = find_resume(self.root, resume, self.key, self.settings)
-        if self.main and path is not None and path.parent == self.dir:  # the damaged ones after it: kept aside
-            for later in list_checkpoints(self.dir):
-                if int(later.name.split("-")[1]) > int(path.name.split("-")[1]) and damage(later):
-                    later.rename(_free(later.with_name(later.name + ".damaged")))
+        if self.main and resume == "latest" and path is not None:  # latest walked past these: damaged, kept aside
+            found = list_checkpoints(self.dir)
+            for later in found[found.index(path) + 1 :]:
+                later.rename(_free(later.with_name(later.name + ".damaged")))
         return path, why
 
     def should_save(self, step: int, last: int) -> bool:
