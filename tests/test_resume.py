@@ -21,13 +21,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from controlnet_recipe.evaluation.sweep import candidates
 from controlnet_recipe.training.checkpoints import (
     STATE,
+    Checkpointer,
     clean_partial,
     damage,
     find_resume,
     list_checkpoints,
     run_dir,
+    run_key,
     save_checkpoint,
 )
 
@@ -177,6 +180,28 @@ def test_resume_names_the_setting_and_keeps_the_other_runs_checkpoints(tmp_path:
         save_checkpoint(run_dir(root, "run-b"), step, lambda f: None, {"run": "run-b", "settings": new}, keep=1)
     assert [p.name for p in list_checkpoints(run_dir(root, "run-a"))] == ["checkpoint-2"]
     assert find_resume(root, None, "run-a", old)[0] is None
+
+
+def test_a_shorter_run_resumes_within_its_length_and_keeps_the_longer_runs_checkpoints(tmp_path: Path):
+    root = tmp_path / "ckpt"
+    key = run_key({})
+    mine = run_dir(root, key)
+    for step in (375, 750):
+        save_checkpoint(mine, step, lambda f: None, {"run": key, "settings": {}}, keep=None)
+    path, why = find_resume(root, "latest", key, {}, last=650)
+    assert path == mine / "checkpoint-375" and "checkpoint-750: past this run's 650 steps, kept" in why
+    assert find_resume(root, "latest", key, {}, last=750)[0] == mine / "checkpoint-750"
+    path, why = find_resume(root, "latest", key, {}, last=300)
+    assert path is None and why.startswith("no checkpoint of this run within its 300 steps: starting fresh")
+    with pytest.raises(ValueError, match=r"checkpoint-750 is at step 750, past this run's 650 steps"):
+        find_resume(root, str(mine / "checkpoint-750"), key, {}, last=650)
+    assert [p.name for p in list_checkpoints(mine)] == ["checkpoint-375", "checkpoint-750"]
+    for c in list_checkpoints(mine):
+        (c / "model.safetensors").touch()
+    # the sweep of the shorter run's model: its own steps, never the longer run's 750
+    assert [c.step for c in candidates(mine, tmp_path / "final", 650)] == [375, 650]
+    Checkpointer(root, {}, 325, None).clear(650)  # a fresh start of the shorter run
+    assert [p.name for p in list_checkpoints(mine)] == ["checkpoint-750"]
 
 
 def _params(work: Path, **train) -> None:

@@ -15,9 +15,12 @@ class Candidate:
 
 
 def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidate]:
-    """Complete checkpoints, oldest first (DeepSpeed's too: training consolidates their shards into
-    the same weights file), and the final model if no checkpoint has its step."""
+    """Complete checkpoints up to ``final_step``, oldest first (DeepSpeed's too: training
+    consolidates their shards into the same weights file), and the final model if no checkpoint
+    has its step. A longer run's checkpoints past ``final_step`` (the same settings, so the same
+    folder) are not this model's candidates."""
     found = [Candidate(read_state(p)["step"], p) for p in list_checkpoints(checkpoints) if (p / WEIGHTS).is_file()]
+    found = [c for c in found if c.step <= final_step]
     if not any(c.step == final_step for c in found):
         found.append(Candidate(final_step, final))
     return found

@@ -185,23 +185,35 @@ def _other_runs(root: Path, mine: Path) -> list[Path]:
     return sorted(newest, key=lambda p: (p / STATE).stat().st_mtime, reverse=True)
 
 
-def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tuple[Path | None, str]:
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    return int(_NAME.match(checkpoint.name).group(1))
+
+
+def find_resume(root: Path, resume: str | None, key: str, settings: dict, last: int | None = None) -> tuple[Path | None, str]:
     """The checkpoint to resume from (or None) and why, for the log. ``resume`` is ``latest`` (this
-    run's newest checkpoint), a checkpoint folder (which must belong to this run), or None (start
-    fresh). ``key`` and ``settings``: this run's (see the module's docstring)."""
+    run's newest checkpoint at or before step ``last``), a checkpoint folder (which must belong to
+    this run), or None (start fresh). ``key`` and ``settings``: this run's (see the module's
+    docstring). A shorter run of the same settings (a constant schedule: the same key) resumes
+    from a checkpoint within its length, never from one a longer run saved past it."""
     mine = run_dir(root, key)
     if resume is None:
         return None, "resume_from_checkpoint is null: starting fresh"
     if resume == "latest":
         found = list_checkpoints(mine)
+        past = [c for c in found if last is not None and checkpoint_step(c) > last]
+        found = [c for c in found if c not in past]
+        note = f" ({', '.join(c.name for c in past)}: past this run's {last} steps, kept)" if past else ""
         damaged = []
         for checkpoint in reversed(found):
             if (why := damage(checkpoint)) is None:
-                return checkpoint, "".join(damaged) + f"resuming from {checkpoint}"
+                return checkpoint, "".join(damaged) + f"resuming from {checkpoint}{note}"
             damaged.append(f"{checkpoint}/{why}: cannot be read; ")
         if found:
             raise BadInput(f"train: no checkpoint of this run can be read ({''.join(damaged).rstrip('; ')}); nothing was deleted")
         others = _other_runs(root, mine)
+        if past:
+            return None, f"no checkpoint of this run within its {last} steps: starting fresh{note}"
         if not others:
             return None, f"no checkpoint in {root}: starting fresh"
         saved = read_json(others[0] / STATE).get("settings", {})
@@ -215,6 +227,8 @@ def find_resume(root: Path, resume: str | None, key: str, settings: dict) -> tup
     if why := damage(path):
         raise BadInput(f"train.resume_from_checkpoint: {path}/{why}: cannot be read")
     state = read_json(path / STATE)
+    if last is not None and state.get("step", 0) > last:
+        raise BadInput(f"train.resume_from_checkpoint: {path} is at step {state['step']}, past this run's {last} steps")
     if state.get("run") != key:
         raise BadInput(
             f"train.resume_from_checkpoint: {path} belongs to a run with other settings "
@@ -243,17 +257,25 @@ class Checkpointer:
         self.key = run_key(settings)
         self.dir = run_dir(root, self.key)
 
-    def resume_point(self, resume: str | None) -> tuple[Path | None, str]:
+    def resume_point(self, resume: str | None, last: int | None = None) -> tuple[Path | None, str]:
         """What to resume from (see :func:`find_resume`), after removing this run's interrupted saves."""
         if self.main:
             for name in clean_partial(self.dir):
                 print(f"train: removed {name}, left by an interrupted save")
-        path, why = find_resume(self.root, resume, self.key, self.settings)
+        path, why = find_resume(self.root, resume, self.key, self.settings, last)
         if self.main and resume == "latest" and path is not None:  # latest walked past these: damaged, kept aside
-            found = list_checkpoints(self.dir)
+            found = [c for c in list_checkpoints(self.dir) if last is None or checkpoint_step(c) <= last]
             for later in found[found.index(path) + 1 :]:
                 later.rename(_free(later.with_name(later.name + ".damaged")))
         return path, why
+
+    def clear(self, last: int) -> None:
+        """A fresh start: this run's checkpoints go, but those a longer run saved past ``last``."""
+        for c in list_checkpoints(self.dir):
+            if checkpoint_step(c) <= last:
+                shutil.rmtree(c)
+        for leftover in self.dir.glob("*.damaged") if self.dir.is_dir() else []:
+            shutil.rmtree(leftover)
 
     def should_save(self, step: int, last: int) -> bool:
         return step % self.every == 0 or step == last

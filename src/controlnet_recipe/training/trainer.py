@@ -257,7 +257,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             checkpoints, settings, t.checkpointing_steps, t.checkpoints_total_limit, main=self.main, barrier=acc.wait_for_everyone
         )
-        resume, why = self.checkpointer.resume_point(t.resume_from_checkpoint)
+        resume, why = self.checkpointer.resume_point(t.resume_from_checkpoint, self.max_steps)
         acc.print(f"train: {why}")
         self.start = 0
         if resume is not None:
@@ -267,7 +267,7 @@ class Trainer:
             for p in train_dir.iterdir() if train_dir.is_dir() else []:
                 if p.name != checkpoints.name:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
+            self.checkpointer.clear(self.max_steps)
             train_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
 
