@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 GPU ?=
 RECIPE ?=
+ADAPTER ?=
 # make generate / make web: the input, the prompt, a ControlNet folder (default: models/best, else models/controlnet)
 PHOTO ?=
 CONDITION ?=
@@ -25,7 +26,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=demo|depth|demo-sd3|demo-flux|faces|sdxl|sd3|flux, GPU=auto|cpu|8gb|...|80gb|sdxl-24gb|...|flux-24gb|flux-40gb|flux-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|depth|demo-sd3|demo-flux|faces|sdxl|sd3|flux, ADAPTER=controlnet|t2i_adapter, GPU=auto|cpu|8gb|...|80gb|sdxl-24gb|...|flux-24gb|flux-40gb|flux-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 # VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
 # uv (pinned, from PyPI) installs the same pinned lock as pip would, several times faster; it looks
@@ -58,9 +59,12 @@ SET_RECIPE = @if [ -n "$(RECIPE)" ]; then \
 	  $(BIN)/python -m controlnet_recipe check --recipe "$(RECIPE)" && \
 	  sed -i -E 's/^recipe:[[:space:]]*[^[:space:]\#]+/recipe: $(RECIPE)/' params.yaml && echo "params.yaml: recipe: $(RECIPE)"; \
 	fi
+# ADAPTER=kind: checked against the recipe's family, then written into its block's adapter line
+SET_ADAPTER = @if [ -n "$(ADAPTER)" ]; then $(BIN)/python -m controlnet_recipe check --adapter "$(ADAPTER)"; fi
 
-demo: env ## run the whole pipeline on the embedded default (CPU, offline, under 10 min): make demo [RECIPE=depth]
+demo: env ## run the whole pipeline on the embedded default (CPU, offline, under 10 min): make demo [RECIPE=depth] [ADAPTER=t2i_adapter]
 	$(SET_RECIPE)
+	$(SET_ADAPTER)
 	$(BIN)/python -m controlnet_recipe check
 	$(BIN)/dvc repro
 	@echo
@@ -73,6 +77,7 @@ repro: env ## rerun only the stages whose code, params or inputs changed
 
 train: env ## train the ControlNet (and what it needs): make train [RECIPE=faces] [GPU=16gb]
 	$(SET_RECIPE)
+	$(SET_ADAPTER)
 	@if [ -n "$(GPU)" ]; then \
 	  $(BIN)/python -m controlnet_recipe check --gpu "$(GPU)" && \
 	  sed -i -E 's/^gpu:[[:space:]]*[^[:space:]#]+/gpu: $(GPU)/' params.yaml && echo "params.yaml: gpu: $(GPU)"; \

@@ -32,7 +32,7 @@ def one_line_error(capsys, *args: str) -> str:
         ("captions", "data/conditions"),
         ("base", "data/captions"),
         ("evaluator", "data/captions"),
-        ("cache", "data/captions"),
+        ("cache", "models/base"),  # first: the base names the family, which the adapter must run on
         ("train", "models/base"),  # first: the base names the family, and so the tiers
         ("evaluate", "data/captions"),
     ],

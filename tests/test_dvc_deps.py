@@ -28,6 +28,10 @@ def test_the_dag_stays_fine():
     # the registry's members, and so the shard-resume digest, which hashes these same files
     kind = codedeps.PACKAGE_DIR / "conditions" / "face_segmentation.py"
     assert kind in codedeps.stage_files("conditions") and kind not in codedeps.stage_files("captions")
+    # the kinds of control: the stages that check, train or sample them, never the base or the data
+    control = codedeps.PACKAGE_DIR / "adapters" / "t2i_adapter.py"
+    assert all(control in codedeps.stage_files(s) for s in ("cache", "train", "evaluate"))
+    assert not any(control in codedeps.stage_files(s) for s in ("data", "conditions", "base", "evaluator"))
 
 
 def _package(tmp_path: Path, stage_source: str) -> tuple[Path, Path]:

@@ -14,10 +14,10 @@ LAYERS = [
     ["objectives.flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
     ["faces"],  # landmarks, drawing, the synthetic generator
     ["metrics", "models", "sources", "report"],  # the domain's parts
-    ["conditions"],  # one module per condition kind: making, map type, fidelity (uses metrics and models)
+    ["conditions", "adapters"],  # one module per condition kind (making, map type, fidelity); per kind of control
     ["training"],  # the ControlNet engine
     ["evaluation", "planning"],  # scoring, sampling and the sweep; the GPU-memory planner (runs training's step)
-    ["apps.publish", "apps.generate", "apps.doctor"],  # applications
+    ["apps.publish", "apps.generate", "apps.doctor", "apps.check"],  # applications
     ["stages", "apps.web"],
     ["cli"],
     ["__main__"],

@@ -86,9 +86,10 @@ def _kill_when(work: Path, during_save: bool, after_step: int, rng: random.Rando
     return proc.returncode == -signal.SIGKILL
 
 
-def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str) -> None:
-    """A family's project (SDXL, SD3, Flux): 12 steps uninterrupted, then the same run SIGKILLed
-    once after a checkpoint and once during a save, resumed: bit for bit the same weights."""
+def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str, adapter_kind: str | None = None) -> None:
+    """A family's project (SDXL, SD3, Flux), or a kind of control (``adapter_kind``): 12 steps
+    uninterrupted, then the same run SIGKILLed once after a checkpoint and once during a save,
+    resumed: bit for bit the same weights."""
 
     def copy(dest: Path, resume: str | None) -> Path:
         shutil.copytree(project, dest, symlinks=True)
@@ -99,6 +100,8 @@ def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str) 
         t.update(max_train_steps=12, checkpointing_steps=2, checkpoints_total_limit=2, resume_from_checkpoint=resume)
         t["validation"].update(steps=10_000, held_out=1, num_images=1)
         p["tiers"]["cpu"]["batch_size"] = 2
+        if adapter_kind:
+            p[recipe]["adapter"]["kind"] = adapter_kind
         (dest / "resume.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
         return dest
 

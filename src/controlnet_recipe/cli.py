@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
     p.add_argument("--recipe", default=None, help="override the recipe block named in params")
+    p.add_argument("--adapter", default=None, help="check: write this adapter.kind into the recipe's block (make ADAPTER=)")
     args, rest = p.parse_known_args(argv)
     if rest and args.stage not in OWN_OPTIONS:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params, overrides)
         if args.stage == "check":
-            print(f"{args.params}: ok (recipe {cfg.recipe_name}, gpu {cfg.gpu})")
-            return 0
+            return importlib.import_module(".apps.check", __package__).main(cfg, args.params, args.adapter)
         if args.stage in COMMANDS:
             module = ".planning.cli" if args.stage == "plan" else f".apps.{args.stage}"
             return importlib.import_module(module, __package__).main(cfg, rest)

@@ -125,15 +125,17 @@ class Generator:
         self.resolution = cfg.recipe.data.resolution
         self.model = check_model(model)  # before the slow imports
 
-        from ..models.base_model import BaseRef, inference_device, load_base, load_controlnet, make_pipeline
+        from ..adapters import adapter_of
+        from ..models.base_model import BaseRef, inference_device, load_base, make_pipeline
 
         try:
             base = load_base(BaseRef.read())
         except FileNotFoundError:
             raise GenerateError(f"no base model in {BASE_DIR}; {NO_MODEL}") from None
         self.device, dtype = inference_device()
-        controlnet = load_controlnet(self.model, torch_dtype=dtype)
-        self.base, self.pipe = base, make_pipeline(base, controlnet, device=self.device, dtype=dtype)
+        self.adapter = adapter_of(self.model)  # the kind of control the folder holds
+        controlnet = self.adapter.load(self.model, torch_dtype=dtype)
+        self.base, self.pipe = base, make_pipeline(base, controlnet, self.adapter, device=self.device, dtype=dtype)
         from ..conditions import condition as condition_kind
 
         self.kind = condition_kind(cfg.recipe.conditions)  # its detector or model loads once, on first use
@@ -151,7 +153,7 @@ class Generator:
         images = []
         for lo in range(0, s.num_images, BATCH):
             n = min(BATCH, s.num_images - lo)
-            kw = sampling_kwargs(self.base, n, s.guidance, [condition] * n, s.conditioning_scale)
+            kw = sampling_kwargs(self.base, n, s.guidance, [condition] * n, s.conditioning_scale, self.adapter)
             if s.negative_prompt:
                 kw["negative_prompt"] = [s.negative_prompt] * n
             images += self.pipe(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ..adapters import ADAPTER_FILE, adapter_of
 from ..conditions import condition
 from ..core.config import Config
 from ..core.errors import BadInput, MissingInput
@@ -19,7 +20,7 @@ from ..core.storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
 from ..models.base_model import BaseRef
 from ..models.families import family
 
-MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json")
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json", ADAPTER_FILE)
 IMAGES = {
     "validation.png": TRAIN_DIR / "validation.png",
     "evaluation_grid.png": EVAL_DIR / "grid.png",
@@ -34,11 +35,11 @@ def model_dir() -> Path:
 
 
 def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
-    r, fam = cfg.recipe, family(base.family)
+    r, fam, kind = cfg.recipe, family(base.family), adapter_of(model_dir())
     front = {
         "library_name": "diffusers",
         "base_model": base.name_or_path,
-        "tags": ["controlnet", fam.hub_tag, "diffusers", "controlnet-recipe", r.conditions.kind],
+        "tags": [kind.name.replace("_", "-"), fam.hub_tag, "diffusers", "controlnet-recipe", r.conditions.kind],
         "pipeline_tag": "text-to-image",
     }
     made = ", ".join(f"{k} `{v}`" for k, v in condition(r.conditions).report().items() if v is not None)
@@ -47,15 +48,13 @@ def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
 
-# ControlNet ({r.conditions.kind}) for {base.name_or_path}
+# {kind.title} ({r.conditions.kind}) for {base.name_or_path}
 
-A {fam.title} ControlNet, trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
+A {fam.title} {kind.title}, trained with controlnet-recipe (recipe `{cfg.recipe_name}`).
 Condition: {made}; captions: `{r.captions.captioner}`.
 
 ```python
-from diffusers import {fam.controlnet_class}, {fam.controlnet_pipeline_class}
-controlnet = {fam.controlnet_class}.from_pretrained("{r.evaluate.hub_model_id}")
-pipe = {fam.controlnet_pipeline_class}.from_pretrained("{base.name_or_path}", controlnet=controlnet)
+{kind.card_lines(fam, base.name_or_path, r.evaluate.hub_model_id)}
 image = pipe("a prompt", {fam.control_argument}=condition_image).images[0]
 ```
 
@@ -66,7 +65,7 @@ image = pipe("a prompt", {fam.control_argument}=condition_image).images[0]
 
 ## Training parameters
 ```yaml
-{yaml.safe_dump(r.train.model_dump(), sort_keys=False).strip()}
+{yaml.safe_dump({"adapter": r.adapter.model_dump(), **r.train.model_dump()}, sort_keys=False).strip()}
 ```
 
 ## Metrics

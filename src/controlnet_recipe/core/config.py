@@ -256,6 +256,14 @@ class TrainCfg(Strict):
         return self
 
 
+class AdapterCfg(Strict):
+    """The kind of control the train stage trains (one module each in ``adapters/``) and its
+    settings; a kind reads some of them and the others must be null (adapters/adapter.py)."""
+
+    kind: Literal["controlnet", "t2i_adapter"]
+    num_res_blocks: int | None = Field(gt=0)  # t2i_adapter: residual blocks per level (null: 2, diffusers' default)
+
+
 class Probe(Strict):
     """An off-domain prompt for the forgetting check; ``concept`` is its CLIP zero-shot label
     (the prompt itself when null)."""
@@ -303,6 +311,7 @@ class Recipe(Strict):
     base: BaseCfg
     cache: CacheCfg
     evaluator: EvaluatorCfg
+    adapter: AdapterCfg
     train: TrainCfg
     evaluate: EvaluateCfg
 

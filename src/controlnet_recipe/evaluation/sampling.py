@@ -13,9 +13,10 @@ BATCH = 16
 
 
 class Sampler:
-    def __init__(self, base: BaseComponents, e: EvaluateCfg, resolution: int):
+    def __init__(self, base: BaseComponents, e: EvaluateCfg, resolution: int, adapter=None):
+        """``adapter``: the kind of control the models to sample are (None: ControlNets)."""
         self.device, self.dtype = inference_device()
-        self.base, self.e, self.resolution = base, e, resolution
+        self.base, self.e, self.resolution, self.adapter = base, e, resolution, adapter
         self.base_pipe = make_pipeline(base, device=self.device, dtype=self.dtype)
 
     def settings(self) -> dict:
@@ -37,7 +38,9 @@ class Sampler:
         """One image per prompt; image i always comes from ``seeds[i]`` whatever the batching.
         With a ``controlnet``, ``conditions`` steer it; without, the base alone."""
         pipe = (
-            self.base_pipe if controlnet is None else make_pipeline(self.base, controlnet, device=self.device, dtype=self.dtype)
+            self.base_pipe
+            if controlnet is None
+            else make_pipeline(self.base, controlnet, self.adapter, device=self.device, dtype=self.dtype)
         )
         images = []
         for i in progress(range(0, len(prompts), BATCH), desc=f"evaluate: {desc}", leave=False):
@@ -54,6 +57,7 @@ class Sampler:
                     self.e.guidance_scale,
                     None if controlnet is None else conditions[i : i + BATCH],
                     self.e.conditioning_scale,
+                    self.adapter,
                 ),
             ).images
         return images

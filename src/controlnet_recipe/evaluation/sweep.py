@@ -31,9 +31,9 @@ def load_controlnet(c: Candidate, final: Path):
     kept an EMA (as the final model holds), else its trained weights."""
     from safetensors.torch import load_file
 
-    from ..models.base_model import controlnet_class_of
+    from ..models.base_model import trained_class_of
 
-    cls = controlnet_class_of(final)
+    cls = trained_class_of(final)
     if c.path == final:
         return cls.from_pretrained(final)
     model = cls.from_config(cls.load_config(final))

@@ -50,16 +50,18 @@ def seeded(seeds: list[int]) -> list:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None):
+def make_pipeline(b: BaseComponents, controlnet=None, adapter=None, *, device=None, dtype=None):
     """The one way a sampling pipeline is built (validation, evaluation, generate): the family's
     pipeline of the base's components with its sampler (UniPC for the UNet families, the base's
-    flow-matching Euler for the transformer families; no safety checker), plus ``controlnet`` if
-    given, with a quiet progress bar. With ``device``, the components (and the ControlNet) are
-    moved there first."""
+    flow-matching Euler for the transformer families; no safety checker), plus the trained module
+    ``controlnet`` if given, in the stock pipeline of its kind (``adapter``, an adapters.Adapter;
+    None: a ControlNet), with a quiet progress bar. With ``device``, the components (and the
+    trained module) are moved there first."""
     if device is not None:
         for m in (b.denoiser, b.vae, *b.text_encoders, *([controlnet] if controlnet is not None else [])):
             m.to(device, dtype)
-    pipe = family(b.family).pipeline(b, controlnet)
+    fam = family(b.family)
+    pipe = fam.pipeline(b, controlnet) if adapter is None or controlnet is None else adapter.pipeline(fam, b, controlnet)
     pipe.set_progress_bar_config(disable=True)
     if next(b.vae.parameters()).device.type == "cuda":
         # one image at a time through the VAE's decoder: on an H200, decoding SDXL's four validation
@@ -68,19 +70,20 @@ def make_pipeline(b: BaseComponents, controlnet=None, *, device=None, dtype=None
     return pipe
 
 
-def controlnet_class_of(folder):
-    """The diffusers class a trained ControlNet folder names in its config.json (ControlNetModel,
-    SD3ControlNetModel, FluxControlNetModel): whichever family trained it."""
+def call_arguments(adapter, kw: dict) -> dict:
+    """The family's sampling arguments as the kind's pipeline names them (None: a ControlNet's)."""
+    return kw if adapter is None else adapter.call_arguments(kw)
+
+
+def trained_class_of(folder):
+    """The diffusers class a trained module's folder names in its config.json (ControlNetModel,
+    SD3ControlNetModel, FluxControlNetModel, T2IAdapter): whichever family and kind trained it."""
     import diffusers
 
     return getattr(diffusers, diffusers.ControlNetModel.load_config(folder)["_class_name"])
 
 
-def load_controlnet(folder, **kw):
-    """A trained ControlNet folder as its own class (``from_pretrained``)."""
-    return controlnet_class_of(folder).from_pretrained(folder, **kw)
-
-
-def sampling_kwargs(b: BaseComponents, n: int, guidance_scale: float, conditions=None, scale: float = 1.0) -> dict:
-    """The pipeline call's family-specific arguments for ``n`` prompts (guidance, the condition)."""
-    return family(b.family).sampling_kwargs(b, n, guidance_scale, conditions, scale)
+def sampling_kwargs(b: BaseComponents, n: int, guidance_scale: float, conditions=None, scale: float = 1.0, adapter=None) -> dict:
+    """The pipeline call's family-specific arguments for ``n`` prompts (guidance, the condition),
+    named as the kind of control's pipeline (``adapter``; None: a ControlNet's) takes them."""
+    return call_arguments(adapter, family(b.family).sampling_kwargs(b, n, guidance_scale, conditions, scale))

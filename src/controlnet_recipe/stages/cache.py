@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from ..adapters import check as check_adapter
 from ..core.config import Config
 from ..core.images import images_to_tensor
 from ..core.logs import progress
@@ -88,5 +89,8 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
 
 
 def main(cfg: Config) -> None:
+    # the first stage that loads the base: a kind of control that does not run on its family (known
+    # here for a hub model of family auto) stops before it does
+    check_adapter(cfg.recipe.adapter, BaseRef.read().family, f"{cfg.recipe_name}.adapter")
     meta = build_cache(cfg)
     print(f"cache: {meta['num_rows']} samples in {meta['shards']} shards -> {CACHE_DIR / meta['fingerprint']}")

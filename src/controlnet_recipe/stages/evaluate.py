@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapters import ADAPTER_FILE, adapter_of
 from ..core.config import Config
 from ..core.storage import (
     BEST_DIR,
@@ -93,7 +94,7 @@ def load_held_out(cfg: Config) -> HeldOut:
         targets=targets,
         seeds=[e.seed + i for i in range(n)],
         probes=ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed),
-        sampler=Sampler(load_base(BaseRef.read()), e, res),
+        sampler=Sampler(load_base(BaseRef.read()), e, res, adapter_of(CONTROLNET_DIR)),
         scorer=scorer,
     )
 
@@ -158,9 +159,10 @@ def export_chosen(c, swept: Scored, h: HeldOut, why: str) -> Scored:
     level in a few pixels where the CPU's kernels depend on the batch size)."""
     controlnet = load_controlnet(c, CONTROLNET_DIR)
     best = fresh_dir(BEST_DIR)
-    controlnet.save_pretrained(best)  # fp32, before sampling casts it
-    if (CONTROLNET_DIR / "training.json").is_file():
-        shutil.copy(CONTROLNET_DIR / "training.json", best / "training.json")
+    adapter_of(CONTROLNET_DIR).save(controlnet, best)  # fp32, before sampling casts it
+    for f in ("training.json", ADAPTER_FILE):
+        if (CONTROLNET_DIR / f).is_file():
+            shutil.copy(CONTROLNET_DIR / f, best / f)
     write_json(best / "chosen.json", {"step": c.step, "source": str(c.path), "rule": why})
     if len(swept.images) == len(h.conditions):  # the sweep drew every held-out condition
         return swept

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from ..adapters import check as check_adapter
 from ..core.config import Config, ConfigError, Tier, check_tier, resolve_tier
 from ..core.storage import BASE_DIR, CONTROLNET_DIR, TRAIN_DIR, write_json
 from ..models.base_model import BASE_FILE, BaseRef
@@ -27,6 +28,7 @@ def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
     stage has read the model's index) before any model loads. ``gpu: auto`` on a GPU: the planner's
     fit for this run and the card's free memory (planning/fit.py), said with its reasons."""
     check_tier(cfg.gpu, ref.family, cfg.tiers, f"{BASE_DIR / BASE_FILE} (family {ref.family})")
+    check_adapter(cfg.recipe.adapter, ref.family, f"{cfg.recipe_name}.adapter")
     if cfg.gpu == "auto" and torch.cuda.is_available():
         from ..planning.fit import detect_and_fit
         from ..planning.plan import architecture

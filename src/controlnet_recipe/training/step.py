@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..adapters import Adapter, adapter
 from ..core.config import TrainCfg
 from ..models.families import FAMILIES, Family, LatentSpace
 from ..models.families.sd import DEFAULT_HINT_CHANNELS, controlnet_from_unet
@@ -47,6 +48,7 @@ class LossInputs:
     dtype: torch.dtype
     objective: Objective
     family: Family = field(default_factory=lambda: FAMILIES["sd"])
+    adapter: Adapter = field(default_factory=lambda: adapter("controlnet"))  # the kind ``controlnet`` holds
     channels_last: bool = False
     shift_factor: float = 0.0
 
@@ -56,10 +58,11 @@ class LossInputs:
 
 
 def controlnet_loss(x: LossInputs, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """Sample the latents (and the control latents), noise them, run ControlNet + frozen
-    denoiser, and take the (weighted) MSE. With upstream's levers this is upstream's computation,
-    draw for draw (tests/test_objective.py, per family)."""
-    g, device, fam = generator, x.device, x.family
+    """Sample the latents (and the control latents), noise them, run the trained module (a
+    ControlNet, or another kind of control) and the frozen denoiser, and take the (weighted) MSE.
+    With upstream's levers this is upstream's computation, draw for draw (tests/test_objective.py,
+    per family)."""
+    g, device, fam, kind = generator, x.device, x.family, x.adapter
     obj = fam.objective(x.objective)
     x0 = sample_latents(batch["latent_mean"], batch["latent_std"], x.scaling_factor, g, x.shift_factor).to(device)
     noised, control = fam.noise_and_control(x.scheduler, x0, batch, x.latents, g, obj, device)
@@ -70,7 +73,7 @@ def controlnet_loss(x: LossInputs, batch: dict, generator: torch.Generator) -> t
     half = next(x.controlnet.parameters()).dtype
     # DeepSpeed holds the ControlNet in half precision and autocasts nothing: its inputs follow it
     with torch.autocast(torch.device(device).type, dtype=half) if half != torch.float32 else nullcontext():
-        residuals = fam.residuals(x.controlnet, noised, text, batch, control, device)
-    pred = fam.output(fam.predict(x.denoiser, noised, text, batch, residuals, x.dtype, device), noised, obj)
+        residuals = kind.residuals(fam, x.controlnet, noised, text, batch, control, device)
+    pred = fam.output(kind.predict(fam, x.denoiser, noised, text, batch, residuals, x.dtype, device), noised, obj)
     spatial = condition_weights(batch["conditioning"].to(device), tuple(pred.shape[-2:]), obj.condition_weight)
     return diffusion_loss(pred, noised.target, noised.weights, spatial)

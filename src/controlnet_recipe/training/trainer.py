@@ -25,9 +25,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from ..adapters import ADAPTER_FILE
+from ..adapters import check as check_adapter
 from ..core.config import Config, Tier, accumulation_steps
 from ..core.logs import progress
-from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything
+from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 from ..models.base_model import BaseRef, load_base
 from ..models.families import family
 from .batches import CachedPairs, ResumableBatches, batch_stream, step_generator
@@ -84,6 +86,7 @@ def run_settings(cfg: Config, tier: Tier, cache_fingerprint: str, micro: int, ac
     t = cfg.recipe.train
     settings = {k: v for k, v in t.model_dump().items() if k not in NOT_IN_RUN}
     settings.update(
+        adapter=cfg.recipe.adapter.model_dump(),
         cache=cache_fingerprint,
         optimizer="AdamW8bit" if tier.use_8bit_adam else "AdamW",
         deepspeed=tier.deepspeed,
@@ -127,6 +130,7 @@ class Trainer:
         self.cfg, self.t, self.tier, self.tier_name, self.train_dir = cfg, cfg.recipe.train, tier, tier_name, train_dir
         ref = BaseRef.read()
         self.family = family(ref.family)
+        self.adapter = check_adapter(cfg.recipe.adapter, ref.family)  # the kind of control trained
         # The parts, each built by its own method, in the order their random draws and files need.
         self._build_processes()
         cache, dataset, data = self._build_data()
@@ -188,7 +192,7 @@ class Trainer:
         base = load_base(ref)
         for m in (base.vae, *base.text_encoders, base.denoiser):
             m.requires_grad_(False).eval()
-        controlnet = self.family.make_controlnet(base, self.t)
+        controlnet = self.adapter.make(self.family, base, self.t, self.cfg.recipe.adapter)
         # shard_frozen: every process holds 1/N of the frozen base, and every process validates (a
         # forward gathers each block from all of them)
         self.sharded = tier.shard_frozen and self.world > 1
@@ -214,7 +218,7 @@ class Trainer:
         the ControlNet by accelerate; the EMA, checkpointed with them."""
         t, acc, world = self.t, self.accelerator, self.world
         lr = t.learning_rate * (t.batch_size if t.scale_lr else 1)
-        groups = param_groups(controlnet, lr, t.new_layers_lr_multiplier, self.family.new_layers)
+        groups = param_groups(controlnet, lr, t.new_layers_lr_multiplier, self.adapter.new_layers(self.family))
         optimizer = make_optimizer(groups, self.tier, t, lr)
         lr_scheduler = get_scheduler(
             t.lr_scheduler,
@@ -244,6 +248,7 @@ class Trainer:
             dtype=self.dtype,
             objective=objective(t),
             family=self.family,
+            adapter=self.adapter,
             channels_last=self.tier.channels_last,
             shift_factor=cache.shift_factor,
         )
@@ -291,7 +296,15 @@ class Trainer:
             t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
         )
         self.validator = Validator(
-            base, pairs, t.validation, r.data.resolution, t.seed, load_extractor(EVALUATOR_DIR), self.trackers, self.train_dir
+            base,
+            pairs,
+            t.validation,
+            r.data.resolution,
+            t.seed,
+            load_extractor(EVALUATOR_DIR),
+            self.trackers,
+            self.train_dir,
+            self.adapter,
         )
 
     @contextmanager
@@ -341,7 +354,9 @@ class Trainer:
         and validating on the components' schedules."""
         last, until = self.max_steps, min(until or self.max_steps, self.max_steps)
         t0 = time.time()
-        bar = progress(range(self.step, until), initial=self.step, total=last, desc="train: ControlNet", disable=not self.main)
+        bar = progress(
+            range(self.step, until), initial=self.step, total=last, desc=f"train: {self.adapter.title}", disable=not self.main
+        )
         for step in bar:
             self.pending.append(self.train_step(step))
             done = self.step = step + 1
@@ -371,8 +386,10 @@ class Trainer:
             with self.weights() as model:
                 if self.zero and self.ema is None:  # DeepSpeed's fp32 master weights, not the engine's half-precision copy
                     model = consolidated(model, self.checkpointer.dir / f"checkpoint-{self.max_steps}")
-                model.save_pretrained(out)
+                self.adapter.save(model, out)
+            write_json(out / ADAPTER_FILE, self.cfg.recipe.adapter.model_dump())
         return {
+            "adapter": self.adapter.name,
             "tier": self.tier_name,
             "micro_batch": self.micro,
             "gradient_accumulation_steps": self.accum,

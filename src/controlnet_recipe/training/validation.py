@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from ..core.config import ValidationCfg
 from ..core.errors import BadInput
 from ..core.images import images_to_tensor, tensor_to_images
-from ..models.base_model import make_pipeline, seeded
+from ..models.base_model import call_arguments, make_pipeline, seeded
 from ..models.families import family
 from ..report.grid import make_grid
 
@@ -54,7 +54,7 @@ def validation_pairs(v: ValidationCfg, held_out, condition_column: str, caption_
 
 @torch.no_grad()
 def run_validation(
-    base, controlnet, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, extractor=None
+    base, controlnet, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, extractor=None, adapter=None
 ) -> tuple[Image.Image, dict[str, float]]:
     """Generate ``v.num_images`` images per pair (seeds fixed across validations); return a grid
     (condition | images) and, with the evaluator's extractor, the images' condition fidelity."""
@@ -76,7 +76,7 @@ def run_validation(
     encoders = base.text_encoders if fam.encodes_prompts_on_device else []
     for encoder in encoders:
         encoder.to(device, dtype)
-    pipe = make_pipeline(base, controlnet)  # already on the device: the training loop placed it
+    pipe = make_pipeline(base, controlnet, adapter)  # already on the device: the training loop placed it
     was_training = controlnet.training
     controlnet.eval()
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -89,7 +89,10 @@ def run_validation(
                 generator=gens,
                 height=resolution,
                 width=resolution,
-                **fam.validation_inputs(base, prompt, v.num_images, v.guidance_scale, [cond] * v.num_images, device, dtype),
+                **call_arguments(
+                    adapter,
+                    fam.validation_inputs(base, prompt, v.num_images, v.guidance_scale, [cond] * v.num_images, device, dtype),
+                ),
             ).images
             rows.append([cond, *out])
             images += out
@@ -119,10 +122,19 @@ class Validator:
     (the fixed pairs), scored by the evaluator's extractor, and logged (grid and metrics)."""
 
     def __init__(
-        self, base, pairs: ValidationPairs, v: ValidationCfg, resolution: int, seed: int, extractor, trackers, out: Path
+        self,
+        base,
+        pairs: ValidationPairs,
+        v: ValidationCfg,
+        resolution: int,
+        seed: int,
+        extractor,
+        trackers,
+        out: Path,
+        adapter=None,
     ):
         self.base, self.pairs, self.v, self.resolution, self.seed = base, pairs, v, resolution, seed
-        self.extractor, self.trackers, self.out = extractor, trackers, out
+        self.extractor, self.trackers, self.out, self.adapter = extractor, trackers, out, adapter
 
     def should_validate(self, step: int, last: int) -> bool:
         return step % self.v.steps == 0 or step == last
@@ -131,7 +143,9 @@ class Validator:
         """Images from ``controlnet`` (the weights to validate), saved, logged and scored; ``write``
         false: only drawn (a process that takes part in a sharded base's forwards)."""
         extractor = self.extractor if write else None
-        grid, metrics = run_validation(self.base, controlnet, self.pairs, self.v, self.resolution, self.seed, extractor)
+        grid, metrics = run_validation(
+            self.base, controlnet, self.pairs, self.v, self.resolution, self.seed, extractor, self.adapter
+        )
         if not write:
             return {}
         grid.save(self.out / "validation.png")

@@ -171,8 +171,19 @@ class Family:
         """The UNet's and the ControlNet's extra conditioning for a training batch (None: none)."""
         return None
 
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
+    def pipeline_parts(self, base: BaseComponents, scheduler=None) -> dict:
+        """The base's components as the family's pipelines take them (a sampling scheduler)."""
         raise NotImplementedError
+
+    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
+        """The family's text-to-image pipeline, or with ``controlnet`` its ControlNet pipeline
+        (other kinds of control build theirs: adapters/)."""
+        import diffusers
+
+        parts = self.pipeline_parts(base, scheduler)
+        if controlnet is None:
+            return getattr(diffusers, self.pipeline_class)(**parts)
+        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)
 
     def caption_features(
         self, base: BaseComponents, captions: list[str], batch_size: int = 64

@@ -110,19 +110,15 @@ class FlowFamily(Family):
         """A fresh copy of the base's flow-matching scheduler (training reads the base's own table)."""
         return scheduler or type(base.noise_scheduler).from_config(base.noise_scheduler.config)
 
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
-        """The family's pipeline of the base's components: its text encoders and tokenizers (two
-        for Flux, three for SD3), the VAE, the transformer, a fresh scheduler."""
-        import diffusers
-
+    def pipeline_parts(self, base: BaseComponents, scheduler=None) -> dict:
+        """The base's components as the family's pipelines take them: its text encoders and
+        tokenizers (two for Flux, three for SD3), the VAE, the transformer, a fresh scheduler."""
         parts = dict(scheduler=self.scheduler_for_sampling(base, scheduler), vae=base.vae, transformer=base.denoiser)
         for suffix in ("", "_2", "_3"):
             if getattr(base, f"text_encoder{suffix}") is not None:
                 parts[f"text_encoder{suffix}"] = getattr(base, f"text_encoder{suffix}")
                 parts[f"tokenizer{suffix}"] = getattr(base, f"tokenizer{suffix}")
-        if controlnet is None:
-            return getattr(diffusers, self.pipeline_class)(**parts)
-        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)
+        return parts
 
     def caption_batch(self, base: BaseComponents, captions: list[str]) -> dict[str, torch.Tensor]:
         """``encode`` through the family's pipeline, on the text encoders' device."""

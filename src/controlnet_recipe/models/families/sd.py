@@ -117,13 +117,17 @@ class StableDiffusion(Family):
         )
 
     def predict(self, denoiser, noised: Noised, text: dict, batch: dict, residuals, dtype, device):
-        added = self.added_cond_kwargs(text, batch, device)
-        if added is not None:
-            added = {**added, "text_embeds": added["text_embeds"].to(dtype)}
         extra = {}
         if residuals is not None:
             down, mid = residuals
             extra = dict(down_block_additional_residuals=[d.to(dtype) for d in down], mid_block_additional_residual=mid.to(dtype))
+        return self.denoise(denoiser, noised, text, batch, extra, dtype, device)
+
+    def denoise(self, denoiser, noised: Noised, text: dict, batch: dict, extra: dict, dtype, device):
+        """The frozen UNet's output, ``extra`` among its arguments (what a kind of control adds)."""
+        added = self.added_cond_kwargs(text, batch, device)
+        if added is not None:
+            added = {**added, "text_embeds": added["text_embeds"].to(dtype)}
         return denoiser(
             noised.noisy.to(dtype),
             noised.timesteps,
@@ -139,10 +143,10 @@ class StableDiffusion(Family):
         with torch.no_grad():
             return {TEXT: base.text_encoder(tokenize(base.tokenizer, captions, device))[0].float().cpu()}
 
-    def pipeline(self, base: BaseComponents, controlnet=None, scheduler=None):
+    def pipeline_parts(self, base: BaseComponents, scheduler=None) -> dict:
         import diffusers
 
-        parts = dict(
+        return dict(
             vae=base.vae,
             text_encoder=base.text_encoder,
             tokenizer=base.tokenizer,
@@ -150,9 +154,6 @@ class StableDiffusion(Family):
             scheduler=scheduler or diffusers.UniPCMultistepScheduler.from_config(base.noise_scheduler.config),
             **self.more_pipeline_parts(base),
         )
-        if controlnet is None:
-            return getattr(diffusers, self.pipeline_class)(**parts)
-        return getattr(diffusers, self.controlnet_pipeline_class)(controlnet=controlnet, **parts)
 
     def more_pipeline_parts(self, base: BaseComponents) -> dict:
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

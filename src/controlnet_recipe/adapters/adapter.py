@@ -1,0 +1,97 @@
+"""What a kind of control supplies (:class:`Adapter`): the families it runs on, the settings it
+reads, the module it trains from the frozen base, how that module joins the base's forward in the
+training step and in sampling, how it is saved and loaded, and the stock diffusers pipeline that
+runs it. The trainer, the sampling code, the sweep and the model card ask the run's adapter and
+never name one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..core.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..core.config import AdapterCfg, TrainCfg
+    from ..models.families import BaseComponents, Family
+    from ..objectives.diffusion import Noised
+
+SETTINGS = ("num_res_blocks",)  # AdapterCfg's settings besides kind: each kind reads some
+
+
+class Adapter:
+    """The base class: a kind overrides what differs. Subclasses are stateless singletons."""
+
+    name: str  # params' adapter.kind
+    title: str  # for people (logs, the model card)
+    families: tuple[str, ...]  # the families it trains on
+    settings: tuple[str, ...] = ()  # the adapter settings it reads; the others must be null
+    classes: tuple[str, ...]  # the diffusers classes it saves as (config.json's _class_name)
+    pipeline_argument = "controlnet"  # the pipeline's constructor argument for the trained module
+    scale_argument = "controlnet_conditioning_scale"  # the pipeline's call argument for the control's strength
+
+    def check(self, family: str, a: AdapterCfg, where: str = "adapter") -> None:
+        """A pair this kind does not run on, or a setting it does not read, stops here in one line,
+        before any model loads."""
+        if family not in self.families:
+            raise ConfigError(f"{where}.kind: {self.name} does not run on family {family}; it runs on {', '.join(self.families)}")
+        for key in SETTINGS:
+            if getattr(a, key) is not None and key not in self.settings:
+                reads = ", ".join(self.settings) or "none"
+                raise ConfigError(f"{where}.{key}: {self.name} has no {key} (it reads {reads}); expected null")
+
+    # --- training ---
+    def make(self, fam: Family, base: BaseComponents, t: TrainCfg, a: AdapterCfg) -> torch.nn.Module:
+        """The trainable module, built from (or beside) the frozen base."""
+        raise NotImplementedError
+
+    def new_layers(self, fam: Family) -> tuple[str, ...]:
+        """Its layers that train at ``new_layers_lr_multiplier`` x the learning rate (parameter-name prefixes)."""
+        return ()
+
+    def residuals(self, fam: Family, module, noised: Noised, text: dict, batch: dict, control: torch.Tensor, device):
+        """What the trained module computes from the condition (under the step's autocast)."""
+        raise NotImplementedError
+
+    def predict(self, fam: Family, denoiser, noised: Noised, text: dict, batch: dict, residuals, dtype, device):
+        """The frozen denoiser's output with ``residuals`` joined into its forward."""
+        raise NotImplementedError
+
+    # --- sampling ---
+    def pipeline_class(self, fam: Family) -> str:
+        raise NotImplementedError
+
+    def pipeline(self, fam: Family, base: BaseComponents, module, scheduler=None):
+        """The stock diffusers pipeline of the base's components with ``module``."""
+        import diffusers
+
+        parts = fam.pipeline_parts(base, scheduler)
+        return getattr(diffusers, self.pipeline_class(fam))(**{self.pipeline_argument: module}, **parts)
+
+    def call_arguments(self, kw: dict) -> dict:
+        """The family's sampling arguments as this kind's pipeline names them."""
+        if "controlnet_conditioning_scale" in kw and self.scale_argument != "controlnet_conditioning_scale":
+            kw = {**kw}
+            kw[self.scale_argument] = kw.pop("controlnet_conditioning_scale")
+        return kw
+
+    # --- saving ---
+    def save(self, module, folder: Path) -> None:
+        module.save_pretrained(folder)
+
+    def load(self, folder: Path, **kw):
+        """A saved module as its own class (``from_pretrained``)."""
+        from ..models.base_model import trained_class_of
+
+        return trained_class_of(folder).from_pretrained(folder, **kw)
+
+    def card_lines(self, fam: Family, base_id: str, model_id: str) -> str:
+        """The Python lines that load the result in its stock pipeline, for the model card."""
+        cls, pipe = self.classes[0], self.pipeline_class(fam)
+        return (
+            f"from diffusers import {cls}, {pipe}\n"
+            f'{self.pipeline_argument} = {cls}.from_pretrained("{model_id}")\n'
+            f'pipe = {pipe}.from_pretrained("{base_id}", {self.pipeline_argument}={self.pipeline_argument})'
+        )

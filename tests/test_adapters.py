@@ -1,0 +1,183 @@
+"""The adapter seam: each kind of control trains through the same step, stops in one line on a
+family or a setting it does not take, and its result loads in its stock diffusers pipeline from a
+client that imports nothing of the project."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from controlnet_recipe.adapters import KINDS, adapter, check
+from controlnet_recipe.core.config import AdapterCfg, ConfigError
+from controlnet_recipe.models import tiny
+from controlnet_recipe.models.families import family
+from controlnet_recipe.objectives.diffusion import Objective
+from controlnet_recipe.training.batches import step_generator
+from controlnet_recipe.training.step import LossInputs, controlnet_loss
+
+from .conftest import ROOT, dvc, imports_dir, run
+from .test_dvc_deps import _imported_beyond_deps
+from .test_resume import assert_kill_and_resume_is_exact
+
+
+def _cfg(kind: str, **settings) -> AdapterCfg:
+    return AdapterCfg(kind=kind, **{"num_res_blocks": None, **settings})
+
+
+def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
+    flux = r"^demo-flux.adapter.kind: t2i_adapter does not run on family flux; it runs on sd, sdxl$"
+    with pytest.raises(ConfigError, match=flux):
+        check(_cfg("t2i_adapter"), "flux", "demo-flux.adapter")
+    setting = r"^adapter.num_res_blocks: controlnet has no num_res_blocks \(it reads none\); expected null$"
+    with pytest.raises(ConfigError, match=setting):
+        check(_cfg("controlnet", num_res_blocks=3), "sd")
+    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, t2i_adapter$"):
+        adapter("lora")
+    assert check(_cfg("t2i_adapter", num_res_blocks=1), "sdxl").name == "t2i_adapter"
+
+
+def test_check_refuses_a_pair_before_writing_it(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    cmd = [sys.executable, "-m", "controlnet_recipe", "check", "--params", str(params)]
+    p = subprocess.run([*cmd, "--recipe", "demo-flux", "--adapter", "t2i_adapter"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "t2i_adapter does not run on family flux" in p.stderr and params.read_text() == before
+    out = run([*cmd, "--adapter", "t2i_adapter"], tmp_path)
+    assert "adapter t2i_adapter" in out
+    assert yaml.safe_load(params.read_text())["demo"]["adapter"]["kind"] == "t2i_adapter"
+    assert yaml.safe_load(params.read_text())["depth"]["adapter"]["kind"] == "controlnet"  # its own block only
+
+
+def _base(unet):
+    """What a kind's ``make`` reads of the base: the frozen denoiser and the VAE's config."""
+    return type("Base", (), {"denoiser": unet, "vae": type("V", (), {"config": tiny.build_vae(64).config})()})()
+
+
+def _t():
+    return type("T", (), {"hint_init": "random", "controlnet_layers": None, "controlnet_single_layers": None})()
+
+
+def _step_inputs(kind: str, unet):
+    fam = family("sd")
+    module = adapter(kind).make(fam, _base(unet), _t(), _cfg(kind))
+    return module, LossInputs(
+        controlnet=module,
+        denoiser=unet,
+        scheduler=tiny.build_scheduler(),
+        empty_prompt={"text_embedding": torch.zeros(1, tiny.MAX_TOKENS, tiny.TEXT_DIM)},
+        scaling_factor=0.5,
+        p_empty=0.0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        objective=Objective(),
+        family=fam,
+        adapter=adapter(kind),
+    )
+
+
+def _sd_like_unet():
+    """A tiny UNet laid out as SD 1.x/2.x (cross-attention in the first block, none in the last)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=tiny.TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+@pytest.mark.parametrize("unet_layout", ["tiny (SDXL's layout)", "SD's layout"])
+def test_the_t2i_adapter_fits_the_unet_and_only_it_learns(unet_layout: str):
+    torch.manual_seed(0)
+    unet = tiny.build_unet(64) if unet_layout.startswith("tiny") else _sd_like_unet()
+    unet.requires_grad_(False)
+    module, inputs = _step_inputs("t2i_adapter", unet)
+    expected = "full_adapter_xl" if unet_layout.startswith("tiny") else "full_adapter"
+    assert module.config.adapter_type == expected
+    lat = 16
+    batch = {
+        "latent_mean": torch.randn(2, 4, lat, lat),
+        "latent_std": torch.full((2, 4, lat, lat), 0.01),
+        "text_embedding": torch.randn(2, tiny.MAX_TOKENS, tiny.TEXT_DIM),
+        "conditioning": torch.rand(2, 3, 64, 64),
+    }
+    loss = controlnet_loss(inputs, batch, step_generator(0, 0, 0, 0))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters() if p.ndim > 1)
+    assert all(p.grad is None for p in unet.parameters())
+    small = sum(p.numel() for p in module.parameters())
+    big = sum(p.numel() for p in adapter("controlnet").make(inputs.family, _base(unet), _t(), _cfg("controlnet")).parameters())
+    assert small < big / 2  # nothing of the base is copied
+
+
+def test_every_kind_names_its_families_classes_and_pipelines():
+    for kind in KINDS:
+        a = adapter(kind)
+        assert a.families and a.classes and a.title
+        for name in a.families:
+            import diffusers
+
+            assert hasattr(diffusers, a.pipeline_class(family(name))), (kind, name)
+
+
+CLIENT = """
+import sys, json
+import torch
+from PIL import Image
+from diffusers import {cls}, {pipe}
+
+module = {cls}.from_pretrained(sys.argv[2])
+pipe = {pipe}.from_pretrained(sys.argv[1], {arg}=module, safety_checker=None, requires_safety_checker=False)
+image = pipe("a face", image=Image.new("RGB", (64, 64), "white"), num_inference_steps=2, height=64, width=64,
+             generator=torch.Generator().manual_seed(0)).images[0]
+assert not any(m.startswith("controlnet_recipe") for m in sys.modules), "the client imported the project"
+print(json.dumps({{"size": image.size}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_t2i_adapter_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(project: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    shutil.copytree(project, work, symlinks=True)
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    p["demo"]["adapter"]["kind"] = "t2i_adapter"
+    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = dvc("repro", cwd=work, CONTROLNET_RECIPE_RECORD_IMPORTS=str(imports_dir(work)))
+    assert _imported_beyond_deps(work) == {}  # the t2i_adapter run imported nothing dvc.yaml does not list
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'base'" not in out
+    best = work / "models/best"
+    assert json.loads((best / "config.json").read_text())["_class_name"] == "T2IAdapter"
+    assert json.loads((best / "adapter.json").read_text())["kind"] == "t2i_adapter"
+    metrics = json.loads((work / "eval/metrics.json").read_text())
+    assert metrics["fidelity"] == metrics["fidelity"]  # scored (not NaN) by the same evaluator
+    client = tmp_path / "client.py"
+    client.write_text(CLIENT.format(cls="T2IAdapter", pipe="StableDiffusionAdapterPipeline", arg="adapter"))
+    got = subprocess.run(
+        [sys.executable, str(client), str(work / "models/base/pipeline"), str(best)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout.strip().splitlines()[-1]) == {"size": [64, 64]}
+
+
+@pytest.mark.slow
+def test_t2i_adapter_kill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path):
+    assert_kill_and_resume_is_exact(project, tmp_path, "demo", adapter_kind="t2i_adapter")
