@@ -28,7 +28,7 @@ from .test_resume import assert_kill_and_resume_is_exact
 
 
 def _cfg(kind: str, **settings) -> AdapterCfg:
-    return AdapterCfg(kind=kind, **{"num_res_blocks": None, **settings})
+    return AdapterCfg(kind=kind, **{"num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, **settings})
 
 
 def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
@@ -38,7 +38,9 @@ def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
     setting = r"^adapter.num_res_blocks: controlnet has no num_res_blocks \(it reads none\); expected null$"
     with pytest.raises(ConfigError, match=setting):
         check(_cfg("controlnet", num_res_blocks=3), "sd")
-    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, t2i_adapter$"):
+    with pytest.raises(ConfigError, match=r"^adapter.rank: t2i_adapter has no rank \(it reads num_res_blocks\); expected null$"):
+        check(_cfg("t2i_adapter", rank=4), "sd")
+    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, controlnet_lora, t2i_adapter$"):
         adapter("lora")
     assert check(_cfg("t2i_adapter", num_res_blocks=1), "sdxl").name == "t2i_adapter"
 
@@ -126,6 +128,39 @@ def test_the_t2i_adapter_fits_the_unet_and_only_it_learns(unet_layout: str):
     assert small < big / 2  # nothing of the base is copied
 
 
+def test_the_controlnet_lora_trains_its_lora_and_new_layers_and_saves_merged(tmp_path: Path):
+    torch.manual_seed(0)
+    unet = tiny.build_unet(64).requires_grad_(False)
+    kind = adapter("controlnet_lora")
+    settings = _cfg("controlnet_lora", rank=4, alpha=8.0)
+    model = kind.make(family("sd"), _base(unet), _t(), settings)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith(family("sd").new_layers) for n in trainable)
+    assert any(".conv1.lora_A" in n for n in trainable) and any(".to_q.lora_A" in n for n in trainable)
+    full = adapter("controlnet").make(family("sd"), _base(unet), _t(), _cfg("controlnet"))
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert lora_params < sum(p.numel() for p in full.parameters()) / 2
+    for n, p in model.named_parameters():  # a trained LoRA: B no longer zero
+        if ".lora_B" in n:
+            p.data.normal_(0, 0.05)
+    kind.save(model, tmp_path, settings.model_dump())
+    plain = kind.load(tmp_path)
+    assert type(plain).__name__ == "ControlNetModel" and not any("lora" in k for k in plain.state_dict())
+    x, t, e, c = (
+        torch.randn(2, 4, 16, 16),
+        torch.tensor([3, 500]),
+        torch.randn(2, tiny.MAX_TOKENS, tiny.TEXT_DIM),
+        torch.rand(2, 3, 64, 64),
+    )
+    with torch.no_grad():
+        want = model(x, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
+        got = plain(x, t, encoder_hidden_states=e, controlnet_cond=c, return_dict=False)
+    for w, g in zip([*want[0], want[1]], [*got[0], got[1]]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    state = kind.from_state(tmp_path, model.state_dict(), settings.model_dump())  # a checkpoint's weights, merged
+    assert all(torch.equal(state.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
 def test_every_kind_names_its_families_classes_and_pipelines():
     for kind in KINDS:
         a = adapter(kind)
@@ -151,23 +186,31 @@ print(json.dumps({{"size": image.size}}))
 """
 
 
+STOCK = {  # kind -> (the class it saves as, the stock pipeline that runs it, that pipeline's argument)
+    "t2i_adapter": ("T2IAdapter", "StableDiffusionAdapterPipeline", "adapter"),
+    "controlnet_lora": ("ControlNetModel", "StableDiffusionControlNetPipeline", "controlnet"),  # merged
+}
+
+
 @pytest.mark.slow
-def test_a_t2i_adapter_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(project: Path, tmp_path: Path):
+@pytest.mark.parametrize("kind", sorted(STOCK))
+def test_a_kind_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(project: Path, tmp_path: Path, kind: str):
     work = tmp_path / "work"
     shutil.copytree(project, work, symlinks=True)
     p = yaml.safe_load((work / "params.yaml").read_text())
-    p["demo"]["adapter"]["kind"] = "t2i_adapter"
+    p["demo"]["adapter"]["kind"] = kind
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = dvc("repro", cwd=work, CONTROLNET_RECIPE_RECORD_IMPORTS=str(imports_dir(work)))
-    assert _imported_beyond_deps(work) == {}  # the t2i_adapter run imported nothing dvc.yaml does not list
+    assert _imported_beyond_deps(work) == {}  # the run imported nothing dvc.yaml does not list
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'base'" not in out
+    cls, pipe, arg = STOCK[kind]
     best = work / "models/best"
-    assert json.loads((best / "config.json").read_text())["_class_name"] == "T2IAdapter"
-    assert json.loads((best / "adapter.json").read_text())["kind"] == "t2i_adapter"
+    assert json.loads((best / "config.json").read_text())["_class_name"] == cls
+    assert json.loads((best / "adapter.json").read_text())["kind"] == kind
     metrics = json.loads((work / "eval/metrics.json").read_text())
     assert metrics["fidelity"] == metrics["fidelity"]  # scored (not NaN) by the same evaluator
     client = tmp_path / "client.py"
-    client.write_text(CLIENT.format(cls="T2IAdapter", pipe="StableDiffusionAdapterPipeline", arg="adapter"))
+    client.write_text(CLIENT.format(cls=cls, pipe=pipe, arg=arg))
     got = subprocess.run(
         [sys.executable, str(client), str(work / "models/base/pipeline"), str(best)],
         cwd=tmp_path,
@@ -179,5 +222,6 @@ def test_a_t2i_adapter_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(
 
 
 @pytest.mark.slow
-def test_t2i_adapter_kill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path):
-    assert_kill_and_resume_is_exact(project, tmp_path, "demo", adapter_kind="t2i_adapter")
+@pytest.mark.parametrize("kind", sorted(STOCK))
+def test_a_kinds_kill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path, kind: str):
+    assert_kill_and_resume_is_exact(project, tmp_path, "demo", adapter_kind=kind)

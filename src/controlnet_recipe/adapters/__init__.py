@@ -15,11 +15,12 @@ from .adapter import Adapter
 # kind -> module:class (imported when used)
 KINDS = {
     "controlnet": "controlnet:ControlNet",
+    "controlnet_lora": "controlnet_lora:ControlNetLoRA",
     "t2i_adapter": "t2i_adapter:T2IAdapterKind",
 }
 ADAPTER_FILE = "adapter.json"  # written beside a trained module: its kind and settings
 
-__all__ = ["ADAPTER_FILE", "KINDS", "Adapter", "adapter", "adapter_of", "check"]
+__all__ = ["ADAPTER_FILE", "KINDS", "Adapter", "adapter", "adapter_of", "check", "settings_of"]
 
 
 def adapter(kind: str) -> Adapter:
@@ -40,5 +41,10 @@ def check(a, family: str, where: str = "adapter") -> Adapter:
 def adapter_of(folder: Path) -> Adapter:
     """The kind that saved ``folder`` (its adapter.json; a folder without one holds a ControlNet,
     as every model before the adapter seam did)."""
+    return adapter(settings_of(folder).get("kind", "controlnet"))
+
+
+def settings_of(folder: Path) -> dict:
+    """The adapter params a trained folder was made with (``{}`` before the adapter seam)."""
     f = Path(folder) / ADAPTER_FILE
-    return adapter(json.loads(f.read_text())["kind"] if f.is_file() else "controlnet")
+    return json.loads(f.read_text()) if f.is_file() else {}

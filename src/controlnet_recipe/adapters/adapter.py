@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..models.families import BaseComponents, Family
     from ..objectives.diffusion import Noised
 
-SETTINGS = ("num_res_blocks",)  # AdapterCfg's settings besides kind: each kind reads some
+SETTINGS = ("num_res_blocks", "rank", "alpha", "lora_layers")  # AdapterCfg's settings besides kind: each kind reads some
 
 
 class Adapter:
@@ -78,7 +78,8 @@ class Adapter:
         return kw
 
     # --- saving ---
-    def save(self, module, folder: Path) -> None:
+    def save(self, module, folder: Path, settings: dict) -> None:
+        """``module`` as its stock pipeline loads it (``settings``: the run's adapter params)."""
         module.save_pretrained(folder)
 
     def load(self, folder: Path, **kw):
@@ -87,11 +88,15 @@ class Adapter:
 
         return trained_class_of(folder).from_pretrained(folder, **kw)
 
-    def card_lines(self, fam: Family, base_id: str, model_id: str) -> str:
-        """The Python lines that load the result in its stock pipeline, for the model card."""
-        cls, pipe = self.classes[0], self.pipeline_class(fam)
-        return (
-            f"from diffusers import {cls}, {pipe}\n"
-            f'{self.pipeline_argument} = {cls}.from_pretrained("{model_id}")\n'
-            f'pipe = {pipe}.from_pretrained("{base_id}", {self.pipeline_argument}={self.pipeline_argument})'
-        )
+    def from_state(self, final: Path, state: dict, settings: dict, like=None):
+        """A checkpoint's weights (``state``, as training saved them) as the saved module in
+        ``final`` is: its class and config (or ``like``'s, a module of that class), for the sweep."""
+        from ..models.base_model import trained_class_of
+
+        if like is not None:
+            model = type(like).from_config(like.config)
+        else:
+            cls = trained_class_of(final)
+            model = cls.from_config(cls.load_config(final))
+        model.load_state_dict(state)
+        return model

@@ -260,8 +260,11 @@ class AdapterCfg(Strict):
     """The kind of control the train stage trains (one module each in ``adapters/``) and its
     settings; a kind reads some of them and the others must be null (adapters/adapter.py)."""
 
-    kind: Literal["controlnet", "t2i_adapter"]
+    kind: Literal["controlnet", "controlnet_lora", "t2i_adapter"]
     num_res_blocks: int | None = Field(gt=0)  # t2i_adapter: residual blocks per level (null: 2, diffusers' default)
+    rank: int | None = Field(gt=0)  # controlnet_lora: the LoRA's rank (null: 16)
+    alpha: float | None = Field(gt=0)  # controlnet_lora: its scale is alpha / rank (null: alpha = rank)
+    lora_layers: Literal["attention", "all"] | None  # controlnet_lora: which copied layers (null: all, convolutions too)
 
 
 class Probe(Strict):

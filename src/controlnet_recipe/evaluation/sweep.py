@@ -27,19 +27,18 @@ def candidates(checkpoints: Path, final: Path, final_step: int) -> list[Candidat
 
 
 def load_controlnet(c: Candidate, final: Path):
-    """The candidate's ControlNet, with the final model's config: its EMA weights where the run
-    kept an EMA (as the final model holds), else its trained weights."""
+    """The candidate's trained module (a ControlNet, or the kind of control ``final`` holds), with
+    the final model's config: its EMA weights where the run kept an EMA (as the final model
+    holds), else its trained weights, as the kind saves them (a LoRA merged)."""
     from safetensors.torch import load_file
 
-    from ..models.base_model import trained_class_of
+    from ..adapters import adapter_of, settings_of
 
-    cls = trained_class_of(final)
+    kind = adapter_of(final)
     if c.path == final:
-        return cls.from_pretrained(final)
-    model = cls.from_config(cls.load_config(final))
+        return kind.load(final)
     ema = c.path / EMA_WEIGHTS
-    model.load_state_dict(load_file(ema if ema.is_file() else c.path / WEIGHTS))
-    return model.eval()
+    return kind.from_state(final, load_file(ema if ema.is_file() else c.path / WEIGHTS), settings_of(final)).eval()
 
 
 def choose(rows: list[dict], fidelity: str, tolerance: float, max_forgetting: float) -> tuple[dict, str]:

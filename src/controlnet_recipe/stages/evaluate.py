@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import ADAPTER_FILE, adapter_of
+from ..adapters import ADAPTER_FILE, adapter_of, settings_of
 from ..core.config import Config
 from ..core.storage import (
     BEST_DIR,
@@ -159,7 +159,7 @@ def export_chosen(c, swept: Scored, h: HeldOut, why: str) -> Scored:
     level in a few pixels where the CPU's kernels depend on the batch size)."""
     controlnet = load_controlnet(c, CONTROLNET_DIR)
     best = fresh_dir(BEST_DIR)
-    adapter_of(CONTROLNET_DIR).save(controlnet, best)  # fp32, before sampling casts it
+    adapter_of(CONTROLNET_DIR).save(controlnet, best, settings_of(CONTROLNET_DIR))  # fp32, before sampling casts it
     for f in ("training.json", ADAPTER_FILE):
         if (CONTROLNET_DIR / f).is_file():
             shutil.copy(CONTROLNET_DIR / f, best / f)

@@ -386,7 +386,7 @@ class Trainer:
             with self.weights() as model:
                 if self.zero and self.ema is None:  # DeepSpeed's fp32 master weights, not the engine's half-precision copy
                     model = consolidated(model, self.checkpointer.dir / f"checkpoint-{self.max_steps}")
-                self.adapter.save(model, out)
+                self.adapter.save(model, out, self.cfg.recipe.adapter.model_dump())
             write_json(out / ADAPTER_FILE, self.cfg.recipe.adapter.model_dump())
         return {
             "adapter": self.adapter.name,
