@@ -161,6 +161,18 @@ def test_the_controlnet_lora_trains_its_lora_and_new_layers_and_saves_merged(tmp
     assert all(torch.equal(state.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
+def test_every_tier_switch_applies_to_a_t2i_adapter():
+    from controlnet_recipe.core.config import load_config
+    from controlnet_recipe.training.memory import apply_model_settings, direct_attention_calls
+
+    tiers = load_config(ROOT / "params.yaml").tiers
+    unet = tiny.build_unet(64).requires_grad_(False)
+    module = adapter("t2i_adapter").make(family("sd"), _base(unet), _t(), _cfg("t2i_adapter"))
+    apply_model_settings(unet, module, tiers["8gb"].model_copy(update={"channels_last": True}))  # checkpointing on
+    direct_attention_calls(unet, module)
+    assert unet.is_gradient_checkpointing
+
+
 def test_every_kind_names_its_families_classes_and_pipelines():
     for kind in KINDS:
         a = adapter(kind)
