@@ -69,7 +69,7 @@ demo: env ## run the whole pipeline on the embedded default (CPU, offline, under
 	$(BIN)/dvc repro
 	@echo
 	@echo "Results:  eval/report.html (open it), eval/metrics.json (dvc metrics show), eval/grid.png,"
-	@echo "          eval/sweep.png + train/plots (dvc plots show), the chosen ControlNet in models/best/"
+	@echo "          eval/sweep.png + train/plots (dvc plots show), the chosen model in models/best/"
 	@$(BIN)/dvc metrics show
 
 repro: env ## rerun only the stages whose code, params or inputs changed

@@ -9,11 +9,14 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from ..core.config import Config
 
 
-def write_report(out: Path, cfg: Config, metrics: dict, summary: dict, sweep: list[dict], rule: str, settings: dict) -> Path:
+def write_report(
+    out: Path, cfg: Config, metrics: dict, summary: dict, sweep: list[dict], rule: str, settings: dict, model: str = "ControlNet"
+) -> Path:
     env = Environment(loader=PackageLoader("controlnet_recipe", "report/templates"), autoescape=select_autoescape())
     env.filters["num"] = lambda v, d=3: "n/a" if v is None or v != v else f"{v:.{d}f}"
     html = env.get_template("report.html").render(
         recipe=cfg.recipe_name,
+        model=model,
         cfg=cfg.recipe,
         m=metrics,
         s=summary,

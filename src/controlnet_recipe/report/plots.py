@@ -28,7 +28,7 @@ LABELS = {
 }
 
 
-def plot_sweep(rows: list[dict], base: dict, fidelity: str, chosen: int, path: Path) -> Path:
+def plot_sweep(rows: list[dict], base: dict, fidelity: str, chosen: int, path: Path, model: str = "ControlNet") -> Path:
     """One panel per metric against the training step; the base model as a dashed line and the
     chosen checkpoint marked."""
     keys = [k for k in LABELS if k in rows[0]]
@@ -38,7 +38,7 @@ def plot_sweep(rows: list[dict], base: dict, fidelity: str, chosen: int, path: P
     )
     steps = [r["step"] for r in rows]
     for ax, k in zip(axes.flat, keys):
-        ax.plot(steps, [r[k] for r in rows], "o-", color="tab:blue", label="ControlNet")
+        ax.plot(steps, [r[k] for r in rows], "o-", color="tab:blue", label=model)
         if k in base:
             ax.axhline(base[k], ls="--", color="tab:gray", label="base alone")
         ax.axvline(chosen, ls=":", color="tab:red", label="chosen")

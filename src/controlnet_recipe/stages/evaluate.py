@@ -241,6 +241,7 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
     """Images, metrics, curves, grids and the HTML report, into a fresh ``eval/``."""
     e = cfg.recipe.evaluate
     metrics, summary, rows, step = result["metrics"], result["summary"], result["rows"], result["step"]
+    title = adapter_of(CONTROLNET_DIR).title  # the kind of control: ControlNet, T2I-Adapter, ...
     out = fresh_dir(EVAL_DIR)
     for name, imgs in (
         ("controlnet", cn.images),
@@ -268,11 +269,11 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
         w.writerow(["step", *keys, "chosen"])
         for row in rows:
             w.writerow([row["step"], *[f"{row[k]:.5f}" for k in keys], int(row["step"] == step)])
-    plot_sweep(rows, result["base_row"], h.scorer.fidelity_key, step, out / "sweep.png")
+    plot_sweep(rows, result["base_row"], h.scorer.fidelity_key, step, out / "sweep.png", title)
     with open(out / "fidelity.csv", "w", newline="") as f:  # every fidelity score, per model (a bar chart)
         w = csv.writer(f)
         w.writerow(["metric", "model", "value"])
-        for label, s in (("ControlNet", cn.scores), ("base alone", base.scores), ("real images (ceiling)", real)):
+        for label, s in ((title, cn.scores), ("base alone", base.scores), ("real images (ceiling)", real)):
             for k, v in s.items():
                 if k != "clip_score":
                     w.writerow([k, label, f"{np.nanmean(v):.4f}" if np.isfinite(v).any() else "nan"])
@@ -280,7 +281,7 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
     save_grid(
         [[h.conditions[i], base.images[i], cn.images[i], h.real[i]] for i in range(k)],
         out / "grid.png",
-        col_titles=["condition", "base", f"ControlNet (step {step})", "ground truth"],
+        col_titles=["condition", "base", f"{title} (step {step})", "ground truth"],
     )
     per = e.probe_conditions  # probe j's images are j*per .. j*per+per-1, one per condition
     shown = range(min(per, 2))
@@ -294,9 +295,9 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
             for j in range(len(e.probes))
         ],
         out / "probes.png",
-        col_titles=[t for _ in shown for t in ("condition", "base", "ControlNet")],
+        col_titles=[t for _ in shown for t in ("condition", "base", title)],
     )
-    write_report(out, cfg, metrics, summary, rows, result["why"], h.sampler.settings())
+    write_report(out, cfg, metrics, summary, rows, result["why"], h.sampler.settings(), title)
     return out
 
 
