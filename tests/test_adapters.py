@@ -173,6 +173,20 @@ def test_every_tier_switch_applies_to_a_t2i_adapter():
     assert unet.is_gradient_checkpointing
 
 
+def test_every_kind_writes_the_lines_that_load_it_for_the_model_card():
+    assert adapter("controlnet").card_lines(family("sdxl"), "base", "me/cn") == (
+        "from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline\n"
+        'controlnet = ControlNetModel.from_pretrained("me/cn")\n'
+        'pipe = StableDiffusionXLControlNetPipeline.from_pretrained("base", controlnet=controlnet)'
+    )
+    assert adapter("controlnet_lora").card_lines(family("flux"), "b", "m") == adapter("controlnet").card_lines(
+        family("flux"), "b", "m"
+    )  # merged: a plain ControlNet
+    lines = adapter("t2i_adapter").card_lines(family("sd"), "base", "me/t2i")
+    assert 'adapter = T2IAdapter.from_pretrained("me/t2i")' in lines and "StableDiffusionAdapterPipeline" in lines
+    assert 'from_pretrained("base", adapter=adapter)' in lines
+
+
 def test_every_kind_names_its_families_classes_and_pipelines():
     for kind in KINDS:
         a = adapter(kind)

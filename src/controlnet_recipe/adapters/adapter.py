@@ -100,3 +100,17 @@ class Adapter:
             model = cls.from_config(cls.load_config(final))
         model.load_state_dict(state)
         return model
+
+    # --- the model card ---
+    def saved_class(self, fam: Family) -> str:
+        """The diffusers class of what this kind saves for ``fam``."""
+        return self.classes[0]
+
+    def card_lines(self, fam: Family, base_id: str, model_id: str) -> str:
+        """The Python lines that load the result in its stock pipeline, for the model card."""
+        cls, pipe, arg = self.saved_class(fam), self.pipeline_class(fam), self.pipeline_argument
+        return (
+            f"from diffusers import {cls}, {pipe}\n"
+            f'{arg} = {cls}.from_pretrained("{model_id}")\n'
+            f'pipe = {pipe}.from_pretrained("{base_id}", {arg}={arg})'
+        )

@@ -28,10 +28,5 @@ class ControlNet(Adapter):
     def pipeline_class(self, fam):
         return fam.controlnet_pipeline_class
 
-    def card_lines(self, fam, base_id, model_id):
-        cls, pipe = fam.controlnet_class, fam.controlnet_pipeline_class
-        return (
-            f"from diffusers import {cls}, {pipe}\n"
-            f'controlnet = {cls}.from_pretrained("{model_id}")\n'
-            f'pipe = {pipe}.from_pretrained("{base_id}", controlnet=controlnet)'
-        )
+    def saved_class(self, fam):
+        return fam.controlnet_class
