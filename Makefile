@@ -26,7 +26,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
-	@echo "  variables: RECIPE=demo|depth|demo-sd3|demo-flux|faces|sdxl|sd3|flux, ADAPTER=controlnet|controlnet_lora|t2i_adapter, GPU=auto|cpu|8gb|...|80gb|sdxl-24gb|...|flux-24gb|flux-40gb|flux-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
+	@echo "  variables: RECIPE=demo|depth|demo-sd3|demo-flux|faces|sdxl|sd3|flux, ADAPTER=controlnet|controlnet_lora|t2i_adapter|controlnet_xs, GPU=auto|cpu|8gb|...|80gb|sdxl-24gb|...|flux-24gb|flux-40gb|flux-80gb (make train), VENV=$(VENV), PYTHON=$(PYTHON)"
 
 # VENV_READY=1 (the Docker image sets it, with VENV=/opt/venv): the environment was made at build time.
 # uv (pinned, from PyPI) installs the same pinned lock as pip would, several times faster; it looks

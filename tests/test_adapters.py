@@ -28,7 +28,7 @@ from .test_resume import assert_kill_and_resume_is_exact
 
 
 def _cfg(kind: str, **settings) -> AdapterCfg:
-    return AdapterCfg(kind=kind, **{"num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, **settings})
+    return AdapterCfg(kind=kind, **{"num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, "size_ratio": None, **settings})
 
 
 def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
@@ -40,7 +40,7 @@ def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
         check(_cfg("controlnet", num_res_blocks=3), "sd")
     with pytest.raises(ConfigError, match=r"^adapter.rank: t2i_adapter has no rank \(it reads num_res_blocks\); expected null$"):
         check(_cfg("t2i_adapter", rank=4), "sd")
-    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, controlnet_lora, t2i_adapter$"):
+    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, controlnet_lora, t2i_adapter, controlnet_xs$"):
         adapter("lora")
     assert check(_cfg("t2i_adapter", num_res_blocks=1), "sdxl").name == "t2i_adapter"
 
@@ -57,6 +57,11 @@ def test_check_refuses_a_pair_before_writing_it(tmp_path: Path):
     assert "adapter t2i_adapter" in out
     assert yaml.safe_load(params.read_text())["demo"]["adapter"]["kind"] == "t2i_adapter"
     assert yaml.safe_load(params.read_text())["depth"]["adapter"]["kind"] == "controlnet"  # its own block only
+    run([*cmd, "--adapter", "controlnet_xs"], tmp_path)  # and the tiny UNet it needs, in the same block
+    p = yaml.safe_load(params.read_text())
+    assert (p["demo"]["adapter"]["kind"], p["demo"]["base"]["tiny"]["layers_per_block"]) == ("controlnet_xs", 2)
+    run([*cmd, "--adapter", "controlnet"], tmp_path)
+    assert params.read_text() == before  # back to the demo as it was
 
 
 def _base(unet):
@@ -68,8 +73,8 @@ def _t():
     return type("T", (), {"hint_init": "random", "controlnet_layers": None, "controlnet_single_layers": None})()
 
 
-def _step_inputs(kind: str, unet):
-    fam = family("sd")
+def _step_inputs(kind: str, unet, fam=None):
+    fam = fam or family("sd")
     module = adapter(kind).make(fam, _base(unet), _t(), _cfg(kind))
     return module, LossInputs(
         controlnet=module,
@@ -84,6 +89,23 @@ def _step_inputs(kind: str, unet):
         family=fam,
         adapter=adapter(kind),
     )
+
+
+def _one_step(kind: str, unet, fam=None, **text):
+    """The kind's module after one AdamW step on a random batch; its step inputs."""
+    module, x = _step_inputs(kind, unet, fam)
+    x.empty_prompt.update(text)
+    batch = {
+        "latent_mean": torch.randn(2, 4, 16, 16),
+        "latent_std": torch.full((2, 4, 16, 16), 0.01),
+        "conditioning": torch.rand(2, 3, 64, 64),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        **{k: v.expand(2, *v.shape[1:]).clone() for k, v in x.empty_prompt.items()},
+    }
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    controlnet_loss(x, batch, step_generator(0, 0, 0, 0)).backward()
+    opt.step()
+    return module, x, batch
 
 
 def _sd_like_unet():
@@ -161,6 +183,40 @@ def test_the_controlnet_lora_trains_its_lora_and_new_layers_and_saves_merged(tmp
     assert all(torch.equal(state.state_dict()[k], v) for k, v in plain.state_dict().items())
 
 
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd", "sdxl"])
+def test_controlnet_xs_trains_its_control_parts_and_saves_the_adapter_the_stock_fusion_rebuilds(sdxl: bool):
+    """Only the control network learns; the adapter saved from the trained fused model, fused
+    with the base's UNet again as the stock pipeline does, predicts what the trained model does."""
+    from diffusers import ControlNetXSAdapter, UNetControlNetXSModel
+
+    torch.manual_seed(0)
+    unet = tiny.build_unet(64, sdxl=sdxl, layers_per_block=2).eval().requires_grad_(False)
+    text = {}
+    if sdxl:
+        text = {"pooled_embedding": torch.zeros(1, tiny.POOLED_DIM), "text_embedding": torch.zeros(1, tiny.MAX_TOKENS, 96)}
+    fam = family("sdxl" if sdxl else "sd")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    module, x, batch = _one_step("controlnet_xs", unet, fam, **text)
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trained and not any(n.startswith(("base_", "up_blocks.0.resnets", "mid_block.base_midblock")) for n in trained)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())  # the base untouched
+    saved = adapter("controlnet_xs").from_state(None, module.state_dict(), {}, like=module)
+    assert isinstance(saved, ControlNetXSAdapter)
+    assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in module.parameters() if p.requires_grad)
+    refused = UNetControlNetXSModel.from_unet(unet, saved).eval()
+    kind, g = adapter("controlnet_xs"), torch.Generator().manual_seed(1)
+    noised, control = fam.noise_and_control(x.scheduler, torch.randn(2, 4, 16, 16), batch, x.latents, g, fam.objective(Objective()), "cpu")
+    with torch.no_grad():
+        want = kind.residuals(fam, module.eval(), noised, batch, batch, control, "cpu")
+        got = kind.residuals(fam, refused, noised, batch, batch, control, "cpu")
+    assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-6)
+
+
+def test_controlnet_xs_on_a_unet_of_one_resnet_per_block_stops_in_one_line():
+    with pytest.raises(ConfigError, match=r"^adapter.kind: controlnet_xs needs a UNet of 2 resnets per block .*layers_per_block: 2\)$"):
+        adapter("controlnet_xs").make(family("sd"), _base(tiny.build_unet(64)), _t(), _cfg("controlnet_xs"))
+
+
 def test_every_tier_switch_applies_to_a_t2i_adapter():
     from controlnet_recipe.core.config import load_config
     from controlnet_recipe.training.memory import apply_model_settings, direct_attention_calls
@@ -215,7 +271,9 @@ print(json.dumps({{"size": image.size}}))
 STOCK = {  # kind -> (the class it saves as, the stock pipeline that runs it, that pipeline's argument)
     "t2i_adapter": ("T2IAdapter", "StableDiffusionAdapterPipeline", "adapter"),
     "controlnet_lora": ("ControlNetModel", "StableDiffusionControlNetPipeline", "controlnet"),  # merged
+    "controlnet_xs": ("ControlNetXSAdapter", "StableDiffusionControlNetXSPipeline", "controlnet"),
 }
+OWN_BASE = {k for k in STOCK if adapter(k).tiny_layers_per_block != 1}  # kinds that need another tiny base
 
 
 @pytest.mark.slow
@@ -223,12 +281,14 @@ STOCK = {  # kind -> (the class it saves as, the stock pipeline that runs it, th
 def test_a_kind_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(project: Path, tmp_path: Path, kind: str):
     work = tmp_path / "work"
     shutil.copytree(project, work, symlinks=True)
-    p = yaml.safe_load((work / "params.yaml").read_text())
+    p = yaml.safe_load((work / "params.yaml").read_text())  # as make demo ADAPTER= sets them (its params are written by yaml)
     p["demo"]["adapter"]["kind"] = kind
+    p["demo"]["base"]["tiny"]["layers_per_block"] = adapter(kind).tiny_layers_per_block
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = dvc("repro", cwd=work, CONTROLNET_RECIPE_RECORD_IMPORTS=str(imports_dir(work)))
     assert _imported_beyond_deps(work) == {}  # the run imported nothing dvc.yaml does not list
-    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'base'" not in out
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    assert ("Running stage 'base'" in out) == (kind in OWN_BASE)  # the tiny base again only where the kind needs another
     cls, pipe, arg = STOCK[kind]
     best = work / "models/best"
     assert json.loads((best / "config.json").read_text())["_class_name"] == cls
@@ -245,9 +305,11 @@ def test_a_kind_trains_through_dvc_repro_and_loads_in_its_stock_pipeline(project
     )
     assert got.returncode == 0, got.stderr[-2000:]
     assert json.loads(got.stdout.strip().splitlines()[-1]) == {"size": [64, 64]}
+    if kind in OWN_BASE:  # its kill-and-resume on the base it needs, built here
+        assert_kill_and_resume_is_exact(work, tmp_path / "resume", "demo")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(STOCK))
+@pytest.mark.parametrize("kind", sorted(set(STOCK) - OWN_BASE))
 def test_a_kinds_kill_and_resume_is_bitwise_exact(project: Path, tmp_path: Path, kind: str):
     assert_kill_and_resume_is_exact(project, tmp_path, "demo", adapter_kind=kind)

@@ -17,6 +17,7 @@ KINDS = {
     "controlnet": "controlnet:ControlNet",
     "controlnet_lora": "controlnet_lora:ControlNetLoRA",
     "t2i_adapter": "t2i_adapter:T2IAdapterKind",
+    "controlnet_xs": "controlnet_xs:ControlNetXS",
 }
 ADAPTER_FILE = "adapter.json"  # written beside a trained module: its kind and settings
 

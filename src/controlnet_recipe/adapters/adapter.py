@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..models.families import BaseComponents, Family
     from ..objectives.diffusion import Noised
 
-SETTINGS = ("num_res_blocks", "rank", "alpha", "lora_layers")  # AdapterCfg's settings besides kind: each kind reads some
+SETTINGS = ("num_res_blocks", "rank", "alpha", "lora_layers", "size_ratio")  # AdapterCfg's settings besides kind: each kind reads some
 
 
 class Adapter:
@@ -31,6 +31,7 @@ class Adapter:
     classes: tuple[str, ...]  # the diffusers classes it saves as (config.json's _class_name)
     pipeline_argument = "controlnet"  # the pipeline's constructor argument for the trained module
     scale_argument = "controlnet_conditioning_scale"  # the pipeline's call argument for the control's strength
+    tiny_layers_per_block = 1  # the tiny base's UNet this kind needs (resnets per block; the demo's: 1)
 
     def check(self, family: str, a: AdapterCfg, where: str = "adapter") -> None:
         """A pair this kind does not run on, or a setting it does not read, stops here in one line,

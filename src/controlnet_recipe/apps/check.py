@@ -1,6 +1,7 @@
 """``check``: params.yaml validated (every key, the tier against the family), the adapter against
 the base's family where params name it; with ``--adapter`` (``make ADAPTER=``), that kind written
-into the recipe's block once it is checked."""
+into the recipe's block once it is checked, and, on the tiny base, the UNet the kind needs
+(``base.tiny.layers_per_block``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def main(cfg, params: str, kind: str | None) -> int:
         if family:
             check_adapter(cfg.recipe.adapter.model_copy(update={"kind": kind}), family, where)
         set_adapter_kind(Path(params), cfg.recipe_name, kind)
+        layers = adapter(kind).tiny_layers_per_block
+        if b.pretrained_model is None and b.tiny.layers_per_block != layers:
+            set_block_value(Path(params), cfg.recipe_name, "layers_per_block", str(layers))
         cfg = load_config(params, {"recipe": cfg.recipe_name, "gpu": cfg.gpu})
     if family:
         check_adapter(cfg.recipe.adapter, family, where)
@@ -28,17 +32,30 @@ def main(cfg, params: str, kind: str | None) -> int:
     return 0
 
 
-def set_adapter_kind(params: Path, recipe: str, kind: str) -> None:
-    """Write ``kind`` into the recipe block's one-line ``adapter: {kind: ...}`` in ``params``."""
-    adapter(kind)  # a known kind, or one line naming them
+def _edit_block(params: Path, recipe: str, line: str, old: str, new: str, what: str) -> None:
+    """In the recipe's block of ``params``, the first line matching ``line``: ``old`` -> ``new``
+    (regexes); else one line naming ``what`` was expected."""
     lines = params.read_text().splitlines(keepends=True)
     start = lines.index(f"{recipe}:\n") if f"{recipe}:\n" in lines else None
     for i in range(start + 1 if start is not None else len(lines), len(lines)):
         if re.match(r"\S", lines[i]):
             break
-        if re.match(r"  adapter: \{kind: \w+", lines[i]):
-            lines[i] = re.sub(r"\{kind: \w+", "{kind: " + kind, lines[i], count=1)
+        if re.match(line, lines[i]):
+            lines[i] = re.sub(old, new, lines[i], count=1)
             params.write_text("".join(lines))
-            print(f"{params}: {recipe}.adapter.kind: {kind}")
             return
-    raise ConfigError(f"{params}: {recipe}.adapter: expected a one-line mapping 'adapter: {{kind: ...}}' in the block")
+    raise ConfigError(f"{params}: {recipe}: expected {what} in the block")
+
+
+def set_adapter_kind(params: Path, recipe: str, kind: str) -> None:
+    """Write ``kind`` into the recipe block's one-line ``adapter: {kind: ...}`` in ``params``."""
+    adapter(kind)  # a known kind, or one line naming them
+    _edit_block(params, recipe, r"  adapter: \{kind: \w+", r"\{kind: \w+", "{kind: " + kind, "a one-line 'adapter: {kind: ...}'")
+    print(f"{params}: {recipe}.adapter.kind: {kind}")
+
+
+def set_block_value(params: Path, recipe: str, key: str, value: str) -> None:
+    """Write ``key: value`` where the recipe's block sets ``key`` (a line of its own, or a key of
+    a one-line mapping)."""
+    _edit_block(params, recipe, rf"\s+.*\b{key}: ", rf"\b{key}: [^,}}\s]+", f"{key}: {value}", f"a line setting {key}")
+    print(f"{params}: {recipe}: {key}: {value}")

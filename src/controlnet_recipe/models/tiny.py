@@ -197,9 +197,10 @@ def build_vae(resolution: int) -> AutoencoderKL:
     return vae
 
 
-def build_unet(resolution: int, sdxl: bool = False) -> UNet2DConditionModel:
+def build_unet(resolution: int, sdxl: bool = False, layers_per_block: int = 1) -> UNet2DConditionModel:
     """The tiny UNet; ``sdxl``: SDXL's conditioning (both encoders' features in cross-attention,
-    the pooled embedding and six time ids through the timestep embedding, as ``text_time``)."""
+    the pooled embedding and six time ids through the timestep embedding, as ``text_time``);
+    ``layers_per_block``: 1 (the demo's), or 2 as SD's and SDXL's (ControlNet-XS needs it)."""
     extra = {}
     if sdxl:
         extra = dict(
@@ -211,7 +212,7 @@ def build_unet(resolution: int, sdxl: bool = False) -> UNet2DConditionModel:
         sample_size=resolution // 2 ** (len(VAE_CHANNELS) - 1),
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

@@ -116,7 +116,7 @@ def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
     if fam.shifts_latents:  # SD3's and Flux's VAEs centre their latents too
         shift = float(mean.mean())
         vae.register_to_config(shift_factor=shift)
-    parts = fam.tiny_components(tokenizer, len(tokenizer), text_encoder, vae, r.data.resolution)
+    parts = fam.tiny_components(tokenizer, len(tokenizer), text_encoder, vae, r.data.resolution, r.base.tiny.layers_per_block)
     text, empty = fam.caption_features(parts, captions)
     ema, unet_losses = train_denoiser(
         parts, (mean, std), LatentSpace(scale, shift), text, empty, r.base.tiny, g,

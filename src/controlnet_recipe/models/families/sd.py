@@ -77,7 +77,7 @@ class StableDiffusion(Family):
         """What a derived family loads besides SD's components (BaseComponents' other fields)."""
         return {}
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
+    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(
@@ -85,7 +85,7 @@ class StableDiffusion(Family):
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
-            denoiser=tiny.build_unet(resolution),
+            denoiser=tiny.build_unet(resolution, layers_per_block=layers_per_block),
             noise_scheduler=tiny.build_scheduler(),
         )
 

@@ -32,7 +32,7 @@ class StableDiffusionXL(StableDiffusion):
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_features = (TEXT, POOLED)
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int) -> BaseComponents:
+    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(
@@ -40,7 +40,7 @@ class StableDiffusionXL(StableDiffusion):
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             vae=vae,
-            denoiser=tiny.build_unet(resolution, sdxl=True),
+            denoiser=tiny.build_unet(resolution, sdxl=True, layers_per_block=layers_per_block),
             noise_scheduler=tiny.build_scheduler(),
             tokenizer_2=tokenizer,
             text_encoder_2=tiny.build_text_encoder_2(vocab_size).eval().requires_grad_(False),
