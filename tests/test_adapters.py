@@ -28,7 +28,9 @@ from .test_resume import assert_kill_and_resume_is_exact
 
 
 def _cfg(kind: str, **settings) -> AdapterCfg:
-    return AdapterCfg(kind=kind, **{"num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, "size_ratio": None, **settings})
+    return AdapterCfg(
+        kind=kind, **{"num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, "size_ratio": None, **settings}
+    )
 
 
 def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
@@ -40,7 +42,9 @@ def test_an_unsupported_pair_and_a_bad_setting_stop_in_one_line():
         check(_cfg("controlnet", num_res_blocks=3), "sd")
     with pytest.raises(ConfigError, match=r"^adapter.rank: t2i_adapter has no rank \(it reads num_res_blocks\); expected null$"):
         check(_cfg("t2i_adapter", rank=4), "sd")
-    with pytest.raises(ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, controlnet_lora, t2i_adapter, controlnet_xs$"):
+    with pytest.raises(
+        ConfigError, match=r"^adapter.kind 'lora': expected one of controlnet, controlnet_lora, t2i_adapter, controlnet_xs$"
+    ):
         adapter("lora")
     assert check(_cfg("t2i_adapter", num_res_blocks=1), "sdxl").name == "t2i_adapter"
 
@@ -205,7 +209,9 @@ def test_controlnet_xs_trains_its_control_parts_and_saves_the_adapter_the_stock_
     assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in module.parameters() if p.requires_grad)
     refused = UNetControlNetXSModel.from_unet(unet, saved).eval()
     kind, g = adapter("controlnet_xs"), torch.Generator().manual_seed(1)
-    noised, control = fam.noise_and_control(x.scheduler, torch.randn(2, 4, 16, 16), batch, x.latents, g, fam.objective(Objective()), "cpu")
+    noised, control = fam.noise_and_control(
+        x.scheduler, torch.randn(2, 4, 16, 16), batch, x.latents, g, fam.objective(Objective()), "cpu"
+    )
     with torch.no_grad():
         want = kind.residuals(fam, module.eval(), noised, batch, batch, control, "cpu")
         got = kind.residuals(fam, refused, noised, batch, batch, control, "cpu")
@@ -213,7 +219,9 @@ def test_controlnet_xs_trains_its_control_parts_and_saves_the_adapter_the_stock_
 
 
 def test_controlnet_xs_on_a_unet_of_one_resnet_per_block_stops_in_one_line():
-    with pytest.raises(ConfigError, match=r"^adapter.kind: controlnet_xs needs a UNet of 2 resnets per block .*layers_per_block: 2\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^adapter.kind: controlnet_xs needs a UNet of 2 resnets per block .*layers_per_block: 2\)$"
+    ):
         adapter("controlnet_xs").make(family("sd"), _base(tiny.build_unet(64)), _t(), _cfg("controlnet_xs"))
 
 

@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from ..models.families import BaseComponents, Family
     from ..objectives.diffusion import Noised
 
-SETTINGS = ("num_res_blocks", "rank", "alpha", "lora_layers", "size_ratio")  # AdapterCfg's settings besides kind: each kind reads some
+SETTINGS = (
+    "num_res_blocks",
+    "rank",
+    "alpha",
+    "lora_layers",
+    "size_ratio",
+)  # AdapterCfg's settings besides kind: each kind reads some
 
 
 class Adapter:

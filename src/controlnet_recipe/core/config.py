@@ -130,7 +130,9 @@ class TinyBaseCfg(Strict):
     unet_batch_size: int = Positive
     unet_learning_rate: float = Positive
     unet_snr_gamma: float | None = Field(gt=0)  # min-SNR-gamma loss weighting for the tiny UNet; null: plain MSE
-    layers_per_block: int = Field(ge=1, le=2)  # the tiny UNet's resnets per block: 1 (the demo's) | 2 (SD's, what controlnet_xs needs)
+    layers_per_block: int = Field(
+        ge=1, le=2
+    )  # the tiny UNet's resnets per block: 1 (the demo's) | 2 (SD's, what controlnet_xs needs)
     seed: int
 
 

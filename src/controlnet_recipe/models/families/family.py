@@ -95,7 +95,9 @@ class Family:
 
         return tiny.build_text_encoder(vocab_size)
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
+    def tiny_components(
+        self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1
+    ) -> BaseComponents:
         """The embedded default's base of this family around its first text encoder and its
         (trained) VAE: the rest built untrained by models/tiny.py (a UNet of ``layers_per_block``
         resnets per block; the transformers ignore it)."""

@@ -52,7 +52,9 @@ class Flux(FlowFamily):
     describe_layers = staticmethod(lambda blocks, single: f"{blocks} double-stream + {single} single-stream blocks")
     default_layers = (4, 0)  # double-stream, single-stream: maintainers' advice (4/10 runs out of 80 GB)
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
+    def tiny_components(
+        self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1
+    ) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(

@@ -77,7 +77,9 @@ class StableDiffusion(Family):
         """What a derived family loads besides SD's components (BaseComponents' other fields)."""
         return {}
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
+    def tiny_components(
+        self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1
+    ) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(

@@ -46,7 +46,9 @@ class StableDiffusion3(FlowFamily):
     def objective(self, objective: Objective) -> Objective:
         return replace(objective, precondition=True)  # upstream's --precondition_outputs 1
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
+    def tiny_components(
+        self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1
+    ) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(

@@ -32,7 +32,9 @@ class StableDiffusionXL(StableDiffusion):
     cache_parts = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_features = (TEXT, POOLED)
 
-    def tiny_components(self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1) -> BaseComponents:
+    def tiny_components(
+        self, tokenizer, vocab_size: int, text_encoder, vae, resolution: int, layers_per_block: int = 1
+    ) -> BaseComponents:
         from .. import tiny
 
         return BaseComponents(
