@@ -125,7 +125,7 @@ def test_no_trained_model(in_tmp: Path, params_file, astronaut: Path, capsys):
     err = one_error(capsys)
     assert f"no trained ControlNet in {BEST_DIR} or {CONTROLNET_DIR}" in err and "make demo" in err and "make train" in err
     assert generate("--params", params, "--photo", str(astronaut), "--prompt", PROMPT, "--model", "elsewhere") == 2
-    assert "elsewhere: no ControlNet here" in one_error(capsys)
+    assert "elsewhere: no trained model here" in one_error(capsys)
 
 
 def test_default_model_prefers_the_evaluated_checkpoint(tmp_path: Path, monkeypatch):
@@ -135,6 +135,9 @@ def test_default_model_prefers_the_evaluated_checkpoint(tmp_path: Path, monkeypa
     for d in (CONTROLNET_DIR, BEST_DIR):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{}")
+        if d == BEST_DIR:  # no weights: not a trained model
+            assert default_model() == CONTROLNET_DIR
+        (d / "diffusion_pytorch_model.safetensors").write_bytes(b"")
         assert default_model() == d
 
 

@@ -18,10 +18,11 @@ KINDS = {
     "controlnet_lora": "controlnet_lora:ControlNetLoRA",
     "t2i_adapter": "t2i_adapter:T2IAdapterKind",
     "controlnet_xs": "controlnet_xs:ControlNetXS",
+    "control_lora": "control_lora:ControlLoRA",
 }
 ADAPTER_FILE = "adapter.json"  # written beside a trained module: its kind and settings
 
-__all__ = ["ADAPTER_FILE", "KINDS", "Adapter", "adapter", "adapter_of", "check", "settings_of"]
+__all__ = ["ADAPTER_FILE", "KINDS", "Adapter", "adapter", "adapter_of", "check", "holds_model", "settings_of"]
 
 
 def adapter(kind: str) -> Adapter:
@@ -49,3 +50,9 @@ def settings_of(folder: Path) -> dict:
     """The adapter params a trained folder was made with (``{}`` before the adapter seam)."""
     f = Path(folder) / ADAPTER_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def holds_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a trained module: every file its kind saves."""
+    folder = Path(folder)
+    return folder.is_dir() and all((folder / f).is_file() for f in adapter_of(folder).files)

@@ -35,6 +35,7 @@ class Adapter:
     families: tuple[str, ...]  # the families it trains on
     settings: tuple[str, ...] = ()  # the adapter settings it reads; the others must be null
     classes: tuple[str, ...]  # the diffusers classes it saves as (config.json's _class_name)
+    files: tuple[str, ...] = ("config.json", "diffusion_pytorch_model.safetensors")  # what its saved folder holds
     pipeline_argument = "controlnet"  # the pipeline's constructor argument for the trained module
     scale_argument = "controlnet_conditioning_scale"  # the pipeline's call argument for the control's strength
     tiny_layers_per_block = 1  # the tiny base's UNet this kind needs (resnets per block; the demo's: 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..adapters import holds_model
 from ..core.config import Config
 from ..core.errors import RecipeError
 from ..core.images import images_to_tensor, tensor_to_images
@@ -57,7 +58,7 @@ class Settings:
 def default_model() -> Path:
     """The evaluate stage's choice (``models/best``), else the last step of training (``models/controlnet``)."""
     for path in (BEST_DIR, CONTROLNET_DIR):
-        if (path / "config.json").is_file():
+        if holds_model(path):
             return path
     raise GenerateError(f"no trained ControlNet in {BEST_DIR} or {CONTROLNET_DIR}; {NO_MODEL}")
 
@@ -67,8 +68,10 @@ def check_model(model: str | Path | None) -> Path:
     if model is None:
         return default_model()
     path = Path(model)
-    if not (path / "config.json").is_file():
-        raise GenerateError(f"{path}: no ControlNet here (expected a diffusers folder with config.json); {NO_MODEL}")
+    if not holds_model(path):
+        raise GenerateError(
+            f"{path}: no trained model here (expected what the train stage saves: config.json or a LoRA file); {NO_MODEL}"
+        )
     return path
 
 

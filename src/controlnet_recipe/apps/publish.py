@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..adapters import ADAPTER_FILE, adapter_of
+from ..adapters import ADAPTER_FILE, adapter_of, holds_model
 from ..conditions import condition
 from ..core.config import Config
 from ..core.errors import BadInput, MissingInput
@@ -20,7 +20,7 @@ from ..core.storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
 from ..models.base_model import BaseRef
 from ..models.families import family
 
-MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "training.json", "chosen.json", ADAPTER_FILE)
+RUN_FILES = ("training.json", "chosen.json", ADAPTER_FILE)  # beside the kind's own files (Adapter.files)
 IMAGES = {
     "validation.png": TRAIN_DIR / "validation.png",
     "evaluation_grid.png": EVAL_DIR / "grid.png",
@@ -31,7 +31,7 @@ IMAGES = {
 
 def model_dir() -> Path:
     """The evaluated choice if there is one, else the last training step."""
-    return BEST_DIR if (BEST_DIR / MODEL_FILES[1]).is_file() else CONTROLNET_DIR
+    return BEST_DIR if holds_model(BEST_DIR) else CONTROLNET_DIR
 
 
 def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:
@@ -80,10 +80,11 @@ image = pipe("a prompt", {fam.control_argument}=condition_image).images[0]
 def stage_files(cfg: Config, folder: Path) -> list[str]:
     """Copy what is published into ``folder``; return the file names."""
     src_dir = model_dir()
-    missing = [f for f in MODEL_FILES[:2] if not (src_dir / f).is_file()]
+    files = adapter_of(src_dir).files
+    missing = [f for f in files if not (src_dir / f).is_file()]
     if missing:
         raise MissingInput(f"{src_dir}: {', '.join(missing)} missing; run the train stage first")
-    for f in MODEL_FILES:
+    for f in (*files, *RUN_FILES):
         if (src_dir / f).is_file():
             shutil.copy(src_dir / f, folder / f)
     for name, src in IMAGES.items():

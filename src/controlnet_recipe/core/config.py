@@ -263,9 +263,9 @@ class AdapterCfg(Strict):
     """The kind of control the train stage trains (one module each in ``adapters/``) and its
     settings; a kind reads some of them and the others must be null (adapters/adapter.py)."""
 
-    kind: Literal["controlnet", "controlnet_lora", "t2i_adapter", "controlnet_xs"]
+    kind: Literal["controlnet", "controlnet_lora", "t2i_adapter", "controlnet_xs", "control_lora"]
     num_res_blocks: int | None = Field(gt=0)  # t2i_adapter: residual blocks per level (null: 2, diffusers' default)
-    rank: int | None = Field(gt=0)  # controlnet_lora: the LoRA's rank (null: 16)
+    rank: int | None = Field(gt=0)  # controlnet_lora, control_lora: the LoRA's rank (null: 16)
     alpha: float | None = Field(gt=0)  # controlnet_lora: its scale is alpha / rank (null: alpha = rank)
     lora_layers: Literal["attention", "all"] | None  # controlnet_lora: which copied layers (null: all, convolutions too)
     size_ratio: float | None = Field(gt=0, le=1)  # controlnet_xs: its widths / the UNet's (null: 0.25)

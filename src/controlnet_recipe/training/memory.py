@@ -63,7 +63,7 @@ def apply_model_settings(unet, controlnet, tier: Tier, dtype: torch.dtype | None
         controlnet.enable_xformers_memory_efficient_attention()
     # sdpa: diffusers' default attention processor on torch 2 (torch.nn.functional.scaled_dot_product_attention).
     if tier.gradient_checkpointing:
-        if controlnet._supports_gradient_checkpointing:  # a T2I-Adapter has none (and keeps few activations)
+        if getattr(controlnet, "_supports_gradient_checkpointing", False):  # a T2I-Adapter has none (few activations)
             controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
     if tier.channels_last:

@@ -210,6 +210,9 @@ class Trainer:
             base.denoiser.to(device, dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
         direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
+        for p in controlnet.parameters():  # fp32 master weights, where a kind trains inside the frozen model (Control-LoRA)
+            if p.requires_grad and p.dtype != torch.float32 and not self.zero:
+                p.data = p.data.float()
         controlnet.train()
         return base, controlnet
 

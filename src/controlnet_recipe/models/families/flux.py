@@ -114,8 +114,9 @@ class Flux(FlowFamily):
             model.controlnet_x_embedder.load_state_dict(base.denoiser.x_embedder.state_dict())
         return model
 
-    def _inputs(self, denoiser, noised: Noised, text: dict, device, dtype) -> dict:
-        """The packed latents, ids, timestep and guidance both models take (as upstream's script)."""
+    def transformer_inputs(self, denoiser, noised: Noised, text: dict, device, dtype) -> dict:
+        """The packed latents, ids, timestep and guidance the transformer (and its ControlNet) take
+        (as upstream's script)."""
         import torch
 
         noisy = noised.noisy
@@ -138,11 +139,11 @@ class Flux(FlowFamily):
         )
 
     def residuals(self, controlnet, noised, text, batch, control, device):
-        inputs = self._inputs(controlnet, noised, text, device, next(controlnet.parameters()).dtype)
+        inputs = self.transformer_inputs(controlnet, noised, text, device, next(controlnet.parameters()).dtype)
         return controlnet(controlnet_cond=pack(control), return_dict=False, **inputs)
 
     def predict(self, denoiser, noised, text, batch, residuals, dtype, device):
-        inputs = self._inputs(denoiser, noised, text, device, dtype)
+        inputs = self.transformer_inputs(denoiser, noised, text, device, dtype)
         for k in ("hidden_states", "pooled_projections", "encoder_hidden_states"):  # the timestep stays fp32, as upstream's
             inputs[k] = inputs[k].to(dtype)
         blocks, single = residuals if residuals is not None else (None, None)
