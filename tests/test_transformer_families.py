@@ -115,22 +115,88 @@ def test_kill_and_resume_is_bitwise_exact(transformer_project: Path, tmp_path: P
     assert_kill_and_resume_is_exact(transformer_project, tmp_path, recipe_of(transformer_project))
 
 
-@pytest.mark.slow
-def test_a_flux_folder_the_recipe_did_not_build_is_detected_and_trains(transformer_project: Path, tmp_path: Path):
-    """Any folder FluxPipeline.save_pretrained wrote (here: fresh random weights, saved by diffusers
-    alone) is read as Flux from its model_index.json (family auto) and trains."""
-    if family_of(transformer_project) != "flux":
-        pytest.skip("the Flux project's data")
+def someone_elses_flux(folder: Path) -> None:
+    """A Flux folder as FluxPipeline.save_pretrained writes it: fresh random weights, saved by
+    diffusers alone."""
     from diffusers import FluxPipeline
 
-    tok = tiny.build_tokenizer(["a", "photography", "of", "face"], tmp_path / "tok")
+    tok = tiny.build_tokenizer(["a", "photography", "of", "face"], folder.parent / "tok")
     vae = tiny.build_vae(RES)
     vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
     pipe = FluxPipeline(
         scheduler=tiny.build_flow_scheduler(dynamic_shifting=True), vae=vae, text_encoder=tiny.build_text_encoder(len(tok)),
         tokenizer=tok, text_encoder_2=tiny.build_t5(len(tok)), tokenizer_2=tok, transformer=tiny.build_flux_transformer(),
     )  # fmt: skip
-    pipe.save_pretrained(tmp_path / "someone-elses-flux")
+    pipe.save_pretrained(folder)
+
+
+CONTROL_LORA_CLIENT = """
+import sys
+import torch
+from diffusers import FluxControlPipeline
+from PIL import Image
+
+base, lora, condition = sys.argv[1:4]
+pipe = FluxControlPipeline.from_pretrained(base)
+before = pipe.transformer.x_embedder.in_features
+pipe.load_lora_weights(lora)
+image = pipe("a photography of a face", control_image=Image.open(condition), num_inference_steps=2, height=64, width=64,
+             max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images[0]
+assert not [m for m in sys.modules if m.startswith("controlnet_recipe")]
+print("client:", before, "->", pipe.transformer.x_embedder.in_features, image.size)
+"""
+
+
+@pytest.mark.slow
+def test_a_control_lora_on_a_flux_the_recipe_did_not_build_trains_and_loads_in_flux_control_pipeline(
+    transformer_project: Path, tmp_path: Path
+):
+    """Control-LoRA through dvc repro (train, evaluate) on a Flux folder diffusers wrote, then a
+    client that imports nothing of the project loads it as the model card says and generates."""
+    if family_of(transformer_project) != "flux":
+        pytest.skip("Control-LoRA is Flux's")
+    base = tmp_path / "someone-elses-flux"
+    someone_elses_flux(base)
+    work = Path(shutil.copytree(transformer_project, tmp_path / "work", symlinks=True))
+    p = yaml.safe_load((work / "params.yaml").read_text())
+    r = p[p["recipe"]]
+    r["base"].update(pretrained_model=str(base), family="auto", max_sequence_length=16)
+    r["adapter"]["kind"] = "control_lora"
+    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    run([sys.executable, "-m", "dvc", "repro"], work)
+    best = work / "models/best"
+    assert json.loads((best / "adapter.json").read_text())["kind"] == "control_lora"
+    assert (best / "pytorch_lora_weights.safetensors").is_file() and not (best / "config.json").exists()
+    metrics = json.loads((work / "eval/metrics.json").read_text())
+    assert metrics["fidelity"] == metrics["fidelity"]  # scored by the same evaluator
+    cond = load_dataset_dir(work / "data/captions")["validation"][0]["conditioning_image"]
+    cond.save(tmp_path / "condition.png")
+    (tmp_path / "client.py").write_text(CONTROL_LORA_CLIENT)
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "client.py"), str(base), str(best), str(tmp_path / "condition.png")],
+        cwd=tmp_path,
+        env={**_env(), "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "client: 16 -> 32 (64, 64)" in out.stdout  # the packed latents' channels, widened as it loads
+
+
+@pytest.mark.slow
+def test_a_control_lora_kill_and_resume_is_bitwise_exact(transformer_project: Path, tmp_path: Path):
+    if family_of(transformer_project) != "flux":
+        pytest.skip("Control-LoRA is Flux's")
+    assert_kill_and_resume_is_exact(transformer_project, tmp_path, recipe_of(transformer_project), adapter_kind="control_lora")
+
+
+@pytest.mark.slow
+def test_a_flux_folder_the_recipe_did_not_build_is_detected_and_trains(transformer_project: Path, tmp_path: Path):
+    """Any folder FluxPipeline.save_pretrained wrote (here: fresh random weights, saved by diffusers
+    alone) is read as Flux from its model_index.json (family auto) and trains."""
+    if family_of(transformer_project) != "flux":
+        pytest.skip("the Flux project's data")
+    someone_elses_flux(tmp_path / "someone-elses-flux")
     work = Path(shutil.copytree(transformer_project, tmp_path / "work", symlinks=True))
     p = yaml.safe_load((work / "params.yaml").read_text())
     r = p[p["recipe"]]

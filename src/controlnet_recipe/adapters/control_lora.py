@@ -132,9 +132,15 @@ class ControlLoRA(Adapter):
         return diffusers.FluxControlPipeline(**parts)
 
     def call_arguments(self, kw: dict) -> dict:
-        """FluxControlPipeline's names: the control's strength is the LoRA's scale; it has no true
-        CFG (a base without a guidance embedding, as the tiny one, samples unguided there)."""
-        kw = {k: v for k, v in kw.items() if k not in ("true_cfg_scale", "negative_prompt")}
+        """FluxControlPipeline's names: the control's strength is the LoRA's scale. It has no true
+        CFG, so its arguments (the negative prompt, its scale) are dropped: a base without a
+        guidance embedding, as the tiny one, samples unguided there."""
+        import inspect
+
+        import diffusers
+
+        takes = inspect.signature(diffusers.FluxControlPipeline.__call__).parameters
+        kw = {k: v for k, v in kw.items() if k in takes or k == "controlnet_conditioning_scale"}
         if "controlnet_conditioning_scale" in kw:
             kw["joint_attention_kwargs"] = {"scale": kw.pop("controlnet_conditioning_scale")}
         return kw
