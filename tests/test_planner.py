@@ -62,10 +62,23 @@ def _real_step_peak(spec: StepSpec) -> int:
     from controlnet_recipe.training.batches import step_generator
     from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
+    from types import SimpleNamespace
+
+    from controlnet_recipe.adapters import adapter
+    from controlnet_recipe.core.config import AdapterCfg
+    from controlnet_recipe.models.families import family
+
     torch.manual_seed(0)
     unet = tiny.build_unet(spec.resolution).requires_grad_(False).eval()
-    controlnet = controlnet_from_unet(unet, tiny.build_vae(spec.resolution).config).train()
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, fused=True)
+    kind = adapter(spec.adapter)
+    if spec.adapter == "controlnet":
+        controlnet = controlnet_from_unet(unet, tiny.build_vae(spec.resolution).config).train()
+    else:  # the kind's module as the trainer makes it
+        base = SimpleNamespace(denoiser=unet, vae=tiny.build_vae(spec.resolution))
+        t = SimpleNamespace(hint_init="random", controlnet_layers=None, controlnet_single_layers=None)
+        a = AdapterCfg(**{**dict.fromkeys(AdapterCfg.model_fields), "kind": spec.adapter})
+        controlnet = kind.make(family("sd"), base, t, a).train()
+    opt = torch.optim.AdamW([p for p in controlnet.parameters() if p.requires_grad], lr=1e-5, fused=True)
     b, lat = spec.micro_batch, spec.resolution // 4
     batch = {
         "latent_mean": torch.randn(b, 4, lat, lat),
@@ -88,6 +101,7 @@ def _real_step_peak(spec: StepSpec) -> int:
                 device=torch.device("cpu"),
                 dtype=torch.float32,
                 objective=Objective(),
+                adapter=kind,
             )
             loss = controlnet_loss(inputs, batch, step_generator(0, step, 0, 0))
             loss.backward()
@@ -105,10 +119,13 @@ def _real_step_peak(spec: StepSpec) -> int:
     return before + peak
 
 
-def test_prediction_within_ten_percent_of_a_real_step(monkeypatch):
+@pytest.mark.parametrize("kind", ["controlnet", "controlnet_lora", "t2i_adapter"])
+def test_prediction_within_ten_percent_of_a_real_step(monkeypatch, kind: str):
+    """The planner's step for each kind of control (its own module, ``residuals`` and ``predict``)
+    against the trainer's step run for real."""
     monkeypatch.setattr(tracker, "ROUND", 1)  # the CPU allocator does not round as CUDA's does
     measure.cache_clear()
-    spec = StepSpec(arch="tiny", resolution=128, micro_batch=8, mixed_precision="no", adam="fused")
+    spec = StepSpec(arch="tiny", resolution=128, micro_batch=8, mixed_precision="no", adam="fused", adapter=kind)
     m = measure(spec)
     real = _real_step_peak(spec)
     ratio = m.step_peak / real
@@ -160,7 +177,13 @@ def test_plan_cli_prints_every_tier_and_json(capsys):
     assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tier"] for r in rows] == ["24gb"]
-    assert {"tier", "micro_batch", "peak_gib", "validation_peak_gib", "terms", "fits"} <= set(rows[0])
+    assert {"tier", "adapter", "trainable_params", "micro_batch", "peak_gib", "validation_peak_gib", "terms", "fits"} <= set(
+        rows[0]
+    )
+    assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--adapter", "t2i_adapter", "--json"]) == 0
+    light = json.loads(capsys.readouterr().out)
+    assert light["adapter"] == "t2i_adapter" and light["trainable_params"] < rows[0]["trainable_params"] / 2
+    assert light["peak_gib"] < rows[0]["peak_gib"]
 
 
 def test_plan_refuses_an_unknown_base_in_one_line(tmp_path, capsys):

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--gpu", default=None, help="override the memory tier named in params")
     p.add_argument("--recipe", default=None, help="override the recipe block named in params")
-    p.add_argument("--adapter", default=None, help="check: write this adapter.kind into the recipe's block (make ADAPTER=)")
+    p.add_argument(
+        "--adapter", default=None, help="check: write this adapter.kind into the recipe's block (make ADAPTER=); plan: plan it"
+    )
     args, rest = p.parse_known_args(argv)
     if rest and args.stage not in OWN_OPTIONS:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -65,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params, overrides)
         if args.stage == "check":
             return importlib.import_module(".apps.check", __package__).main(cfg, args.params, args.adapter)
+        if args.stage == "plan" and args.adapter:  # the recipe's block with another kind of control
+            from .adapters import adapter
+
+            adapter(args.adapter)  # a known kind, or one line naming them
+            a = cfg.recipe.adapter.model_copy(update={"kind": args.adapter})
+            cfg = cfg.model_copy(update={"recipe": cfg.recipe.model_copy(update={"adapter": a})})
         if args.stage in COMMANDS:
             module = ".planning.cli" if args.stage == "plan" else f".apps.{args.stage}"
             return importlib.import_module(module, __package__).main(cfg, rest)

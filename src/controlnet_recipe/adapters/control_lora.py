@@ -38,6 +38,13 @@ class ControlLoRAModel(torch.nn.Module):
         return super()._apply(fn, recurse)
 
 
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the frozen model computes in: its frozen weights' (those stored in fp8 or
+    quantised are cast to it layer by layer; its norms keep it)."""
+    computes = (torch.float32, torch.float16, torch.bfloat16)
+    return next((p.dtype for p in model.parameters() if not p.requires_grad and p.dtype in computes), torch.float32)
+
+
 def widen(transformer: torch.nn.Module) -> None:
     """The input embedder takes twice its channels (the condition's latents after the image's):
     the base's weights for the first half, zeros for the second, as upstream's script and
@@ -112,7 +119,7 @@ class ControlLoRA(Adapter):
         """The transformer's prediction with the condition's packed latents after the image's."""
         from ..models.families.flux import pack, unpack
 
-        dtype = getattr(module.transformer, EMBEDDER).base_layer.weight.dtype
+        dtype = compute_dtype(module.transformer)
         inputs = fam.transformer_inputs(module.transformer, noised, text, device, dtype)
         inputs["hidden_states"] = torch.cat([inputs["hidden_states"], pack(control.to(device))], dim=2)
         for k in ("hidden_states", "pooled_projections", "encoder_hidden_states"):  # the timestep stays fp32

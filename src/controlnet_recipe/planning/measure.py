@@ -87,10 +87,23 @@ def _models(spec: StepSpec) -> MeasuredModels:
         spec.controlnet_layers,
         spec.vae_force_upcast,
         spec.frozen_fp8,
+        spec.adapter,
+        spec.adapter_settings,
     )
     m = _BUILT.get(key)
     if m is None:
-        m = _BUILT[key] = family(family_of_architecture(spec.arch)).measured(spec)
+        fam = family(family_of_architecture(spec.arch))
+        if spec.adapter == "controlnet":
+            m = _BUILT[key] = fam.measured(spec)
+        else:  # another kind of control: its module, made from the base before its fp8 cast, as the trainer does
+            from dataclasses import replace
+
+            from ..adapters import adapter
+
+            m = _BUILT[key] = fam.measured(replace(spec, frozen_fp8=False))
+            m.use_adapter(fam, adapter(spec.adapter))
+            if spec.frozen_fp8:
+                layerwise_fp8(m.base, next(k for k, v in m.frozen.items() if v is m.base), m.dtype)
         cuda_autocast_norms(m.controlnet, *m.frozen.values(), *m.for_validation.values())
     m.spec = spec
     m.set_switches()
@@ -132,7 +145,7 @@ def _train_steps(m: MeasuredModels, mem: LiveMemory, spec: StepSpec):
     hooks = [p.register_post_accumulate_grad_hook(gradient_ready) for p in params]
     keep_grads = not spec.set_grads_to_none or spec.accumulation > 1  # accumulation keeps them between micro-steps
     for _ in range(2):
-        loss = m.training_loss()
+        loss = m.adapter_loss() if m.adapter is not None else m.training_loss()
         loss.backward()
         del loss
         if not spec.deepspeed:  # DeepSpeed clips the CPU partition
@@ -160,7 +173,7 @@ def measure(spec: StepSpec) -> Measured:
         TRACKERS.append(mem)  # layerwise casting's hooks file their copies here
         try:
             with mem:
-                weights = _register_weights(mem, {"controlnet": m.controlnet, **m.frozen})
+                weights = _register_weights(mem, {spec.adapter: m.controlnet, **m.frozen})
                 opt = _train_steps(m, mem, spec)
                 step_peak, step_groups = mem.peak, dict(mem.peak_groups)
                 if spec.set_grads_to_none:

@@ -97,6 +97,8 @@ class TierPlan:
     validation_terms: dict[str, float]  # GiB: they add up to validation_peak_gib
     host_gib: float = 0.0  # CPU memory DeepSpeed's offloaded optimizer holds
     notes: list[str] = field(default_factory=list)
+    adapter: str = "controlnet"  # the kind of control planned (adapter.kind)
+    trainable_params: int = 0
 
     @property
     def fits(self) -> bool | None:
@@ -107,6 +109,8 @@ class TierPlan:
     def as_dict(self) -> dict:
         return {
             "tier": self.tier,
+            "adapter": self.adapter,
+            "trainable_params": self.trainable_params,
             "micro_batch": self.micro_batch,
             "accumulation": self.accumulation,
             "budget_gib": self.budget_gib,
@@ -165,6 +169,8 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
         # only their embeddings and the VAE come to the GPU; SD's and SDXL's pipelines encode there
         validation_text_encoders=family_named(family).encodes_prompts_on_device,
         controlnet_layers=controlnet_layers(recipe, family),
+        adapter=recipe.adapter.kind,
+        adapter_settings=tuple((k, v) for k, v in recipe.adapter.model_dump().items() if k != "kind" and v is not None),
     )
     return StepSpec(**{**spec, **override})
 
@@ -264,6 +270,8 @@ def plan_step(
         validation_terms=vterms,
         host_gib=host,
         notes=notes,
+        adapter=spec.adapter,
+        trainable_params=m.trainable_params,
     )
 
 

@@ -210,9 +210,11 @@ class Trainer:
             base.denoiser.to(device, dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
         direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
-        for p in controlnet.parameters():  # fp32 master weights, where a kind trains inside the frozen model (Control-LoRA)
-            if p.requires_grad and p.dtype != torch.float32 and not self.zero:
+        for p in [] if self.zero else controlnet.parameters():  # DeepSpeed holds its own copies
+            if p.requires_grad and p.dtype != torch.float32:  # fp32 master weights (Control-LoRA's were cast with the base)
                 p.data = p.data.float()
+            elif not p.requires_grad and p.is_floating_point():  # a frozen copy of the base's (ControlNet-LoRA's, XS's)
+                p.data = p.data.to(dtype)
         controlnet.train()
         return base, controlnet
 

@@ -233,6 +233,16 @@ class FluxMeasured(MeasuredModels):
             return x.reshape(b, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, -1)
         return torch.randn(b, side * side, 4 * self.latent_channels).to(self.dtype)
 
+    def adapter_inputs(self, b: int, res: int):
+        from ...objectives.diffusion import Noised
+
+        side = res // 16
+        x0, cond = (unpack(self._packed(b), 2 * side, 2 * side) for _ in range(2))
+        noise = torch.randn_like(x0)
+        kw = self._inputs(b, side)
+        text = {TEXT: kw["encoder_hidden_states"], POOLED: kw["pooled_projections"]}
+        return Noised(0.5 * x0 + 0.5 * noise, kw["timestep"].float() * 1000, noise - x0, None), text, {}, cond
+
     def training_loss(self) -> torch.Tensor:
         b = self.spec.micro_batch
         x0, cond = self._packed(b), self._packed(b)
@@ -250,6 +260,19 @@ class FluxMeasured(MeasuredModels):
             )[0]
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
+    def _controlnet_forward(self, n: int, res: int) -> None:
+        side = res // 16
+        with self.autocast():
+            cond = encode_control(self.vae, n, res, self.dtype, self.spec.vae_slicing)
+        cond = cond.reshape(n, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
+        x = torch.randn(n, side * side, 4 * self.latent_channels).to(self.dtype)
+        kw = self._inputs(n, side)
+        with self.autocast():
+            blocks, singles = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
+            self.transformer(
+                hidden_states=x, controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False, **kw
+            )
+
     @torch.no_grad()
     def validate(self) -> None:
         """The prompt through CLIP and T5 (``validation_text_encoders``; else its embeddings, encoded
@@ -262,17 +285,10 @@ class FluxMeasured(MeasuredModels):
         if self.spec.validation_text_encoders:
             self.for_validation["text_encoder"](torch.randint(0, 1000, (n, 77)))
             self.for_validation["text_encoder_2"](torch.randint(0, 1000, (n, self.TEXT_TOKENS)))
-        with self.autocast():
-            cond = encode_control(self.vae, n, res, self.dtype, self.spec.vae_slicing)
-        cond = cond.reshape(n, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
-        x = torch.randn(n, side * side, 4 * self.latent_channels).to(self.dtype)
-        kw = self._inputs(n, side)
-        with self.autocast():
-            blocks, singles = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
-            self.transformer(
-                hidden_states=x, controlnet_block_samples=blocks, controlnet_single_block_samples=singles, return_dict=False, **kw
-            )
-        del blocks, singles, cond
+        if self.adapter is not None:
+            self.adapter_forward(n, res)
+        else:
+            self._controlnet_forward(n, res)
         with self.autocast():
             for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
                 latents = torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, 2 * side, 2 * side)

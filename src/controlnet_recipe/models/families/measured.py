@@ -11,7 +11,7 @@ without gradient checkpointing every such layer's copy stays until the backward 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,8 @@ class StepSpec:
     controlnet_layers: tuple[int, int] | None = None
     max_sequence_length: int | None = None  # T5 tokens (sd3, flux); None: the family's default
     frozen_fp8: bool = False  # the frozen base's weights in fp8, layerwise upcast (diffusers' layerwise casting)
+    adapter: str = "controlnet"  # the kind of control trained (adapters/); its settings as (key, value) pairs
+    adapter_settings: tuple = ()
     # False: validation's prompts encoded before (like training's captions): no text encoder on the GPU
     validation_text_encoders: bool = True
 
@@ -81,6 +83,9 @@ def layerwise_fp8(model: torch.nn.Module, name: str, compute_dtype: torch.dtype)
     patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN)
     patterns += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     patterns += tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+    from peft.tuners.lora.layer import LoraLayer  # a LoRA in the base (Control-LoRA's) stays, as diffusers skips it
+
+    patterns += tuple(LoraLayer.adapter_layer_names)
     weights = f"weights: {name} fp8"
     count = 0
 
@@ -105,6 +110,30 @@ def layerwise_fp8(model: torch.nn.Module, name: str, compute_dtype: torch.dtype)
 
     walk(model, "")
     return count
+
+
+def _fake_to(self: torch.nn.Module, *args, **kwargs) -> torch.nn.Module:
+    """``Module.to`` for fake parameters (which ``_apply`` cannot swap): each parameter's data
+    set to the dtype in place, new buffers; the device stays (one fake device)."""
+    dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+    if dtype is not None:
+        for p in self.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        buffers_to(self, dtype)
+    return self
+
+
+@contextmanager
+def fake_casts():
+    """``Module.to`` as :func:`_fake_to` meanwhile: what a kind's ``make`` casts (diffusers'
+    ``from_unet``, peft's layers) runs on fake parameters."""
+    old = torch.nn.Module.to
+    torch.nn.Module.to = _fake_to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = old
 
 
 def build(builder, dtype: torch.dtype):
@@ -132,6 +161,7 @@ class MeasuredModels:
 
     device_type = "cpu"  # autocast's: the GPU check runs these models for real on "cuda"
     upcast_vae = None  # the VAE the pipeline decodes with, when it upcasts
+    adapter = None  # the kind of control when not the ControlNet (its module is then ``controlnet``)
 
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
@@ -142,10 +172,54 @@ class MeasuredModels:
     def set_switches(self) -> None:
         """Gradient checkpointing on the ControlNet and the base."""
         for model in (self.controlnet, self.base):
+            if not getattr(model, "_supports_gradient_checkpointing", False):  # a T2I-Adapter; Control-LoRA's (in the base)
+                continue
             if self.spec.gradient_checkpointing:
                 model.enable_gradient_checkpointing()
             else:
                 model.disable_gradient_checkpointing()
+
+    def use_adapter(self, fam, kind) -> None:
+        """``kind``'s trained module in place of the ControlNet, made from the frozen base as the
+        trainer makes it (Control-LoRA's LoRA goes into the base itself)."""
+        from types import SimpleNamespace
+
+        from ...core.config import AdapterCfg
+
+        settings = dict(self.spec.adapter_settings)
+        layers = self.spec.controlnet_layers or (None, None)
+        t = SimpleNamespace(hint_init="random", controlnet_layers=layers[0], controlnet_single_layers=layers[1])
+        base = SimpleNamespace(denoiser=self.base, vae=self.vae)
+        a = AdapterCfg(**{**dict.fromkeys(AdapterCfg.model_fields), "kind": kind.name, **settings})
+        dtype = self.dtype if self.spec.deepspeed else torch.float32
+        with fake_casts():
+            self.controlnet = build(lambda: kind.make(fam, base, t, a), dtype)
+        for p in self.controlnet.parameters():  # as the trainer holds them: trained in fp32, frozen in the run's dtype
+            want = dtype if p.requires_grad else self.dtype
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)  # in place: a kind whose parameters live in the base shares them
+        self.fam, self.adapter = fam, kind
+
+    def adapter_inputs(self, b: int, res: int):
+        """(noised, text, batch, control): one step's inputs as the family's step takes them."""
+        raise NotImplementedError
+
+    def adapter_loss(self) -> torch.Tensor:
+        """The training step through the kind's own ``residuals`` and ``predict`` (the step the
+        trainer runs), on inputs of the step's shapes."""
+        noised, text, batch, control = self.adapter_inputs(self.spec.micro_batch, self.spec.resolution)
+        with self.autocast():
+            r = self.adapter.residuals(self.fam, self.controlnet, noised, text, batch, control, "cpu")
+            pred = self.adapter.predict(self.fam, self.base, noised, text, batch, r, self.dtype, "cpu")
+        return torch.nn.functional.mse_loss(pred.float(), noised.target.float())
+
+    @torch.no_grad()
+    def adapter_forward(self, n: int, res: int) -> None:
+        """Validation's denoising step through the kind (``n``: the batch, guidance included)."""
+        noised, text, batch, control = self.adapter_inputs(n, res)
+        with self.autocast():
+            r = self.adapter.residuals(self.fam, self.controlnet, noised, text, batch, control, "cpu")
+            self.adapter.predict(self.fam, self.base, noised, text, batch, r, self.dtype, "cpu")
 
     def autocast(self):
         if self.dtype == torch.float32:

@@ -241,7 +241,8 @@ class UNetMeasured(MeasuredModels):
 
         proc = AttnProcessor if self.spec.attention == "math" else AttnProcessor2_0
         for model in (self.controlnet, self.base):
-            model.set_attn_processor(proc())
+            if hasattr(model, "set_attn_processor"):  # a T2I-Adapter has no attention
+                model.set_attn_processor(proc())
 
     def _text(self, b: int) -> tuple[torch.Tensor, dict | None]:
         added = None
@@ -249,6 +250,20 @@ class UNetMeasured(MeasuredModels):
             pooled = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
             added = {"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)}
         return torch.randn(b, self.tokens, self.text_dim), added
+
+    def adapter_inputs(self, b: int, res: int):
+        from ...objectives.diffusion import Noised
+        from .family import POOLED, TEXT
+        from .sdxl import TIME_IDS
+
+        lat = res // self.down
+        x0 = torch.randn(b, self.latent_channels, lat, lat)
+        noise = torch.randn_like(x0)
+        enc, added = self._text(b)
+        text, batch = {TEXT: enc}, {}
+        if added is not None:
+            text[POOLED], batch[TIME_IDS] = added["text_embeds"], added["time_ids"]
+        return Noised(x0 + noise, torch.randint(0, 1000, (b,)), noise, None), text, batch, torch.rand(b, 3, res, res)
 
     def training_loss(self) -> torch.Tensor:
         b, res, lat = self.spec.micro_batch, self.spec.resolution, self.spec.resolution // self.down
@@ -281,15 +296,8 @@ class UNetMeasured(MeasuredModels):
             ).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
-    @torch.no_grad()
-    def validate(self) -> None:
-        """One denoising step of the pipeline (classifier-free guidance doubles the batch), then
-        the VAE decoding the images."""
-        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+    def _controlnet_forward(self, n: int, res: int) -> None:
         lat = res // self.down
-        for name, enc in self.for_validation.items():
-            if name.startswith("text_encoder"):
-                enc(torch.randint(0, 1000, (2 * n, self.tokens)))
         enc, added = self._text(2 * n)
         x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
         with self.autocast():
@@ -309,7 +317,20 @@ class UNetMeasured(MeasuredModels):
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
             )
-        del down, mid
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """One denoising step of the pipeline (classifier-free guidance doubles the batch), then
+        the VAE decoding the images."""
+        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+        lat = res // self.down
+        for name, enc in self.for_validation.items():
+            if name.startswith("text_encoder"):
+                enc(torch.randint(0, 1000, (2 * n, self.tokens)))
+        if self.adapter is not None:
+            self.adapter_forward(2 * n, res)
+        else:
+            self._controlnet_forward(n, res)
         vae = self.upcast_vae or self.vae
         vae_dtype = next(vae.parameters()).dtype
         with self.autocast():  # the recipe's validation runs the whole pipeline under autocast

@@ -195,6 +195,16 @@ class SD3Measured(MeasuredModels):
             return self.vae.encode(torch.randn(b, 3, res, res).to(self.dtype)).latent_dist.sample()
         return torch.randn(b, self.latent_channels, lat, lat).to(self.dtype)
 
+    def adapter_inputs(self, b: int, res: int):
+        from ...objectives.diffusion import Noised
+        from .family import POOLED, TEXT
+
+        x0, cond = self._latents(b, res), self._latents(b, res)
+        noise = torch.randn_like(x0)
+        kw = self._inputs(b)
+        text = {TEXT: kw["encoder_hidden_states"], POOLED: kw["pooled_projections"]}
+        return Noised(0.5 * x0 + 0.5 * noise, kw["timestep"].float(), noise - x0, None), text, {}, cond
+
     def training_loss(self) -> torch.Tensor:
         b, res = self.spec.micro_batch, self.spec.resolution
         x0, cond = self._latents(b, res), self._latents(b, res)
@@ -211,6 +221,16 @@ class SD3Measured(MeasuredModels):
             )[0]
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
+    def _controlnet_forward(self, n: int, res: int) -> None:
+        lat = res // self.down
+        with self.autocast():  # the control image, doubled for guidance before the pipeline encodes it
+            cond = encode_control(self.vae, 2 * n, res, self.dtype, self.spec.vae_slicing)
+        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
+        kw = self._inputs(2 * n)
+        with self.autocast():
+            (blocks,) = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
+            self.transformer(hidden_states=x, block_controlnet_hidden_states=blocks, return_dict=False, **kw)
+
     @torch.no_grad()
     def validate(self) -> None:
         """The prompt and the negative one through the three encoders (``validation_text_encoders``;
@@ -223,14 +243,10 @@ class SD3Measured(MeasuredModels):
                 if name.startswith("text_encoder"):
                     enc(torch.randint(0, 1000, (2 * n, t5 if name == "text_encoder_3" else self.CLIP_TOKENS)))
         lat = res // self.down
-        with self.autocast():  # the control image, doubled for guidance before the pipeline encodes it
-            cond = encode_control(self.vae, 2 * n, res, self.dtype, self.spec.vae_slicing)
-        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
-        kw = self._inputs(2 * n)
-        with self.autocast():
-            (blocks,) = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
-            self.transformer(hidden_states=x, block_controlnet_hidden_states=blocks, return_dict=False, **kw)
-        del blocks, cond
+        if self.adapter is not None:
+            self.adapter_forward(2 * n, res)
+        else:
+            self._controlnet_forward(n, res)
         with self.autocast():
             for _ in range(n if self.spec.vae_slicing else 1):
                 self.vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(self.dtype))
