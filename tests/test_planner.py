@@ -57,16 +57,15 @@ def _real_step_peak(spec: StepSpec) -> int:
     """The same step run for real on the CPU, its peak from PyTorch's profiler (the allocator's own
     events, not the planner's dispatch-mode tracker): the ControlNet and loss as the train stage
     makes them, fused AdamW, two optimizer steps."""
-    from controlnet_recipe.models import tiny
-    from controlnet_recipe.objectives.diffusion import Objective
-    from controlnet_recipe.training.batches import step_generator
-    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
-
     from types import SimpleNamespace
 
     from controlnet_recipe.adapters import adapter
     from controlnet_recipe.core.config import AdapterCfg
+    from controlnet_recipe.models import tiny
     from controlnet_recipe.models.families import family
+    from controlnet_recipe.objectives.diffusion import Objective
+    from controlnet_recipe.training.batches import step_generator
+    from controlnet_recipe.training.step import LossInputs, controlnet_from_unet, controlnet_loss
 
     torch.manual_seed(0)
     unet = tiny.build_unet(spec.resolution).requires_grad_(False).eval()

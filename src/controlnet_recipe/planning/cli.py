@@ -62,15 +62,16 @@ def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
         f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
         f"{r.data.resolution} px, effective batch {r.train.batch_size}{layers}, "
         f"validation {r.train.validation.num_images} image(s) per prompt",
-        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'peak GiB':>9} {'val GiB':>8} {'card GiB':>9} {'fits':<5} "
-        "terms (GiB, at the training peak)",
+        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'peak GiB':>9} {'val GiB':>8} "
+        f"{'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
     ]
     for p in plans:
         budget = "-" if p.budget_gib is None else f"{p.budget_gib:.1f}"
         fits = {None: "-", True: "yes", False: "NO"}[p.fits]
         lines.append(
-            f"{p.tier:<{width}} {p.adapter:<{kind}} {p.trainable_params / 1e6:>7.1f}M {p.micro_batch:>3}x{p.accumulation:<2} {p.peak_gib:>9.2f} {p.validation_peak_gib:>8.2f} "
-            f"{budget:>9} {fits:<5} {_terms(p)}" + (f"  [{'; '.join(p.notes)}]" if p.notes else "")
+            f"{p.tier:<{width}} {p.adapter:<{kind}} {p.trainable_params / 1e6:>7.1f}M {p.micro_batch:>3}x{p.accumulation:<2} "
+            f"{p.peak_gib:>9.2f} {p.validation_peak_gib:>8.2f} {budget:>9} {fits:<5} {_terms(p)}"
+            + (f"  [{'; '.join(p.notes)}]" if p.notes else "")
         )
     lines.append(
         f"assumptions: allocator overhead {ALLOCATOR_OVERHEAD:.0%} of the allocated peak, CUDA context "
