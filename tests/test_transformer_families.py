@@ -151,8 +151,9 @@ print("client:", before, "->", pipe.transformer.x_embedder.in_features, image.si
 def test_a_control_lora_on_a_flux_the_recipe_did_not_build_trains_and_loads_in_flux_control_pipeline(
     transformer_project: Path, tmp_path: Path
 ):
-    """Control-LoRA through dvc repro (train, evaluate) on a Flux folder diffusers wrote, then a
-    client that imports nothing of the project loads it as the model card says and generates."""
+    """Control-LoRA through dvc repro (train on the base in nf4, evaluate) on a Flux folder
+    diffusers wrote, then a client that imports nothing of the project loads it onto that base
+    as the model card says and generates."""
     if family_of(transformer_project) != "flux":
         pytest.skip("Control-LoRA is Flux's")
     base = tmp_path / "someone-elses-flux"
@@ -160,7 +161,7 @@ def test_a_control_lora_on_a_flux_the_recipe_did_not_build_trains_and_loads_in_f
     work = Path(shutil.copytree(transformer_project, tmp_path / "work", symlinks=True))
     p = yaml.safe_load((work / "params.yaml").read_text())
     r = p[p["recipe"]]
-    r["base"].update(pretrained_model=str(base), family="auto", max_sequence_length=16)
+    r["base"].update(pretrained_model=str(base), family="auto", max_sequence_length=16, quantize="nf4")  # QLoRA-style
     r["adapter"]["kind"] = "control_lora"
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     run([sys.executable, "-m", "dvc", "repro"], work)

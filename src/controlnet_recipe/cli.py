@@ -67,15 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params, overrides)
         if args.stage == "check":
             return importlib.import_module(".apps.check", __package__).main(cfg, args.params, args.adapter)
-        if args.stage == "plan" and args.adapter:  # the recipe's block with another kind of control
-            from .adapters import adapter
-
-            adapter(args.adapter)  # a known kind, or one line naming them
-            a = cfg.recipe.adapter.model_copy(update={"kind": args.adapter})
-            cfg = cfg.model_copy(update={"recipe": cfg.recipe.model_copy(update={"adapter": a})})
         if args.stage in COMMANDS:
             module = ".planning.cli" if args.stage == "plan" else f".apps.{args.stage}"
-            return importlib.import_module(module, __package__).main(cfg, rest)
+            extra = ["--adapter", args.adapter] if args.stage == "plan" and args.adapter else []
+            return importlib.import_module(module, __package__).main(cfg, rest + extra)
         module = ".apps.publish" if args.stage == "publish" else f".stages.{args.stage}"
         t0 = time.perf_counter()
         stage = importlib.import_module(module, __package__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.families.family import compute_dtype
 from .adapter import Adapter
 from .controlnet_lora import DEFAULT_RANK, lora_targets
 
@@ -36,13 +37,6 @@ class ControlLoRAModel(torch.nn.Module):
     def _apply(self, fn, recurse=True):
         self.transformer._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the frozen model computes in: its frozen weights' (those stored in fp8 or
-    quantised are cast to it layer by layer; its norms keep it)."""
-    computes = (torch.float32, torch.float16, torch.bfloat16)
-    return next((p.dtype for p in model.parameters() if not p.requires_grad and p.dtype in computes), torch.float32)
 
 
 def widen(transformer: torch.nn.Module) -> None:

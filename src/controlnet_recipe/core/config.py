@@ -146,6 +146,7 @@ class BaseCfg(Strict):
     family: str  # auto, or a family that tiers are sized for (checked with the tiers, in load_config)
     vae: str | None
     max_sequence_length: int | None = Field(gt=0)  # T5 tokens per caption (sd3, flux); null: the family's default
+    quantize: Literal["none", "fp8", "int8", "nf4"]  # the frozen base while training (training/quantize.py)
     tiny: TinyBaseCfg
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from ..adapters import adapter
 from ..core.config import Config, Tier, check_tier
 from ..models.families import family as family_named
 from .plan import (
@@ -29,6 +30,7 @@ SHORT = {
     "activations": "act",
     "frozen_fp8_upcast": "fp8-upcast",
     "deepspeed_buckets": "ds-buckets",
+    "dequantized": "dequant",
 }
 
 
@@ -80,10 +82,24 @@ def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
     return "\n".join(lines)
 
 
+def with_overrides(cfg: Config, kind: str | None, quantize: str | None) -> Config:
+    """``cfg`` with the recipe's adapter kind and base quantisation replaced where given."""
+    r = cfg.recipe
+    if kind:
+        adapter(kind)  # a known kind, or one line naming them
+        r = r.model_copy(update={"adapter": r.adapter.model_copy(update={"kind": kind})})
+    if quantize:
+        r = r.model_copy(update={"base": r.base.model_copy(update={"quantize": quantize})})
+    return cfg.model_copy(update={"recipe": r})
+
+
 def main(cfg: Config, argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="controlnet-recipe plan", description=__doc__)
     p.add_argument("--json", action="store_true", help="one JSON object per tier")
+    p.add_argument("--adapter", default=None, help="plan this kind of control (adapter.kind) instead of the recipe's")
+    p.add_argument("--quantize", default=None, choices=("none", "fp8", "int8", "nf4"), help="with this base.quantize")
     args = p.parse_args(argv)
+    cfg = with_overrides(cfg, args.adapter, args.quantize)
     arch = architecture(cfg.recipe.base.pretrained_model, cfg.recipe.base.family)  # a one-line error for an unknown base
     if cfg.gpu == "auto":
         names = tiers_for(arch_family(arch), cfg.tiers)

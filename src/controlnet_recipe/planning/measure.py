@@ -19,7 +19,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..models.families import family, family_of_architecture
-from ..models.families.measured import DTYPES, FP8, TRACKERS, UPCAST_GROUP, MeasuredModels, StepSpec, layerwise_fp8
+from ..models.families.measured import (
+    DTYPES,
+    FP8,
+    TRACKERS,
+    UPCAST_GROUP,
+    MeasuredModels,
+    StepSpec,
+    layerwise_fp8,
+    quantize_linears,
+)
 from ..training.memory import frozen_blocks, local_bytes
 from .tracker import LiveMemory
 
@@ -45,7 +54,14 @@ class Measured:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", FP8: "fp8"}[dtype]
+    return {
+        torch.float32: "fp32",
+        torch.float16: "fp16",
+        torch.bfloat16: "bf16",
+        FP8: "fp8",
+        torch.int8: "int8",
+        torch.uint8: "nf4",
+    }[dtype]
 
 
 def _norm_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +105,7 @@ def _models(spec: StepSpec) -> MeasuredModels:
         spec.frozen_fp8,
         spec.adapter,
         spec.adapter_settings,
+        spec.quantize,
     )
     m = _BUILT.get(key)
     if m is None:
@@ -104,6 +121,8 @@ def _models(spec: StepSpec) -> MeasuredModels:
             m.use_adapter(fam, adapter(spec.adapter))
             if spec.frozen_fp8:
                 layerwise_fp8(m.base, next(k for k, v in m.frozen.items() if v is m.base), m.dtype)
+        if spec.quantize != "none":  # after the kind's module is made: it copies (or wraps) the base first
+            quantize_linears(m.base, spec.quantize, m.dtype)
         cuda_autocast_norms(m.controlnet, *m.frozen.values(), *m.for_validation.values())
     m.spec = spec
     m.set_switches()
@@ -117,7 +136,8 @@ def _register_weights(mem: LiveMemory, models: dict[str, torch.nn.Module]) -> di
     weights: dict[str, int] = {}
     for name, module in models.items():
         for t in (*module.parameters(), *module.buffers()):
-            key = f"{name} {_dtype_name(t.dtype)}" if t.is_floating_point() else f"{name} other"
+            stored = t.is_floating_point() or t.dtype in (torch.int8, torch.uint8)  # int8, nf4: quantised weights
+            key = f"{name} {_dtype_name(t.dtype)}" if stored else f"{name} other"
             before = mem.groups[f"weights: {key}"]
             mem.register(t, f"weights: {key}")
             weights[key] = weights.get(key, 0) + mem.groups[f"weights: {key}"] - before

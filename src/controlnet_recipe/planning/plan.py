@@ -163,7 +163,9 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
         deepspeed=tier.deepspeed is not None,
         validation_images=recipe.train.validation.num_images,
         vae_force_upcast=False if recipe.base.vae else None,  # a replacement VAE: the fp16-fixed one
-        frozen_fp8=tier.frozen_fp8,
+        # base.quantize takes the place of the tier's fp8 storage (as the trainer does): fp8 is the same casting
+        frozen_fp8=recipe.base.quantize == "fp8" or (tier.frozen_fp8 and recipe.base.quantize == "none"),
+        quantize=recipe.base.quantize if recipe.base.quantize in ("int8", "nf4") else "none",
         max_sequence_length=recipe.base.max_sequence_length,
         # the transformer families' validation encodes its prompts on the CPU (FlowFamily.validation_inputs):
         # only their embeddings and the VAE come to the GPU; SD's and SDXL's pipelines encode there

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..adapters import ADAPTER_FILE
 from ..adapters import check as check_adapter
-from ..core.config import Config, Tier, accumulation_steps
+from ..core.config import Config, ConfigError, Tier, accumulation_steps
 from ..core.logs import progress
 from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 from ..models.base_model import BaseRef, load_base
@@ -45,6 +45,7 @@ from .memory import (
     param_groups,
     shard_frozen,
 )
+from .quantize import quantize_frozen
 from .step import LossInputs, controlnet_loss, objective
 from .tracking import Trackers
 from .validation import Validator, load_extractor, validation_pairs
@@ -199,8 +200,14 @@ class Trainer:
         self.validates = self.main or self.sharded
         if tier.shard_frozen and not self.sharded:
             self.accelerator.print("train: shard_frozen: one process, nothing to shard across: the frozen base is held whole")
-        if tier.frozen_fp8 or self.sharded:  # cast on the CPU first: the GPU never holds it whole in bf16 (FLUX: 22 GiB)
+        scheme = self.cfg.recipe.base.quantize
+        if scheme != "none":  # the base's own quantisation takes the place of the tier's fp8 storage
+            if self.sharded:
+                raise ConfigError(f"base.quantize: {scheme} with shard_frozen (FSDP2 shards bf16 weights): expected none")
+            tier = tier.model_copy(update={"frozen_fp8": False})
+        if tier.frozen_fp8 or self.sharded or scheme != "none":  # on the CPU first: the GPU never holds it whole in bf16
             base.denoiser.to(dtype=dtype)
+            quantize_frozen(base.denoiser, scheme, dtype, device)  # int8, nf4: each layer quantised as it moves
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
             if self.sharded:
                 shard_frozen(base.denoiser, device, self.world)  # its shards move to the device

@@ -16,6 +16,7 @@ from ..core.errors import BadInput
 from ..core.images import images_to_tensor, tensor_to_images
 from ..models.base_model import call_arguments, make_pipeline, seeded
 from ..models.families import family
+from ..models.families.family import compute_dtype
 from ..report.grid import make_grid
 
 
@@ -59,9 +60,7 @@ def run_validation(
     """Generate ``v.num_images`` images per pair (seeds fixed across validations); return a grid
     (condition | images) and, with the evaluator's extractor, the images' condition fidelity."""
     device = next(base.denoiser.parameters()).device
-    train_dtype = next(base.denoiser.parameters()).dtype
-    if train_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # frozen_fp8: stored in fp8, computed in bf16
-        train_dtype = torch.bfloat16
+    train_dtype = compute_dtype(base.denoiser)  # frozen_fp8, base.quantize: stored in fewer bytes, computed in this
     if device.type == "cuda":
         # the blocks that held the step's activations go back first: what validation loads (the
         # VAE, the text encoders) then fits where they were instead of on top (planning/plan.py)

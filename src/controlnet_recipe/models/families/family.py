@@ -52,6 +52,15 @@ class BaseComponents:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a frozen model computes in: its frozen floating weights' (those stored in fp8 or
+    quantised are cast to it layer by layer; its norms keep it)."""
+    import torch
+
+    computes = (torch.float32, torch.float16, torch.bfloat16)
+    return next((p.dtype for p in model.parameters() if not p.requires_grad and p.dtype in computes), torch.float32)
+
+
 class Family:
     """The base class: a family overrides what differs. Subclasses are stateless singletons."""
 

@@ -53,6 +53,7 @@ class StepSpec:
     frozen_fp8: bool = False  # the frozen base's weights in fp8, layerwise upcast (diffusers' layerwise casting)
     adapter: str = "controlnet"  # the kind of control trained (adapters/); its settings as (key, value) pairs
     adapter_settings: tuple = ()
+    quantize: str = "none"  # the frozen base in int8 or nf4 (bitsandbytes); fp8 is frozen_fp8
     # False: validation's prompts encoded before (like training's captions): no text encoder on the GPU
     validation_text_encoders: bool = True
 
@@ -69,6 +70,93 @@ def _swap_params(module: torch.nn.Module, dtype: torch.dtype, group: str) -> Non
                 TRACKERS[-1].regroup(new, group)
 
 
+def skip_patterns(model: torch.nn.Module) -> tuple[str, ...]:
+    """The layer names diffusers' layerwise casting leaves in the compute dtype (the norms, the
+    positional and patch embeddings, the model's own patterns, a LoRA's factors); the base's
+    quantisation (training/quantize.py) leaves the same."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft.tuners.lora.layer import LoraLayer
+
+    patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN)
+    patterns += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    patterns += tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
+    return patterns + tuple(LoraLayer.adapter_layer_names)
+
+
+def frozen_linears(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s frozen ``Linear`` layers that int8 and nf4 quantise: every one, as
+    diffusers' bitsandbytes quantiser does (the adaptive norms' projections included), but the
+    model's ``_keep_in_fp32_modules`` and a LoRA's factors."""
+    import re
+
+    from peft.tuners.lora.layer import LoraLayer
+
+    patterns = (*(getattr(model, "_keep_in_fp32_modules", None) or ()), *LoraLayer.adapter_layer_names)
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear
+        and not any(p.requires_grad for p in m.parameters())
+        and not any(re.search(p, name) for p in patterns)
+    ]
+
+
+def quantized_bytes(scheme: str, shape: tuple[int, int]) -> int:
+    """What bitsandbytes stores for a ``shape`` (out, in) weight: int8 (``Int8Params``) one byte per
+    value and an fp32 scale per row; nf4 (``Params4bit``, double-quantised statistics) half a byte
+    per value, a uint8 absmax per 64 and an fp32 one per 256 of those."""
+    n = shape[0] * shape[1]
+    if scheme == "int8":
+        return n + 4 * shape[0]
+    blocks = -(-n // 64)
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256)
+
+
+DEQUANT_GROUP = "dequantized"  # int8 and nf4 layers' weights, dequantised for a forward or a backward
+
+
+def _dequantized(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    w = torch.empty(shape, dtype=dtype)
+    if TRACKERS:
+        TRACKERS[-1].regroup(w, DEQUANT_GROUP)
+    return w
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """bitsandbytes' matmul as it holds memory: the weight dequantised for the forward and again
+    for the input's gradient, only the stored bytes saved between them (MatMul4Bit saves B)."""
+
+    @staticmethod
+    def forward(ctx, x, stored, bias, shape, dtype):
+        ctx.save_for_backward(stored)
+        ctx.shape, ctx.dtype = shape, dtype
+        return torch.nn.functional.linear(x.to(dtype), _dequantized(shape, dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype) @ _dequantized(ctx.shape, ctx.dtype), None, None, None, None
+
+
+def quantize_linears(model: torch.nn.Module, scheme: str, compute_dtype: torch.dtype) -> int:
+    """``base.quantize`` int8 or nf4 on fake tensors: each frozen Linear's weight replaced by its
+    stored bytes (an int8 or uint8 tensor), its forward a :class:`_QuantizedLinear`. Returns how
+    many layers."""
+    import types
+
+    names = frozen_linears(model)
+    storage = {"int8": torch.int8, "nf4": torch.uint8}[scheme]
+    for name in names:
+        m = model.get_submodule(name)
+        shape = (m.out_features, m.in_features)
+        m._parameters["weight"] = torch.nn.Parameter(torch.empty(quantized_bytes(scheme, shape), dtype=storage), False)
+
+        def forward(self, x, shape=shape):
+            return _QuantizedLinear.apply(x, self.weight, self.bias, shape, compute_dtype)
+
+        m.forward = types.MethodType(forward, m)
+    return len(names)
+
+
 def layerwise_fp8(model: torch.nn.Module, name: str, compute_dtype: torch.dtype) -> int:
     """diffusers' ``model.enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype)``:
     the same layers (hooks/layerwise_casting.py: supported leaf layers, skipping those whose name
@@ -78,14 +166,8 @@ def layerwise_fp8(model: torch.nn.Module, name: str, compute_dtype: torch.dtype)
     import re
 
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    patterns = tuple(DEFAULT_SKIP_MODULES_PATTERN)
-    patterns += tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    patterns += tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ())
-    from peft.tuners.lora.layer import LoraLayer  # a LoRA in the base (Control-LoRA's) stays, as diffusers skips it
-
-    patterns += tuple(LoraLayer.adapter_layer_names)
+    patterns = skip_patterns(model)
     weights = f"weights: {name} fp8"
     count = 0
 
