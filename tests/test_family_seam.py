@@ -89,8 +89,9 @@ def test_a_toy_family_is_one_module_and_its_params(toy: Path, tmp_path: Path, ca
     out = capsys.readouterr().out
     row = out.splitlines()[2].split()
     assert [str(toy)] == BUILT  # the planner built the toy family's own models
-    assert row[0] == "toy-8gb" and float(row[4]) == pytest.approx(8 * 0.9375, abs=0.05)  # the card the tier names
-    assert row[5] == "yes"
+    assert row[:2] == ["toy-8gb", "controlnet"]  # the tier and the kind of control planned
+    assert float(row[6]) == pytest.approx(8 * 0.9375, abs=0.05)  # the card the tier names
+    assert row[7] == "yes"
 
 
 def test_a_family_no_tier_is_sized_for_is_refused_in_one_line(toy: Path, tmp_path: Path):
