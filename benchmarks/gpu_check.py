@@ -77,6 +77,13 @@ TRANSFORMER_ROWS = [
     ("flux", "flux-80gb", "recipe, cuDNN attention"),
 ]
 TRANSFORMER_ARCH = {"flux": ("flux1-dev", 512), "sd3": ("sd35-medium", 1024)}
+# Other kinds of control through the same step (docs/adapters.md): the 16 GB card's LoRA kinds on a
+# base in NF4, and the Control-LoRA on flux-40gb's fp8 base. (family, tier, adapter.kind, base.quantize)
+ADAPTER_ROWS = [
+    ("flux", "flux-16gb", "control_lora", "nf4"),
+    ("flux", "flux-16gb", "controlnet_lora", "nf4"),
+    ("flux", "flux-40gb", "control_lora", "none"),
+]
 
 
 def configs(dry: bool) -> list[dict]:
@@ -114,6 +121,13 @@ def configs(dry: bool) -> list[dict]:
         a, r = arch[fam]
         out.append(
             dict(kind="transformer", family=fam, recipe=fam, arch=a, resolution=r, tier=tier, mode=mode)
+            | ({"controlnet_layers": 1} if dry else {})
+        )
+    for fam, tier, adapter, quantize in ADAPTER_ROWS:
+        a, r = arch[fam]
+        out.append(
+            dict(kind="transformer", family=fam, recipe=fam, arch=a, resolution=r, tier=tier, mode="recipe")
+            | dict(adapter=adapter, quantize=quantize)
             | ({"controlnet_layers": 1} if dry else {})
         )
     return out

@@ -156,6 +156,9 @@ def transformer_recipe(c: dict):
         update={
             "data": recipe.data.model_copy(update={"resolution": c["resolution"]}),
             "train": recipe.train.model_copy(update=train),
+            # the kind of control and the base's quantisation where the row names them (ADAPTER_ROWS)
+            "adapter": recipe.adapter.model_copy(update={"kind": c.get("adapter", recipe.adapter.kind)}),
+            "base": recipe.base.model_copy(update={"quantize": c.get("quantize", recipe.base.quantize)}),
         }
     )
 
@@ -168,10 +171,12 @@ class TransformerRun:
     DeepSpeed's plugin where the tier names it), and a cached batch of the family's columns."""
 
     def __init__(self, c: dict, cfg, cuda: bool):
+        from controlnet_recipe.adapters import adapter
         from controlnet_recipe.models.architectures import folder_of
         from controlnet_recipe.models.families import FAMILIES
 
         self.c, self.cuda, self.recipe = c, cuda, transformer_recipe(c)
+        self.kind = adapter(self.recipe.adapter.kind)
         self.t = self.recipe.train
         self.tier = cfg.tiers[c["tier"]]
         self.family = FAMILIES[c["family"]]
@@ -228,6 +233,8 @@ class TransformerRun:
         import torch
 
         from controlnet_recipe.models.families.family import BaseComponents
+        from controlnet_recipe.training.memory import master_weights
+        from controlnet_recipe.training.quantize import quantize_frozen
 
         folder, dtype = self.folder, self.dtype
         cls = getattr(diffusers, json.loads((folder / "transformer" / "config.json").read_text())["_class_name"])
@@ -235,9 +242,12 @@ class TransformerRun:
             denoiser = _built_in(dtype, lambda: cls.from_config(cls.load_config(folder / "transformer")))
             denoiser.requires_grad_(False).eval()
             shell = BaseComponents(family, None, None, None, denoiser, self.scheduler)
-            controlnet = self.family.make_controlnet(shell, self.t)
-        controlnet.to("cpu")  # where the trainer makes it: prepare moves it
-        self.denoiser = denoiser.to(self.device, dtype)
+            controlnet = self.kind.make(self.family, shell, self.t, self.recipe.adapter)
+        if not {id(p) for p in controlnet.parameters()} & {id(p) for p in denoiser.parameters()}:
+            controlnet.to("cpu")  # where the trainer makes it: prepare moves it (a Control-LoRA lives in the base)
+        quantize_frozen(denoiser, self.recipe.base.quantize, dtype, self.device)
+        self.denoiser = denoiser.to(self.device, dtype) if self.recipe.base.quantize == "none" else denoiser.to(self.device)
+        master_weights(controlnet, dtype)
         return controlnet
 
     def _prepare_training(self, controlnet, cuda: bool) -> None:
@@ -253,11 +263,13 @@ class TransformerRun:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if self.recipe.base.quantize != "none":  # the trainer's rule: the base's scheme, not the tier's fp8 on top
+            tier = tier.model_copy(update={"frozen_fp8": False})
         apply_model_settings(denoiser, controlnet, tier, self.dtype)
         direct_attention_calls(denoiser, controlnet)
         controlnet.train()
         lr = t.learning_rate
-        groups = param_groups(controlnet, lr, t.new_layers_lr_multiplier, self.family.new_layers)
+        groups = param_groups(controlnet, lr, t.new_layers_lr_multiplier, self.kind.new_layers(self.family))
         optimizer = make_optimizer(groups, tier, t, lr)
         lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=1000
@@ -301,6 +313,7 @@ class TransformerRun:
             dtype=self.dtype,
             objective=objective(self.t),
             family=self.family,
+            adapter=self.kind,
             channels_last=self.tier.channels_last,
         )
 

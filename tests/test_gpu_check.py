@@ -31,8 +31,10 @@ def test_dry_run_measures_every_configuration(tmp_path):
     rows = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())["rows"]
     assert {r["mode"] for r in rows} >= {"per-step encoding", "recipe", "upstream README_flux"}
     # the transformer families' tiers through the recipe's own step (and flux-24gb's validation), in order
-    transformer = [(r["family"], r["tier"], r["mode"]) for r in rows if r["kind"] == "transformer"]
+    transformer = [(r["family"], r["tier"], r["mode"]) for r in rows if r["kind"] == "transformer" and "adapter" not in r]
     assert transformer == _gpu_check().TRANSFORMER_ROWS
+    kinds = [(r["family"], r["tier"], r["adapter"], r["quantize"]) for r in rows if "adapter" in r]
+    assert kinds == _gpu_check().ADAPTER_ROWS  # the other kinds of control, on a quantised base where it says
     deepspeed = importlib.util.find_spec("deepspeed") is not None
     for r in rows:
         if not deepspeed and r["kind"] == "transformer" and r["tier"] == "flux-24gb":
@@ -61,4 +63,4 @@ def test_flux_24gb_rows_run_first_among_the_transformer_rows():
     rows = [c for c in gpu_check.configs(dry=False) if c["kind"] == "transformer"]
     assert [(c["tier"], c["mode"]) for c in rows[:2]] == [("flux-24gb", "recipe"), ("flux-24gb", "validation")]
     assert {(c["arch"], c["resolution"]) for c in rows} == {("flux1-dev", 512), ("sd35-medium", 1024)}
-    assert {c["tier"] for c in rows} == {"flux-24gb", "flux-40gb", "flux-80gb", "sd3-24gb", "sd3-80gb"}
+    assert {c["tier"] for c in rows} == {"flux-16gb", "flux-24gb", "flux-40gb", "flux-80gb", "sd3-24gb", "sd3-80gb"}

@@ -50,6 +50,17 @@ def make_optimizer(groups: list[dict], tier: Tier, t: TrainCfg, lr: float, *, fu
     return torch.optim.AdamW(groups, **kw, fused=fused)
 
 
+def master_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The trained module's parameters in fp32 (a kind that trains inside the frozen model, as
+    Control-LoRA, had them cast with it), its frozen ones (a copy of the base's: ControlNet-LoRA's,
+    ControlNet-XS's) in the run's ``dtype``."""
+    for p in module.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+        elif not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def apply_model_settings(unet, controlnet, tier: Tier, dtype: torch.dtype | None = None) -> None:
     """Attention backend, gradient checkpointing, memory format and compilation, on the ControlNet
     and the frozen denoiser (``unet``: a UNet or a transformer); with ``frozen_fp8``, the frozen

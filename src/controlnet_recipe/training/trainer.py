@@ -42,6 +42,7 @@ from .memory import (
     direct_attention_calls,
     local_bytes,
     make_optimizer,
+    master_weights,
     param_groups,
     shard_frozen,
 )
@@ -217,11 +218,8 @@ class Trainer:
             base.denoiser.to(device, dtype=dtype)
             apply_model_settings(base.denoiser, controlnet, tier, dtype)
         direct_attention_calls(base.denoiser, controlnet)  # the same computation, less Python per step
-        for p in [] if self.zero else controlnet.parameters():  # DeepSpeed holds its own copies
-            if p.requires_grad and p.dtype != torch.float32:  # fp32 master weights (Control-LoRA's were cast with the base)
-                p.data = p.data.float()
-            elif not p.requires_grad and p.is_floating_point():  # a frozen copy of the base's (ControlNet-LoRA's, XS's)
-                p.data = p.data.to(dtype)
+        if not self.zero:  # DeepSpeed holds its own copies
+            master_weights(controlnet, dtype)
         controlnet.train()
         return base, controlnet
 
