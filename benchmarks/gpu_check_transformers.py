@@ -258,13 +258,13 @@ class TransformerRun:
         from diffusers.optimization import get_scheduler
 
         from controlnet_recipe.training.memory import apply_model_settings, direct_attention_calls, make_optimizer, param_groups
+        from controlnet_recipe.training.quantize import tier_with
 
         t, tier, denoiser = self.t, self.tier, self.denoiser
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        if self.recipe.base.quantize != "none":  # the trainer's rule: the base's scheme, not the tier's fp8 on top
-            tier = tier.model_copy(update={"frozen_fp8": False})
+        tier = tier_with(tier, self.recipe.base.quantize)  # the trainer's rule: the base's scheme, not the tier's fp8 on top
         apply_model_settings(denoiser, controlnet, tier, self.dtype)
         direct_attention_calls(denoiser, controlnet)
         controlnet.train()

@@ -76,7 +76,7 @@ class ControlNetXS(Adapter):
     def make(self, fam, base, t, a):
         from diffusers import UNetControlNetXSModel
 
-        from ..models.families.sd import DEFAULT_HINT_CHANNELS
+        from ..models.families.sd import hint_channels
 
         unet = base.denoiser
         layers = unet.config.layers_per_block
@@ -87,8 +87,7 @@ class ControlNetXS(Adapter):
             )
         if t.hint_init == "copy":
             raise ConfigError("train.hint_init: copy is for SD3 and Flux (their condition is a latent); expected zero or random")
-        downs = len(base.vae.config.block_out_channels) - 1  # the hint encoder downsamples as the VAE does
-        hint = {"conditioning_embedding_out_channels": DEFAULT_HINT_CHANNELS[: downs + 1]}
+        hint = {"conditioning_embedding_out_channels": hint_channels(base.vae.config)}
         model = UNetControlNetXSModel.from_unet(unet, size_ratio=a.size_ratio or DEFAULT_SIZE_RATIO, ctrl_optional_kwargs=hint)
         if t.hint_init == "random":  # as the ControlNet's: the condition reaches the control blocks from step 1
             model.controlnet_cond_embedding.conv_out.reset_parameters()

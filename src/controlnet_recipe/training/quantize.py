@@ -51,3 +51,9 @@ def quantize_frozen(model: torch.nn.Module, scheme: str, compute_dtype: torch.dt
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, leaf, quantized_linear(getattr(owner, leaf), scheme, compute_dtype).to(device))
     return len(names)
+
+
+def tier_with(tier, scheme: str):
+    """``tier`` as it applies under the base's ``scheme``: a quantised base takes the place of the
+    tier's fp8 storage (``frozen_fp8``), never both."""
+    return tier if scheme == "none" else tier.model_copy(update={"frozen_fp8": False})

@@ -46,7 +46,7 @@ from .memory import (
     param_groups,
     shard_frozen,
 )
-from .quantize import quantize_frozen
+from .quantize import quantize_frozen, tier_with
 from .step import LossInputs, controlnet_loss, objective
 from .tracking import Trackers
 from .validation import Validator, load_extractor, validation_pairs
@@ -205,7 +205,7 @@ class Trainer:
         if scheme != "none":  # the base's own quantisation takes the place of the tier's fp8 storage
             if self.sharded:
                 raise ConfigError(f"base.quantize: {scheme} with shard_frozen (FSDP2 shards bf16 weights): expected none")
-            tier = tier.model_copy(update={"frozen_fp8": False})
+            tier = tier_with(tier, scheme)
         if tier.frozen_fp8 or self.sharded or scheme != "none":  # on the CPU first: the GPU never holds it whole in bf16
             base.denoiser.to(dtype=dtype)
             quantize_frozen(base.denoiser, scheme, dtype, device)  # int8, nf4: each layer quantised as it moves

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNet hint encoder: 3 downsamplings (8x)
 
 
+def hint_channels(vae_config) -> tuple[int, ...]:
+    """The condition's embedder's widths: it downsamples as much as the VAE does."""
+    return DEFAULT_HINT_CHANNELS[: len(vae_config["block_out_channels"])]
+
+
 def controlnet_from_unet(unet, vae_config, hint_init: str = "zero"):
     """Copy the UNet's encoder; the hint encoder downsamples as much as the VAE does.
 
@@ -29,8 +34,7 @@ def controlnet_from_unet(unet, vae_config, hint_init: str = "zero"):
 
     if hint_init == "copy":
         raise ValueError("train.hint_init: copy is for SD3 and Flux (their condition is a latent); expected zero or random")
-    downs = len(vae_config["block_out_channels"]) - 1
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: downs + 1])
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels(vae_config))
     if hint_init == "random":
         model.controlnet_cond_embedding.conv_out.reset_parameters()
     return model
@@ -202,9 +206,7 @@ class UNetMeasured(MeasuredModels):
         self.latent_channels = vae_cfg["latent_channels"]
         cn_dtype = self.dtype if spec.deepspeed else torch.float32
         self.controlnet = build(
-            lambda: ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=DEFAULT_HINT_CHANNELS[: len(vae_cfg["block_out_channels"])]
-            ),
+            lambda: ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels(vae_cfg)),
             cn_dtype,
         )
         self.unet = self.base = unet
