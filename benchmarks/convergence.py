@@ -168,12 +168,14 @@ def mean_of(runs: list[dict], levers: dict) -> dict:
     return {"levers": levers, "curve": curve, "last_scores": last, "seed_curves": [run["curve"] for run in runs]}
 
 
-def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -> dict:
+def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict, adapter: dict | None = None) -> dict:
     """Train one configuration (``name``: its label in the progress lines) for ``steps`` steps,
-    probing its fidelity every ``every`` steps."""
+    probing its fidelity every ``every`` steps. ``adapter``: the recipe's adapter params replaced
+    (another kind of control); then the result also holds the trained parameters, the saved
+    folder's bytes and (under ``last_images``, not JSON) the last probe's images."""
     import torch
 
-    from controlnet_recipe.core.config import TrainCfg
+    from controlnet_recipe.core.config import AdapterCfg, TrainCfg
     from controlnet_recipe.models.base_model import BaseRef
     from controlnet_recipe.stages.train import tier_for
     from controlnet_recipe.training.trainer import Trainer
@@ -192,7 +194,8 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
             "validation": {**r.train.validation.model_dump(), "steps": steps},
         }
     )
-    run_cfg = cfg.model_copy(update={"recipe": r.model_copy(update={"train": t})})
+    update = {"train": t} if adapter is None else {"train": t, "adapter": AdapterCfg.model_validate(adapter)}
+    run_cfg = cfg.model_copy(update={"recipe": r.model_copy(update=update)})
     curve, clock, out = [], {"probes": 0.0, "t0": 0.0}, {"levers": levers}
     fk = ctx["scorer"].fidelity_key
 
@@ -207,6 +210,7 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
         row.update({k: float(np.nanmean(v)) for k, v in scores.items()})
         curve.append(row)
         out["last_scores"] = {k: v.tolist() for k, v in scores.items()}
+        out["last_images"] = imgs
         clock["probes"] += time.time() - p0
         print(f"convergence: {name} step {step}: {fk} {row[fk]:.3f}, nme {row['nme']:.3f}, {row['seconds']} s", flush=True)
 
@@ -220,8 +224,13 @@ def train_one(cfg, name: str, levers: dict, steps: int, every: int, ctx: dict) -
             if trainer.step % every == 0:
                 with trainer.weights() as model:
                     probe(trainer.step, model)
+        with trainer.weights() as model:
+            out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trainer.finish(Path(tmp) / "model")
+        out["saved_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "model").rglob("*") if f.is_file())
     out["curve"] = curve
+    if adapter is None:
+        del out["last_images"]
     return out
 
 

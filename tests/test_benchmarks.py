@@ -79,3 +79,57 @@ def test_convergence_mean_of_seeds_averages_each_probe_and_each_condition():
     assert out["curve"][1]["seconds"] == 3.0 and out["curve"][1]["samples"] == 40
     assert out["last_scores"]["miou"] == pytest.approx([0.3, 0.4])  # a condition one seed could not score: the others'
     assert len(out["seed_curves"]) == 2
+
+
+def _kind(trainable: int, finals: list[float], curve: list[float]) -> dict:
+    rows = [{"step": i * 10, "samples": i * 80, "seconds": 1.0 + i, "miou": v} for i, v in enumerate(curve)]
+    return {
+        "trainable": trainable,
+        "saved_bytes": trainable * 4,
+        "samples_per_second": 80.0 * trainable**-0.1,
+        "curve": rows,
+        "last_scores": {"miou": finals},
+        "fid": 5.0,
+        "seed_curves": [rows, rows],
+        "seed_final": [rows[-1], rows[-1]],
+        "planner": {"tier": "8gb", "peak_gib": 6.0, "trainable_full": trainable * 1000},
+        "planner_nf4": {"tier": None, "peak_gib": 9.0, "trainable_full": trainable * 1000},
+    }
+
+
+def test_adapters_gain_share_light_kinds_and_samples_to_the_controlnets_final():
+    bench = load("adapters")
+    base = [0.1] * 8
+    results = {
+        "setup": "sd",
+        "recipe": "demo",
+        "seeds": [0, 1],
+        "steps": 20,
+        "batch_size": 8,
+        "held_out": 8,
+        "fidelity_key": "miou",
+        "base": {"miou": 0.1},
+        "base_scores": {"miou": base},
+        "base_fid": 6.0,
+        "kinds": {
+            "controlnet": _kind(1000, [0.3] * 8, [0.1, 0.2, 0.3]),
+            "light": _kind(90, [0.27] * 8, [0.1, 0.3, 0.27]),  # 9% of the parameters, 85% of the gain
+            "weak": _kind(50, [0.15] * 8, [0.1, 0.12, 0.15]),  # 5%, 25%: never reaches the ControlNet's final
+            "heavy": _kind(500, [0.3] * 8, [0.1, 0.25, 0.3]),  # 50%: not light
+        },
+    }
+    bench.summarize(results, n_boot=200)
+    s = {k: v["summary"] for k, v in results["kinds"].items()}
+    assert s["light"]["gain"][0] == pytest.approx(0.17)
+    assert s["light"]["gain_share"] == pytest.approx(0.85)
+    assert s["light"]["trainable_share"] == pytest.approx(0.09)
+    assert s["light"]["samples_to_controlnet_final"] == 80  # its first probe past step 0 at 0.3
+    assert s["weak"]["samples_to_controlnet_final"] is None
+    assert s["heavy"]["samples_to_controlnet_final"] == 160
+    assert results["light_and_enough"] == ["light"]
+    text = bench.table(results)
+    assert "| `weak` |" in text and "never" in text and "8gb, 6.0 | none fits" in text
+    assert text.rstrip().endswith("keeping at least 80% of its gain: light.")
+    results["kinds"].pop("light")
+    bench.summarize(results, n_boot=200)
+    assert bench.table(results).rstrip().endswith("of its gain: none.")
