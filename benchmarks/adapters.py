@@ -108,7 +108,7 @@ def smallest_fit(cfg, kind: str, quantize: str | None = None) -> dict:
     arch = architecture(cfg.recipe.base.pretrained_model, cfg.recipe.base.family)
     names = [n for n in tiers_for(arch_family(arch), cfg.tiers) if cfg.tiers[n].memory_gb and not cfg.tiers[n].shard_frozen]
     last = None
-    for name in sorted(names, key=lambda n: (cfg.tiers[n].memory_gb, cfg.tiers[n].use_8bit_adam)):
+    for name in sorted(names, key=lambda n: (cfg.tiers[n].memory_gb, cfg.tiers[n].deepspeed is not None)):  # plain first
         last = plan_tier(cfg.recipe, name, cfg.tiers[name], arch)
         if last.fits:
             break
