@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 GPU ?=
 RECIPE ?=
 ADAPTER ?=
-# make generate / make web: the input, the prompt, a ControlNet folder (default: models/best, else models/controlnet)
+# make generate / make web: the input, the prompt, a trained folder, any kind (default: models/best, else models/adapter)
 PHOTO ?=
 CONDITION ?=
 PROMPT ?=

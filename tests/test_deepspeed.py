@@ -23,7 +23,7 @@ from .conftest import run
 pytest.importorskip("deepspeed")
 
 TIER = "8gb-zero2"
-FINAL = "models/controlnet"
+FINAL = "models/adapter"
 
 
 def _params(project: Path, dest: Path, steps: int) -> dict:

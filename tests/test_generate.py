@@ -12,7 +12,7 @@ from PIL import Image
 from controlnet_recipe import cli
 from controlnet_recipe.apps.generate import GenerateError, Generator, Settings, default_model, grid_cell
 from controlnet_recipe.core.config import load_config
-from controlnet_recipe.core.storage import BEST_DIR, CAPTIONS_DIR, CONTROLNET_DIR, load_dataset_dir
+from controlnet_recipe.core.storage import ADAPTER_DIR, BEST_DIR, CAPTIONS_DIR, load_dataset_dir
 from controlnet_recipe.faces.draw import PALETTE, PARTS
 from controlnet_recipe.report.grid import TITLE_HEIGHT
 
@@ -123,7 +123,7 @@ def test_no_trained_model(in_tmp: Path, params_file, astronaut: Path, capsys):
     params = str(params_file(tiny_params()))  # in a folder where nothing was trained yet
     assert generate("--params", params, "--photo", str(astronaut), "--prompt", PROMPT) == 2
     err = one_error(capsys)
-    assert f"no trained ControlNet in {BEST_DIR} or {CONTROLNET_DIR}" in err and "make demo" in err and "make train" in err
+    assert f"no trained model in {BEST_DIR} or {ADAPTER_DIR}" in err and "make demo" in err and "make train" in err
     assert generate("--params", params, "--photo", str(astronaut), "--prompt", PROMPT, "--model", "elsewhere") == 2
     assert "elsewhere: no trained model here" in one_error(capsys)
 
@@ -132,11 +132,11 @@ def test_default_model_prefers_the_evaluated_checkpoint(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(GenerateError, match="make demo"):
         default_model()
-    for d in (CONTROLNET_DIR, BEST_DIR):
+    for d in (ADAPTER_DIR, BEST_DIR):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{}")
         if d == BEST_DIR:  # no weights: not a trained model
-            assert default_model() == CONTROLNET_DIR
+            assert default_model() == ADAPTER_DIR
         (d / "diffusion_pytorch_model.safetensors").write_bytes(b"")
         assert default_model() == d
 

@@ -47,7 +47,7 @@ def test_pipeline_outputs(project: Path):
     assert {"image", "conditioning_image", "caption"} <= set(ds["train"].column_names)
     assert ds["train"].features["conditioning_image"].__class__.__name__ == "Image"
     assert len(ds["validation"]) == tiny_params()["demo"]["data"]["num_validation"]
-    cn = ControlNetModel.from_pretrained(project / "models/controlnet")
+    cn = ControlNetModel.from_pretrained(project / "models/adapter")
     assert sum(p.numel() for p in cn.parameters()) > 0
     shown = dvc("metrics", "show", cwd=project)
     assert "miou_base" in shown and "concept_survival" in shown
@@ -101,7 +101,7 @@ def test_memory_tier_settings_train_for_real(own_project: Path):
     params["demo"]["train"]["max_train_steps"] = 2
     (project / "tier.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "tier.yaml"], project)
-    summary = json.loads((project / "models/controlnet/training.json").read_text())
+    summary = json.loads((project / "models/adapter/training.json").read_text())
     assert summary["micro_batch"] == 1
     assert summary["gradient_accumulation_steps"] == params["demo"]["train"]["batch_size"]
     assert summary["effective_batch"] == params["demo"]["train"]["batch_size"]
@@ -119,22 +119,22 @@ def test_ema_weights_are_checkpointed_swept_and_exported(project: Path, tmp_path
     from controlnet_recipe.evaluation.sweep import Candidate, load_controlnet
 
     project = shutil.copytree(project, tmp_path / "ema", symlinks=True)
-    for leftover in ("train", "models/controlnet"):
+    for leftover in ("train", "models/adapter"):
         shutil.rmtree(project / leftover, ignore_errors=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
     t = params["demo"]["train"]
     t.update(max_train_steps=3, checkpointing_steps=3, ema_decay=0.9, resume_from_checkpoint=None)
     (project / "ema.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run([sys.executable, "-m", "controlnet_recipe", "train", "--params", "ema.yaml"], project)
-    ckpt = project / json.loads((project / "models/controlnet/training.json").read_text())["checkpoints"] / "checkpoint-3"
+    ckpt = project / json.loads((project / "models/adapter/training.json").read_text())["checkpoints"] / "checkpoint-3"
     ema, trained = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "model.safetensors")
     assert ema.keys() == trained.keys()
     assert any(not torch.equal(ema[k], trained[k]) for k in ema)
-    exported = load_file(project / "models/controlnet/diffusion_pytorch_model.safetensors")
+    exported = load_file(project / "models/adapter/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
-    swept = load_controlnet(Candidate(3, ckpt), project / "models/controlnet").state_dict()
+    swept = load_controlnet(Candidate(3, ckpt), project / "models/adapter").state_dict()
     assert all(torch.equal(swept[k], ema[k]) for k in ema)
-    assert json.loads((project / "models/controlnet/training.json").read_text())["levers"]["ema_decay"] == 0.9
+    assert json.loads((project / "models/adapter/training.json").read_text())["levers"]["ema_decay"] == 0.9
 
 
 def _lock_outs(project: Path) -> dict[str, str]:
@@ -169,7 +169,7 @@ def test_sampled_images_do_not_depend_on_the_batch(project: Path, monkeypatch):
     monkeypatch.chdir(project)
     cfg = load_config(project / "params.yaml")
     sampler = Sampler(load_base(BaseRef.read()), cfg.recipe.evaluate, cfg.recipe.data.resolution)
-    cn = load_controlnet(Candidate(3, project / "models/controlnet"), project / "models/controlnet")
+    cn = load_controlnet(Candidate(3, project / "models/adapter"), project / "models/adapter")
     cond = [Image.new("RGB", (32, 32), c) for c in ((0, 0, 0), (255, 128, 0), (40, 200, 90))]
     prompts, seeds = ["a face", "a smiling face", "a face on a blue background"], [5, 6, 7]
     three = sampler.generate(prompts, seeds, cn, cond)

@@ -38,12 +38,12 @@ from controlnet_recipe.training.checkpoints import (
 from .conftest import _env, run
 
 STEPS = 16
-WEIGHTS = "models/controlnet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/adapter/diffusion_pytorch_model.safetensors"
 
 
 def _copy(project: Path, dest: Path, resume: str | None) -> Path:
     shutil.copytree(project, dest, symlinks=True)
-    for leftover in ("train", "models/controlnet"):
+    for leftover in ("train", "models/adapter"):
         shutil.rmtree(dest / leftover, ignore_errors=True)
     p = yaml.safe_load((project / "params.yaml").read_text())
     t = p["demo"]["train"]
@@ -94,7 +94,7 @@ def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str, 
 
     def copy(dest: Path, resume: str | None) -> Path:
         shutil.copytree(project, dest, symlinks=True)
-        for leftover in ("train", "models/controlnet"):
+        for leftover in ("train", "models/adapter"):
             shutil.rmtree(dest / leftover, ignore_errors=True)
         p = yaml.safe_load((project / "params.yaml").read_text())
         t = p[recipe]["train"]
@@ -109,7 +109,7 @@ def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str, 
     ref = copy(tmp_path / "ref", None)
     run(_train_cmd(), ref)
     kind = adapter(adapter_kind or yaml.safe_load((ref / "resume.yaml").read_text())[recipe]["adapter"]["kind"])
-    weights = f"models/controlnet/{next(f for f in kind.files if f.endswith('.safetensors'))}"  # what the kind saves
+    weights = f"models/adapter/{next(f for f in kind.files if f.endswith('.safetensors'))}"  # what the kind saves
     expected = load_file(ref / weights)
     work = copy(tmp_path / "killed", "latest")
     rng = random.Random(0)
@@ -234,7 +234,7 @@ def test_a_longer_run_extends_the_shorter_one_bitwise(project: Path, tmp_path: P
     _params(work, max_train_steps=8)
     out = run(_train_cmd(), work)
     assert re.search(r"resuming from train/checkpoints/run-[0-9a-f]+/checkpoint-4", out)
-    assert json.loads((work / "models/controlnet/training.json").read_text())["resumed_from_step"] == 4
+    assert json.loads((work / "models/adapter/training.json").read_text())["resumed_from_step"] == 4
     after = _files(_run_folder(work))
     assert all(after[k] == v for k, v in first.items()), "the shorter run's checkpoints were rewritten"
     expected, got = load_file(ref / WEIGHTS), load_file(work / WEIGHTS)

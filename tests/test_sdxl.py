@@ -21,7 +21,7 @@ from controlnet_recipe.models.base_model import BaseRef
 from .conftest import SDXL_RECIPE, _env, run
 from .test_resume import assert_kill_and_resume_is_exact
 
-WEIGHTS = "models/controlnet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/adapter/diffusion_pytorch_model.safetensors"
 RES = 64
 
 # A client that knows nothing of this project: only diffusers, as the model card tells users.
@@ -56,7 +56,7 @@ def test_sdxl_stages_through_dvc(sdxl_project: Path):
     assert rows["text_embedding"].shape[1:] == (tiny.MAX_TOKENS, tiny.TEXT_DIM + tiny.TEXT_DIM_2)
     assert rows["pooled_embedding"].shape[1:] == (tiny.POOLED_DIM,)
     assert rows["time_ids"][0].tolist() == [RES, RES, 0, 0, RES, RES]  # the synthetic faces are rendered at 64 px
-    config = json.loads((work / "models/controlnet/config.json").read_text())
+    config = json.loads((work / "models/adapter/config.json").read_text())
     assert config["addition_embed_type"] == "text_time" and config["cross_attention_dim"] == tiny.TEXT_DIM + tiny.TEXT_DIM_2
     metrics = json.loads((work / "eval/metrics.json").read_text())
     assert {"fidelity", "fidelity_base", "beats_base"} <= metrics.keys()
@@ -73,7 +73,7 @@ def test_a_plain_diffusers_client_loads_and_generates(sdxl_project: Path, tmp_pa
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     out = subprocess.run(
-        [sys.executable, str(script), "models/base/pipeline", "models/controlnet", str(tmp_path / "condition.png")],
+        [sys.executable, str(script), "models/base/pipeline", "models/adapter", str(tmp_path / "condition.png")],
         cwd=sdxl_project,
         env={**_env(), "PYTHONPATH": ""},
         capture_output=True,

@@ -23,7 +23,7 @@ from controlnet_recipe.models.base_model import BaseRef
 from .conftest import _env, run
 from .test_resume import assert_kill_and_resume_is_exact
 
-WEIGHTS = "models/controlnet/diffusion_pytorch_model.safetensors"
+WEIGHTS = "models/adapter/diffusion_pytorch_model.safetensors"
 RES = 64
 CLASSES = {  # family: (ControlNet, its pipeline, the base's pipeline)
     "sd3": ("SD3ControlNetModel", "StableDiffusion3ControlNetPipeline", "StableDiffusion3Pipeline"),
@@ -70,7 +70,7 @@ def test_stages_through_dvc(transformer_project: Path):
     assert rows["control_mean"].shape == rows["latent_mean"].shape == (4, tiny.LATENT_CHANNELS, RES // 4, RES // 4)
     assert rows["text_embedding"].shape[-1] == tiny.T5_DIM and cache.features["text_embedding"].dtype == "float16"
     assert meta["shift_factor"] != 0
-    config = json.loads((work / "models/controlnet/config.json").read_text())
+    config = json.loads((work / "models/adapter/config.json").read_text())
     assert config["_class_name"] == controlnet_class
     metrics = json.loads((work / "eval/metrics.json").read_text())
     assert {"fidelity", "fidelity_base", "beats_base"} <= metrics.keys()
@@ -88,7 +88,7 @@ def test_a_plain_diffusers_client_loads_and_generates(transformer_project: Path,
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
     controlnet_class, pipeline_class, _ = CLASSES[fam]
-    args = [controlnet_class, pipeline_class, "models/base/pipeline", "models/controlnet", str(tmp_path / "condition.png")]
+    args = [controlnet_class, pipeline_class, "models/base/pipeline", "models/adapter", str(tmp_path / "condition.png")]
     out = subprocess.run(
         [sys.executable, str(script), *args],
         cwd=transformer_project,
@@ -206,7 +206,7 @@ def test_a_flux_folder_the_recipe_did_not_build_is_detected_and_trains(transform
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     run([sys.executable, "-m", "dvc", "repro", "train"], work)
     assert json.loads((work / "models/base/base.json").read_text())["family"] == "flux"
-    assert json.loads((work / "models/controlnet/config.json").read_text())["_class_name"] == "FluxControlNetModel"
+    assert json.loads((work / "models/adapter/config.json").read_text())["_class_name"] == "FluxControlNetModel"
     meta = json.loads((work / "data/cache/cache.json").read_text())
     rows = load_dataset_dir(work / "data/cache" / meta["fingerprint"])["train"].with_format("torch")[:1]
     assert rows["text_embedding"].shape[1] == 16  # base.max_sequence_length T5 tokens
@@ -247,7 +247,7 @@ def _train_two_processes(work: Path, tier_name: str, shard: bool, out: str) -> d
     cmd = launch_command(Tier.model_validate(p["tiers"][tier_name]), 2, ["train", "--params", name], {})
     log = run(cmd, work)
     assert "deadlock" not in log.lower()
-    shutil.move(work / "models/controlnet", work / out)
+    shutil.move(work / "models/adapter", work / out)
     return json.loads((work / out / "training.json").read_text())
 
 

@@ -103,7 +103,7 @@ def test_web_without_a_model(in_tmp: Path, params_file, capsys):
     params = str(params_file(tiny_params()))  # nothing trained in this folder
     assert cli.main(["web", "--params", params, "--port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no trained ControlNet" in err and "make demo" in err
+    assert len(err.splitlines()) == 1 and "no trained model" in err and "make demo" in err
 
 
 def test_web_help(capsys):

@@ -6,7 +6,7 @@ drawn by the recipe's detector, dlib when the recipe uses ground truth, since a 
 Canny edges; a model's depth or segmentation), brings it to
 the recipe's resolution as training does (shorter side resized, centre crop), and generates with
 the base model and the ControlNet (``models/best``, the checkpoint the evaluate stage chose, else
-``models/controlnet``). :class:`Generator` is the core, shared with the web demo (``web.py``).
+``models/adapter``). :class:`Generator` is the core, shared with the web demo (``web.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..adapters import holds_model
 from ..core.config import Config
 from ..core.errors import RecipeError
 from ..core.images import images_to_tensor, tensor_to_images
-from ..core.storage import BASE_DIR, BEST_DIR, CONTROLNET_DIR, write_json
+from ..core.storage import ADAPTER_DIR, BASE_DIR, BEST_DIR, write_json
 
 OUT_DIR = Path("outputs/generate")
 DETECT_MAX_SIDE = 1024  # a photo is centre-cropped, then detected at up to this many pixels
@@ -56,11 +56,11 @@ class Settings:
 
 
 def default_model() -> Path:
-    """The evaluate stage's choice (``models/best``), else the last step of training (``models/controlnet``)."""
-    for path in (BEST_DIR, CONTROLNET_DIR):
+    """The evaluate stage's choice (``models/best``), else the last step of training (``models/adapter``)."""
+    for path in (BEST_DIR, ADAPTER_DIR):
         if holds_model(path):
             return path
-    raise GenerateError(f"no trained ControlNet in {BEST_DIR} or {CONTROLNET_DIR}; {NO_MODEL}")
+    raise GenerateError(f"no trained model in {BEST_DIR} or {ADAPTER_DIR}; {NO_MODEL}")
 
 
 def check_model(model: str | Path | None) -> Path:
@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="inference steps")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet conditioning scale")
-    p.add_argument("--model", default=None, help=f"a ControlNet folder (default: {BEST_DIR}, else {CONTROLNET_DIR})")
+    p.add_argument("--model", default=None, help=f"a trained folder, any kind (default: {BEST_DIR}, else {ADAPTER_DIR})")
     p.add_argument("--out", default=None, help=f"output folder (default: {OUT_DIR}/<timestamp>)")
     return p
 

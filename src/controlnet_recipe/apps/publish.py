@@ -1,5 +1,5 @@
 """Publish the ControlNet the evaluate stage chose (``models/best``; the last training step in
-``models/controlnet`` if evaluate has not run) to the Hugging Face Hub: its weights and config, a
+``models/adapter`` if evaluate has not run) to the Hugging Face Hub: its weights and config, a
 model card (base model, dataset, params, metrics, the chosen step) and the sample grids and curves.
 Never checkpoints, optimizer state or tokens: only the files listed by :func:`stage_files` are uploaded."""
 
@@ -16,7 +16,7 @@ from ..adapters import ADAPTER_FILE, adapter_of, holds_model
 from ..conditions import condition
 from ..core.config import Config
 from ..core.errors import BadInput, MissingInput
-from ..core.storage import BEST_DIR, CONTROLNET_DIR, EVAL_DIR, TRAIN_DIR
+from ..core.storage import ADAPTER_DIR, BEST_DIR, EVAL_DIR, TRAIN_DIR
 from ..models.base_model import BaseRef
 from ..models.families import family
 
@@ -31,7 +31,7 @@ IMAGES = {
 
 def model_dir() -> Path:
     """The evaluated choice if there is one, else the last training step."""
-    return BEST_DIR if holds_model(BEST_DIR) else CONTROLNET_DIR
+    return BEST_DIR if holds_model(BEST_DIR) else ADAPTER_DIR
 
 
 def model_card(cfg: Config, base: BaseRef, metrics: dict) -> str:

@@ -2,7 +2,7 @@
 image), type a prompt, click Generate, see the condition and the generated faces.
 
 ``python -m controlnet_recipe web [--host 127.0.0.1] [--port 7860] [--model DIR]`` serves it with
-Gradio. It loads the base model and the ControlNet once (``models/best``, else ``models/controlnet``:
+Gradio. It loads the base model and the ControlNet once (``models/best``, else ``models/adapter``:
 what ``make demo`` trains when no ``--model`` is given) and calls the same core as the CLI,
 :class:`controlnet_recipe.apps.generate.Generator`.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.config import Config
-from ..core.storage import BEST_DIR, CONTROLNET_DIR
+from ..core.storage import ADAPTER_DIR, BEST_DIR
 from .generate import GenerateError, Generator, Settings
 
 PHOTO, CONDITION = "a face photo", "a condition image"
@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model", default=None, help=f"a ControlNet folder (default: {BEST_DIR}, else {CONTROLNET_DIR})")
+    p.add_argument("--model", default=None, help=f"a trained folder, any kind (default: {BEST_DIR}, else {ADAPTER_DIR})")
     return p
 
 

@@ -21,9 +21,9 @@ import numpy as np
 from ..adapters import ADAPTER_FILE, adapter_of, settings_of
 from ..core.config import Config
 from ..core.storage import (
+    ADAPTER_DIR,
     BEST_DIR,
     CAPTIONS_DIR,
-    CONTROLNET_DIR,
     EVAL_DIR,
     TRAIN_DIR,
     fresh_dir,
@@ -94,7 +94,7 @@ def load_held_out(cfg: Config) -> HeldOut:
         targets=targets,
         seeds=[e.seed + i for i in range(n)],
         probes=ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed),
-        sampler=Sampler(load_base(BaseRef.read()), e, res, adapter_of(CONTROLNET_DIR)),
+        sampler=Sampler(load_base(BaseRef.read()), e, res, adapter_of(ADAPTER_DIR)),
         scorer=scorer,
     )
 
@@ -118,12 +118,12 @@ def score_model(h: HeldOut, k: int, controlnet=None, desc: str = "base") -> Scor
 def sweep(h: HeldOut, base: Scored, m: int) -> tuple[list[dict], dict[int, tuple]]:
     """Every checkpoint on the first ``m`` conditions: one row of mean scores each."""
     fk = h.scorer.fidelity_key
-    training = read_json(CONTROLNET_DIR / "training.json")
+    training = read_json(ADAPTER_DIR / "training.json")
     final_step = training["steps"]
     rows, found = [], {}
     # the checkpoints of the run that made the ControlNet (other runs' stay beside them, untouched)
-    for c in candidates(Path(training.get("checkpoints", TRAIN_DIR / "checkpoints")), CONTROLNET_DIR, final_step):
-        s = score_model(h, m, load_controlnet(c, CONTROLNET_DIR), desc=f"step {c.step}")
+    for c in candidates(Path(training.get("checkpoints", TRAIN_DIR / "checkpoints")), ADAPTER_DIR, final_step):
+        s = score_model(h, m, load_controlnet(c, ADAPTER_DIR), desc=f"step {c.step}")
         row = {
             "step": c.step,
             "fidelity": float(np.nanmean(s.scores[fk])),
@@ -157,12 +157,12 @@ def export_chosen(c, swept: Scored, h: HeldOut, why: str) -> Scored:
     (the sweep's own images and scores when it already drew every held-out condition: each image
     comes from its own seed, so drawing them again would give the same images, up to a rounding
     level in a few pixels where the CPU's kernels depend on the batch size)."""
-    controlnet = load_controlnet(c, CONTROLNET_DIR)
+    controlnet = load_controlnet(c, ADAPTER_DIR)
     best = fresh_dir(BEST_DIR)
-    adapter_of(CONTROLNET_DIR).save(controlnet, best, settings_of(CONTROLNET_DIR))  # fp32, before sampling casts it
+    adapter_of(ADAPTER_DIR).save(controlnet, best, settings_of(ADAPTER_DIR))  # fp32, before sampling casts it
     for f in ("training.json", ADAPTER_FILE):
-        if (CONTROLNET_DIR / f).is_file():
-            shutil.copy(CONTROLNET_DIR / f, best / f)
+        if (ADAPTER_DIR / f).is_file():
+            shutil.copy(ADAPTER_DIR / f, best / f)
     write_json(best / "chosen.json", {"step": c.step, "source": str(c.path), "rule": why})
     if len(swept.images) == len(h.conditions):  # the sweep drew every held-out condition
         return swept
@@ -241,7 +241,7 @@ def write_outputs(cfg: Config, h: HeldOut, cn: Scored, base: Scored, real: dict,
     """Images, metrics, curves, grids and the HTML report, into a fresh ``eval/``."""
     e = cfg.recipe.evaluate
     metrics, summary, rows, step = result["metrics"], result["summary"], result["rows"], result["step"]
-    title = adapter_of(CONTROLNET_DIR).title  # the kind of control: ControlNet, T2I-Adapter, ...
+    title = adapter_of(ADAPTER_DIR).title  # the kind of control: ControlNet, T2I-Adapter, ...
     out = fresh_dir(EVAL_DIR)
     for name, imgs in (
         ("controlnet", cn.images),

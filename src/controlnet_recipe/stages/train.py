@@ -3,7 +3,7 @@ memory tier's settings, and saved in diffusers format (``ControlNetModel.from_pr
 
 This module is wiring: the tier (checked against the base's family; ``gpu: auto`` fitted by the
 planner on a GPU), a relaunch under ``accelerate launch`` when the tier needs several processes,
-then the trainer, and the summary (``models/controlnet/training.json``, ``train/metrics.json``).
+then the trainer, and the summary (``models/adapter/training.json``, ``train/metrics.json``).
 Checkpoints, resume and validation are the trainer's components (``training/``).
 """
 
@@ -17,7 +17,7 @@ from accelerate import PartialState
 
 from ..adapters import check as check_adapter
 from ..core.config import Config, ConfigError, Tier, check_tier, resolve_tier
-from ..core.storage import BASE_DIR, CONTROLNET_DIR, TRAIN_DIR, write_json
+from ..core.storage import ADAPTER_DIR, BASE_DIR, TRAIN_DIR, write_json
 from ..models.base_model import BASE_FILE, BaseRef
 from ..training.launch import relaunch
 from ..training.trainer import Trainer
@@ -46,7 +46,7 @@ def tier_for(cfg: Config, ref: BaseRef) -> tuple[str, Tier]:
     return name, cfg.tiers[name]
 
 
-def train_controlnet(cfg: Config, *, train_dir: Path = TRAIN_DIR, out_dir: Path = CONTROLNET_DIR) -> dict:
+def train_controlnet(cfg: Config, *, train_dir: Path = TRAIN_DIR, out_dir: Path = ADAPTER_DIR) -> dict:
     """Train, checkpoint, validate and save the ControlNet; its summary."""
     trainer = Trainer(cfg, *tier_for(cfg, BaseRef.read()), train_dir=train_dir)
     trainer.run()
@@ -59,6 +59,6 @@ def main(cfg: Config) -> None:
         return
     summary = train_controlnet(cfg)
     if PartialState().is_main_process:
-        write_json(CONTROLNET_DIR / "training.json", summary)
+        write_json(ADAPTER_DIR / "training.json", summary)
         write_json(TRAIN_DIR / "metrics.json", summary)
-        print(f"train: {summary} -> {CONTROLNET_DIR}")
+        print(f"train: {summary} -> {ADAPTER_DIR}")
