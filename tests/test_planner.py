@@ -341,3 +341,14 @@ def test_the_sharded_flux_tier_holds_an_eighth_of_the_frozen_transformer_per_gpu
     assert sharded.terms["ddp_buckets"] >= sharded.terms["gradients"]  # a bucket for every gradient
     assert sharded.fits and not whole.fits  # one 40 GB card cannot hold the whole FLUX beside its ControlNet
     assert "sharded over 8 processes" in sharded.notes[0]
+
+
+def test_plans_header_counts_copied_blocks_only_for_a_kind_that_copies_them():
+    cfg = load_config("params.yaml", {"recipe": "faces"})
+    flux = Config(recipe_name="flux", recipe=_transformer_recipe("flux", FLUX_DEV), gpu="flux-24gb", tiers=cfg.tiers)
+    header = {kind: plan_cli.render(plan_cli.with_overrides(flux, kind, None), "flux1-dev", []).splitlines()[0]
+              for kind in ("controlnet_lora", "control_lora")}  # fmt: skip
+    assert header["controlnet_lora"].endswith(
+        "ControlNet-LoRA 4 double-stream + 0 single-stream blocks, validation 4 image(s) per prompt"
+    )  # noqa: E501
+    assert "blocks" not in header["control_lora"]

@@ -39,6 +39,7 @@ class Adapter:
     pipeline_argument = "controlnet"  # the pipeline's constructor argument for the trained module
     scale_argument = "controlnet_conditioning_scale"  # the pipeline's call argument for the control's strength
     tiny_layers_per_block = 1  # the tiny base's UNet this kind needs (resnets per block; the demo's: 1)
+    copies_blocks = False  # whether it trains from a copy of the base's blocks (train.controlnet_layers counts them)
 
     def check(self, family: str, a: AdapterCfg, where: str = "adapter") -> None:
         """A pair this kind does not run on, or a setting it does not read, stops here in one line,

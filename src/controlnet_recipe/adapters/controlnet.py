@@ -10,6 +10,7 @@ from .adapter import Adapter
 class ControlNet(Adapter):
     name = "controlnet"
     title = "ControlNet"
+    copies_blocks = True
     families = ("sd", "sdxl", "sd3", "flux")
     classes = ("ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
 

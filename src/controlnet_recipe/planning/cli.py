@@ -56,8 +56,8 @@ def _terms(p: TierPlan) -> str:
 def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
     r = cfg.recipe
     family = arch_family(arch)
-    copied = controlnet_layers(r, family)
-    layers = f", ControlNet {family_named(family).describe_layers(*copied)}" if copied else ""
+    copied, kind = controlnet_layers(r, family), adapter(r.adapter.kind)
+    layers = f", {kind.title} {family_named(family).describe_layers(*copied)}" if copied and kind.copies_blocks else ""
     width = max([10, *(len(p.tier) for p in plans)])
     kind = max([7, *(len(p.adapter) for p in plans)])
     lines = [
