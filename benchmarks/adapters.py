@@ -209,9 +209,9 @@ def summarize(results: dict, n_boot: int = 2000) -> None:
             if k.get("planner", {}).get("trainable_full") and ref.get("planner", {}).get("trainable_full"):
                 s["trainable_share_full"] = k["planner"]["trainable_full"] / ref["planner"]["trainable_full"]
         k["summary"] = s
-    light = [n for n, k in kinds.items() if n != "controlnet" and "gain_share" in k["summary"]
-             and k["summary"]["trainable_share"] <= LIGHT and k["summary"]["gain_share"] >= ENOUGH]  # fmt: skip
-    results["light_and_enough"] = light
+    for key, share in (("light_and_enough", "trainable_share"), ("light_and_enough_full", "trainable_share_full")):
+        results[key] = [n for n, k in kinds.items() if n != "controlnet" and k["summary"].get(share, 1) <= LIGHT
+                        and k["summary"].get("gain_share", 0) >= ENOUGH]  # fmt: skip
 
 
 def table(results: dict) -> str:
@@ -229,7 +229,7 @@ def table(results: dict) -> str:
     for name, k in results["kinds"].items():
         s, p = k["summary"], k.get("planner", {})
         g = s["gain"]
-        full = f"{p['trainable_full'] / 1e6:.1f}M" if p.get("trainable_full") else "-"
+        full = f"{p['trainable_full'] / 1e6:.1f}M ({s.get('trainable_share_full', 1):.0%})" if p.get("trainable_full") else "-"
         reached = s.get("samples_to_controlnet_final")
         reached = "never" if reached is None else f"{reached:,} ({reached / total:.0%})"
         lines.append(
@@ -243,7 +243,8 @@ def table(results: dict) -> str:
         f"{results['setup']} ({results['recipe']}): {len(results['seeds'])} seeds, {results['steps']} steps of "
         f"{results['batch_size']} ({total:,} samples), {results['held_out']} held-out conditions; base {fk} "
         f"{results['base'][fk]:.3f}. Light (at most {LIGHT:.0%} of the ControlNet's trained parameters) and keeping at "
-        f"least {ENOUGH:.0%} of its gain: {', '.join(results['light_and_enough']) or 'none'}."
+        f"least {ENOUGH:.0%} of its gain: {', '.join(results['light_and_enough']) or 'none'} by the tiny models' "
+        f"parameters; {', '.join(results.get('light_and_enough_full', [])) or 'none'} by the full-size base's."
     )
     return "\n".join(lines)
 
@@ -295,6 +296,11 @@ def save(results: dict, out: Path) -> None:
 def run(args) -> dict:
     from controlnet_recipe.core.config import load_config
 
+    if args.report_only:  # the table and plot again from the saved JSON
+        results = json.loads((args.out / f"adapters_{args.setup}.json").read_text())
+        save(results, args.out)
+        return results
+
     work = prepare(args.setup, (args.work or ROOT / "tmp" / f"bench-adapters-{args.setup}").resolve(), args.outputs_from)
     os.chdir(work)
     bench = Bench(args.samples)
@@ -335,6 +341,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="the setup's project (default: tmp/bench-adapters-<setup>)")
     ap.add_argument("--outputs-from", type=Path, default=ROOT, help="a project whose data stages ran (default: this one)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--report-only", action="store_true", help="the table and plot again from --out's JSON, nothing run")
     args = ap.parse_args()
     results = run(args)
     print("\n" + table(results))

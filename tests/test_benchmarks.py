@@ -129,7 +129,10 @@ def test_adapters_gain_share_light_kinds_and_samples_to_the_controlnets_final():
     assert results["light_and_enough"] == ["light"]
     text = bench.table(results)
     assert "| `weak` |" in text and "never" in text and "8gb, 6.0 | none fits" in text
-    assert text.rstrip().endswith("keeping at least 80% of its gain: light.")
+    assert "of its gain: light by the tiny models' parameters; light by the full-size base's." in text
+    results["kinds"]["weak"]["planner"]["trainable_full"] = 1  # 0.0001% at full size, but 25% of the gain
+    results["kinds"]["heavy"]["planner"]["trainable_full"] = 50_000  # 5% at full size, the whole gain
     results["kinds"].pop("light")
     bench.summarize(results, n_boot=200)
-    assert bench.table(results).rstrip().endswith("of its gain: none.")
+    verdict = "of its gain: none by the tiny models' parameters; heavy by the full-size base's."
+    assert bench.table(results).rstrip().endswith(verdict)
