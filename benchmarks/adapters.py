@@ -286,9 +286,10 @@ def plot(results: dict, path: Path) -> None:
 def save(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"adapters_{results['setup']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     if "controlnet" in results["kinds"]:
         summarize(results)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    if "controlnet" in results["kinds"]:
         stem.with_suffix(".md").write_text(table(results) + "\n")
         plot(results, stem.with_suffix(".png"))
 
