@@ -97,8 +97,13 @@ web: env ## the web demo on http://127.0.0.1:7860: make web [MODEL=dir] [HOST=0.
 test: env ## the tests (fast ones, plus one whole pipeline at a very small size): about 6 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The slow set spends most of its time starting processes (each stage imports torch and diffusers)
+# and in tiny models that one core runs as fast as two: two pytest workers of one thread each.
+# Tests that launch two ranks on accelerate's port share an xdist_group, so they run one at a time.
+# SLOW_WORKERS=0 runs them in this process, one after the other.
+SLOW_WORKERS ?= 2
 test-slow: env ## the slow set: every family's pipeline, kill-and-resume, DeepSpeed, the web demo (CI runs it too)
-	$(BIN)/python -m pytest -q -m slow
+	$(if $(filter 0,$(SLOW_WORKERS)),,OMP_NUM_THREADS=1 )$(BIN)/python -m pytest -q -m slow $(if $(filter 0,$(SLOW_WORKERS)),,-n $(SLOW_WORKERS) --dist loadgroup)
 
 lint: env ## ruff lint and format check
 	$(BIN)/ruff check src tests benchmarks

@@ -66,7 +66,7 @@ def prepare(setup: str, work: Path, outputs_from: Path = ROOT) -> Path:
     if not (work / ".dvc").is_dir():
         work.mkdir(parents=True, exist_ok=True)
         shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        for f in ("dvc.yaml", "params.yaml"):
+        for f in ("dvc.yaml", "params.yaml", ".gitignore"):  # .gitignore: outputs stay out of the commit below
             shutil.copy(ROOT / f, work / f)
         if (outputs_from / "dvc.lock").is_file():
             shutil.copy(outputs_from / "dvc.lock", work / "dvc.lock")

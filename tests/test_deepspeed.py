@@ -45,6 +45,7 @@ def _train(work: Path, params: dict) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_ranks")  # accelerate's port 29500: one such test at a time under make test-slow's -n 2
 def test_zero2_checkpoints_are_saved_by_every_rank_swept_and_resumed(project: Path, tmp_path: Path):
     work = tmp_path / "zero"
     shutil.copytree(project, work, symlinks=True)

@@ -89,8 +89,9 @@ def _kill_when(work: Path, during_save: bool, after_step: int, rng: random.Rando
 
 def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str, adapter_kind: str | None = None) -> None:
     """A family's project (SDXL, SD3, Flux), or a kind of control (``adapter_kind``): 12 steps
-    uninterrupted, then the same run SIGKILLed once after a checkpoint and once during a save,
-    resumed: bit for bit the same weights."""
+    uninterrupted, then the same run SIGKILLed once after a checkpoint, resumed: bit for bit the
+    same weights (what a family or a kind saves and restores; a kill during a save is the
+    checkpointer's, whatever the kind: test_sigkill_and_resume_is_bitwise_exact lands those)."""
 
     def copy(dest: Path, resume: str | None) -> Path:
         shutil.copytree(project, dest, symlinks=True)
@@ -113,8 +114,7 @@ def assert_kill_and_resume_is_exact(project: Path, tmp_path: Path, recipe: str, 
     expected = load_file(ref / weights)
     work = copy(tmp_path / "killed", "latest")
     rng = random.Random(0)
-    kills = sum(_kill_when(work, during_save, after_step, rng) for during_save, after_step in ((False, 2), (True, 0)))
-    assert kills >= 1, "the runs finished before they could be killed"
+    assert _kill_when(work, False, 0, rng), "the run finished before it could be killed"
     assert "resuming from" in run(_train_cmd(), work)
     got = load_file(work / weights)
     assert got.keys() == expected.keys()

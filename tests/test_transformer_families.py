@@ -252,6 +252,7 @@ def _train_two_processes(work: Path, tier_name: str, shard: bool, out: str) -> d
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_ranks")  # accelerate's port 29500: one such test at a time under make test-slow's -n 2
 def test_the_frozen_flux_sharded_across_processes_trains_the_same_controlnet(transformer_project: Path, tmp_path: Path):
     """The multi-GPU tier (FSDP2 on the frozen transformer, DDP on the ControlNet) on two CPU
     processes: each holds half of the frozen base, every process takes part in validation, and the
