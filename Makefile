@@ -94,7 +94,7 @@ generate: env ## generate faces: make generate PHOTO=face.jpg PROMPT="..." (or C
 web: env ## the web demo on http://127.0.0.1:7860: make web [MODEL=dir] [HOST=0.0.0.0] [PORT=7860]
 	$(BIN)/python -m controlnet_recipe web --host "$(HOST)" --port "$(PORT)" $(if $(MODEL),--model "$(MODEL)")
 
-test: env ## the tests (fast ones, plus one whole pipeline at a very small size): about 6 min on 2 cores
+test: env ## the tests (fast ones, plus one whole pipeline at a very small size): about 7 min on 2 cores
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The slow set spends most of its time starting processes (each stage imports torch and diffusers)
