@@ -95,7 +95,9 @@ def kinds_for(family: str) -> list[str]:
 
 def adapter_params(kind: str) -> dict:
     """A kind with its settings at their defaults (null)."""
-    return {"kind": kind, "num_res_blocks": None, "rank": None, "alpha": None, "lora_layers": None, "size_ratio": None}
+    from controlnet_recipe.adapters.adapter import SETTINGS
+
+    return {"kind": kind, **dict.fromkeys(SETTINGS)}
 
 
 def smallest_fit(cfg, kind: str, quantize: str | None = None) -> dict:
