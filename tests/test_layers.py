@@ -9,7 +9,7 @@ from controlnet_recipe.core import codedeps
 LAYERS = [
     ["core", "objectives", "apps"],  # the rooms' empty __init__.py files
     ["core.errors", "core.text", "core.codedeps", "core.logs"],  # no project imports (but each other)
-    ["core.config"],  # the typed params
+    ["core.config", "core.buckets"],  # the typed params; aspect-ratio buckets (sizes and the crop)
     ["core.storage", "core.images", "objectives.diffusion", "models.fit"],  # folders, images, noise and loss, one fit loop
     ["objectives.flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)
     ["faces"],  # landmarks, drawing, the synthetic generator

@@ -50,6 +50,23 @@ class DataCfg(Strict):
     shard_size: int = Positive  # samples per shard: the unit of resuming
     min_size: int = Positive  # images smaller than this (either side) are skipped
     undecodable_captions: Literal["empty", "skip"]  # a caption file in no known encoding: keep the sample uncaptioned, or skip it
+    buckets: Literal["off", "auto"] | list[str]  # off: square at resolution | auto | ["WxH", ...] (core/buckets.py)
+    max_aspect: float = Field(ge=1)  # with buckets: images longer than this:1 are skipped (and auto's buckets stop here)
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sizes(cls, v):
+        if isinstance(v, list):
+            from .buckets import parse
+
+            if not v:
+                raise ValueError("expected off, auto or a list of WIDTHxHEIGHT, got an empty list")
+            for s in v:
+                try:
+                    parse(s)
+                except ValueError as e:
+                    raise ValueError(str(e).removeprefix("data.buckets: ")) from None
+        return v
 
     @field_validator("resolution")
     @classmethod

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .buckets import cover, fit_to_bucket
+
 REASONS = ("missing_file", "empty_file", "not_an_image", "truncated", "too_small", "unreadable")
 EXIF_ORIENTATION = 0x0112
 
@@ -129,22 +131,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def resize_and_crop(w: int, h: int, resolution: int) -> tuple[int, int, int, int]:
     """How :func:`images_to_tensor` fits a ``w`` x ``h`` image: the resized (width, height), then
     the centre crop's (left, top) in the resized image (SDXL's crop conditioning)."""
-    s = resolution / min(w, h)
-    rw, rh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    return rw, rh, (rw - resolution) // 2, (rh - resolution) // 2
+    crop = cover(w, h, (resolution, resolution))
+    return *crop.resized, crop.left, crop.top
 
 
-def images_to_tensor(images: list[Image.Image], resolution: int, normalize: bool = True):
-    """(N, 3, R, R) float tensor: resize + centre crop as upstream; [-1, 1] if ``normalize``
-    (target images), else [0, 1] (conditioning images)."""
+def images_to_tensor(images: list[Image.Image], size: int | tuple[int, int], normalize: bool = True):
+    """(N, 3, H, W) float tensor: resize + centre crop as upstream, to ``size`` (a square side, or a
+    bucket's (width, height)); [-1, 1] if ``normalize`` (target images), else [0, 1] (conditioning images)."""
     import torch
 
+    bucket = (size, size) if isinstance(size, int) else tuple(size)
     out = []
     for img in images:
         img = to_rgb(img)
-        if img.size != (resolution, resolution):
-            w, h, left, top = resize_and_crop(*img.size, resolution)
-            img = img.resize((w, h), Image.BICUBIC).crop((left, top, left + resolution, top + resolution))
+        if img.size != bucket:
+            img = fit_to_bucket(img, cover(*img.size, bucket))
         out.append(np.asarray(img, dtype=np.float32) / 255.0)
     t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
     return t * 2 - 1 if normalize else t

@@ -35,6 +35,7 @@ LATENT_CHANNELS = 4
 # Two VAE downsamplings: a 64 px image becomes a 16x16 latent. The ControlNet's hint encoder
 # matches the VAE's downsampling (training/step.py reads it from the VAE's config).
 VAE_CHANNELS = (16, 32, 64)
+SIZE_MULTIPLE = 16  # image sides: the VAE's 4x, then the UNet's 4x (the tiny transformers' 2x2 patches need less)
 INITIAL_LOGVAR = -6.0  # the VAE posterior's log-variance at init (see build_vae)
 
 

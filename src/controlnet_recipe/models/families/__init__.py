@@ -5,6 +5,7 @@ with a :class:`Family` subclass, listed in ``FAMILIES``; the stages only ever ca
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ...core.errors import BadInput
@@ -29,6 +30,8 @@ __all__ = [
     "family",
     "family_of_architecture",
     "family_of_pipeline",
+    "recipe_buckets",
+    "size_multiple",
 ]
 
 
@@ -74,3 +77,27 @@ def family_of_architecture(arch: str) -> str:
     if name is None:
         raise BadInput(f"{index}: _class_name: expected a pipeline of a known family ({', '.join(FAMILIES)}); got {cls!r}")
     return name
+
+
+def size_multiple(pretrained_model: str | None, family_name: str) -> int:
+    """What every image side must divide by for this base: the tiny base's, a named family's, or
+    (family ``auto`` with a hub model, not read before the base stage) a multiple of every family's."""
+    if pretrained_model is None:
+        from ..tiny import SIZE_MULTIPLE
+
+        return SIZE_MULTIPLE
+    if family_name == "auto" and (Path(pretrained_model) / "model_index.json").is_file():
+        family_name = detect_family(pretrained_model)
+    if family_name == "auto":
+        return math.lcm(*(f.size_multiple for f in FAMILIES.values()))
+    return family(family_name).size_multiple
+
+
+def recipe_buckets(recipe) -> list[tuple[int, int]] | None:
+    """The recipe's aspect-ratio buckets (``data.buckets``), or None when off (square at resolution)."""
+    from ...core.buckets import bucket_list
+
+    d, b = recipe.data, recipe.base
+    if d.buckets == "off":
+        return None
+    return bucket_list(d.buckets, d.resolution, size_multiple(b.pretrained_model, b.family), d.max_aspect)

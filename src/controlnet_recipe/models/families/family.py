@@ -74,6 +74,7 @@ class Family:
     new_layers: tuple[str, ...]  # the ControlNet's own layers (not copied from the base): new_layers_lr_multiplier's
     shifts_latents: bool = False  # the VAE's latents are shifted (shift_factor) as well as scaled
     denoiser_name: str  # the denoiser's name in the pipeline folder: unet | transformer
+    size_multiple: int  # image sides must be multiples of this (the VAE's and the denoiser's downsampling)
     cache_parts: tuple[str, ...]  # the base's subfolders the latent cache depends on
     text_features: tuple[str, ...]  # the cache's per-caption feature columns, TEXT first
     control_latents: bool = False  # the condition enters as VAE latents (cached, sampled per step), not pixels
