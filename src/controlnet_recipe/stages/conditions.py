@@ -29,7 +29,7 @@ from ..core.storage import (
     write_json,
     write_shard,
 )
-from ..report.grid import save_grid
+from ..report.grid import save_bucket_samples, save_grid
 
 
 def condition_batch(batch: dict, cond: Condition, image_column: str, out_column: str) -> dict:
@@ -103,7 +103,11 @@ def build_conditions(cfg: Config) -> dict:
     done = load_dataset_dir(CONDITIONS_DIR)
     for split, data in done.items():
         report["splits"][split]["kept"] = len(data)
-    if "train" in done and len(done["train"]):  # the preview from the finished dataset: resumed or not
+    if "train" in done and "bucket" in done["train"].column_names:  # one pair per aspect bucket
+        train = done["train"]
+        report["buckets"] = {s: dict(sorted(Counter(d["bucket"]).items())) for s, d in done.items()}
+        save_bucket_samples(train, [r.columns.image, r.columns.conditioning_image], CONDITIONS_DIR / "samples.png")
+    elif "train" in done and len(done["train"]):  # the preview from the finished dataset: resumed or not
         rows = done["train"].select(range(min(8, len(done["train"]))))
         samples = [list(s) for s in zip(rows[r.columns.image], rows[r.columns.conditioning_image])]
         save_grid(samples, CONDITIONS_DIR / "samples.png", col_titles=["image", "condition"], cell=128)

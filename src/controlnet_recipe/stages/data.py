@@ -21,13 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
 
+from ..core.buckets import Bucket, cover, fit_to_bucket, move_points, nearest, skip_reason
+from ..core.buckets import name as bucket_name
 from ..core.config import Config, DataCfg
 from ..core.images import decode_image, encode_png
 from ..core.logs import progress
 from ..core.storage import DATA_DIR, ShardedOutput, digest, num_workers, write_json
 from ..core.text import UNDECODABLE, UNREADABLE
 from ..faces.synthetic import make_face
-from ..report.grid import save_grid
+from ..models.families import recipe_buckets
+from ..report.grid import save_bucket_samples, save_grid
 
 SPLIT_SEED_STRIDE = 10_000_000  # synthetic validation seeds never collide with training seeds
 VALIDATION_RATE = 0.1  # share of rows offered to validation (by hash) until it is full
@@ -39,9 +42,11 @@ class SyntheticSeed:
     size: int
 
 
-def features(image: str, conditioning_image: str, caption: str) -> Features:
+def features(image: str, conditioning_image: str, caption: str, bucketed: bool = False) -> Features:
+    bucket = {"bucket": Value("string")} if bucketed else {}  # WxH: the aspect bucket the pair was cropped to
     return Features(
         {
+            **bucket,
             "id": Value("string"),
             image: Image(),
             conditioning_image: Image(),
@@ -58,13 +63,36 @@ def _png(img) -> dict:
     return {"bytes": encode_png(img), "path": None}
 
 
-def materialize(item, min_size: int, undecodable_captions: str = "empty") -> tuple[dict | None, str | None, str | None]:
-    """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row.
-    Runs in worker processes; never raises for bad data."""
+@dataclass(frozen=True)
+class Bucketing:
+    """``data.buckets`` on: the buckets, and the aspect beyond which an image is skipped."""
+
+    buckets: list[Bucket]
+    max_aspect: float
+
+
+def to_bucket(img, cond, landmarks: list, b: Bucketing) -> tuple[tuple | None, str | None]:
+    """((image, condition, landmarks, bucket name), None) with all three cropped alike to the
+    image's nearest bucket, or (None, why it is skipped)."""
+    reason = skip_reason(*img.size, b.buckets, b.max_aspect)
+    if reason is not None:
+        return None, reason
+    crop = cover(*img.size, nearest(*img.size, b.buckets))
+    cond = fit_to_bucket(cond, crop, source_size=img.size) if cond is not None else None
+    landmarks = [move_points(lm, img.size, crop).tolist() for lm in landmarks]
+    return (fit_to_bucket(img, crop), cond, landmarks, bucket_name(crop.bucket)), None
+
+
+def materialize(
+    item, min_size: int, undecodable_captions: str = "empty", bucketing: Bucketing | None = None
+) -> tuple[dict | None, str | None, str | None]:
+    """(row, skip reason, converted-from mode) for a synthetic seed or a raw source row; with
+    ``bucketing``, cropped to its bucket. Runs in worker processes; never raises for bad data."""
     if isinstance(item, SyntheticSeed):
         img, lm, attrs = make_face(item.seed, item.size)
-        row = {"id": f"synthetic-{item.seed}", "image": _png(img), "conditioning_image": None, "caption": None}
-        return {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}, None, None
+        row = {"id": f"synthetic-{item.seed}", "image": img, "conditioning_image": None, "caption": None}
+        row = {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}
+        return finish_row(row, bucketing)
     if item.skip is not None:  # the source met something that is no sample (a symlink loop, a FIFO, ...)
         return None, item.skip, None
     if item.caption_encoding in (UNDECODABLE, UNREADABLE) and undecodable_captions == "skip":
@@ -76,11 +104,24 @@ def materialize(item, min_size: int, undecodable_captions: str = "empty") -> tup
     problem = item.problem
     if item.conditioning_image is not None:
         c = decode_image(item.conditioning_image, min_size=min_size)
-        cond = _png(c.image) if c.image is not None else None
+        cond = c.image
         problem = problem or (None if c.image is not None else f"conditioning_{c.reason}")
     landmarks = [np.asarray(item.landmarks, dtype=np.float32).tolist()] if item.landmarks is not None else []
-    row = {"id": item.id, "image": _png(decoded.image), "conditioning_image": cond, "caption": item.caption}
-    return {**row, "landmarks": landmarks, "attributes": "", "problem": problem}, None, decoded.converted
+    row = {"id": item.id, "image": decoded.image, "conditioning_image": cond, "caption": item.caption}
+    row, reason, _ = finish_row({**row, "landmarks": landmarks, "attributes": "", "problem": problem}, bucketing)
+    return row, reason, decoded.converted if row is not None else None
+
+
+def finish_row(row: dict, bucketing: Bucketing | None) -> tuple[dict | None, str | None, None]:
+    """The row with its images cropped to its bucket (with ``bucketing``) and PNG-encoded, or why it is skipped."""
+    if bucketing is not None:
+        fitted, reason = to_bucket(row["image"], row["conditioning_image"], row["landmarks"], bucketing)
+        if fitted is None:
+            return None, reason, None
+        img, cond, landmarks, bucket = fitted
+        row = {**row, "image": img, "conditioning_image": cond, "landmarks": landmarks, "bucket": bucket}
+    cond = row["conditioning_image"]
+    return {**row, "image": _png(row["image"]), "conditioning_image": _png(cond) if cond is not None else None}, None, None
 
 
 def in_validation(sample_id: str, seed: int) -> bool:
@@ -116,7 +157,9 @@ def routed_rows(d: DataCfg, cache_dir) -> Iterator[tuple[str, object]]:
 def build_data(cfg: Config, cache_dir) -> dict:
     r, d = cfg.recipe, cfg.recipe.data
     cols = r.columns
-    feats = features(cols.image, cols.conditioning_image, cols.caption)
+    buckets = recipe_buckets(r)
+    bucketing = Bucketing(buckets, d.max_aspect) if buckets else None
+    feats = features(cols.image, cols.conditioning_image, cols.caption, bucketed=bucketing is not None)
     out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()), stage="data")
     report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter(), "caption_encodings": Counter()}
     buffers: dict[str, list] = {"train": [], "validation": []}
@@ -137,7 +180,9 @@ def build_data(cfg: Config, cache_dir) -> dict:
                 return
             rows = []
             stats = {k: Counter() for k in counted}
-            work = functools.partial(materialize, min_size=d.min_size, undecodable_captions=d.undecodable_captions)
+            work = functools.partial(
+                materialize, min_size=d.min_size, undecodable_captions=d.undecodable_captions, bucketing=bucketing
+            )
             for item, (row, reason, converted) in zip(items, pool.imap(work, items, chunksize=8)):
                 if row is None:
                     stats["skipped"][reason] += 1
@@ -169,7 +214,11 @@ def build_data(cfg: Config, cache_dir) -> dict:
     ds = load_dataset_dir(DATA_DIR)
     report["splits"] = {s: len(v) for s, v in ds.items()}
     # the preview from the finished dataset: the same whether or not the run was interrupted
-    if "train" in ds and len(ds["train"]):
+    if bucketing is not None:
+        report["buckets"] = {s: dict(sorted(Counter(v["bucket"]).items())) for s, v in ds.items()}
+        if "train" in ds and len(ds["train"]):
+            save_bucket_samples(ds["train"], [cols.image, cols.conditioning_image], DATA_DIR / "samples.png")
+    elif "train" in ds and len(ds["train"]):
         save_grid([ds["train"].select(range(min(8, len(ds["train"]))))[cols.image]], DATA_DIR / "samples.png", cell=96)
     for k in ("skipped", "converted", "caption_encodings"):
         report[k] = dict(report[k])
@@ -181,4 +230,5 @@ def main(cfg: Config) -> None:
     write_json(DATA_DIR / "report.json", report)
     skipped, converted = report["skipped"] or "none", report["converted"] or "none"
     captions = report["caption_encodings"] or "all UTF-8"
-    print(f"data: {report['splits']}, skipped {skipped}, converted {converted}, captions {captions} -> {DATA_DIR}")
+    buckets = f", buckets {report['buckets']}" if "buckets" in report else ""
+    print(f"data: {report['splits']}{buckets}, skipped {skipped}, converted {converted}, captions {captions} -> {DATA_DIR}")

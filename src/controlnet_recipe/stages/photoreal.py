@@ -29,17 +29,22 @@ def load_img2img(p: PhotorealCfg):
 
 
 def photoreal_batch(pipe, images: list, p: PhotorealCfg, seeds: list[int]) -> list:
-    """img2img at the images' own size, one seed per image (reproducible whatever the batching)."""
-    size = images[0].size
-    out = pipe(
-        prompt=[p.prompt] * len(images),
-        image=[im.convert("RGB") for im in images],
-        strength=p.strength,
-        num_inference_steps=p.num_inference_steps,
-        guidance_scale=p.guidance_scale,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-    ).images
-    return [im.resize(size) for im in out]
+    """img2img at the images' own size (one call per size: aspect buckets), one seed per image
+    (reproducible whatever the batching)."""
+    out: list = [None] * len(images)
+    for size in dict.fromkeys(im.size for im in images):
+        idx = [i for i, im in enumerate(images) if im.size == size]
+        made = pipe(
+            prompt=[p.prompt] * len(idx),
+            image=[images[i].convert("RGB") for i in idx],
+            strength=p.strength,
+            num_inference_steps=p.num_inference_steps,
+            guidance_scale=p.guidance_scale,
+            generator=[torch.Generator().manual_seed(seeds[i]) for i in idx],
+        ).images
+        for i, im in zip(idx, made):
+            out[i] = im.resize(size)
+    return out
 
 
 def build_photoreal(cfg: Config) -> dict:
