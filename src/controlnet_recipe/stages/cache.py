@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 
 from ..adapters import check as check_adapter
+from ..core.buckets import parse as parse_bucket
 from ..core.config import Config
 from ..core.images import images_to_tensor
 from ..core.logs import progress
@@ -29,6 +30,39 @@ from ..models.base_model import BaseRef, load_base
 from ..models.families import CONTROL, family
 from ..objectives.diffusion import encode_images
 from ..training.latent_cache import EMPTY, META, SPLIT, features, fingerprint, write_empty
+
+
+def bucket_groups(train, resolution: int) -> dict[str, tuple[tuple[int, int], list[int]]]:
+    """The cache's splits: ``train`` (every row, square at ``resolution``), or with aspect buckets
+    one per bucket (``WxH``: its size and the rows in it, in the dataset's order)."""
+    if "bucket" not in train.column_names:
+        return {SPLIT: ((resolution, resolution), list(range(len(train))))}
+    rows: dict[str, list[int]] = {}
+    for i, b in enumerate(train["bucket"]):
+        rows.setdefault(b, []).append(i)
+    return {b: (parse_bucket(b), rows[b]) for b in sorted(rows)}
+
+
+def encode_shard(rows, size: tuple[int, int], base, fam, vae, cfg: Config) -> Dataset:
+    """One shard's VAE posteriors and text features (and the family's extras), images at ``size``."""
+    r, c = cfg.recipe, cfg.recipe.cache
+    res = size[0] if size[0] == size[1] else size  # square: the resolution, as the cache has always been made
+    cols: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(rows), c.batch_size):
+        batch = rows[start : start + c.batch_size]
+        pixels = images_to_tensor(batch[r.columns.image], res)
+        mean, std = encode_images(vae, pixels, batch_size=c.batch_size, desc=None)
+        text = fam.caption_features(base, list(batch[r.columns.caption]))[0]
+        parts = {"latent_mean": mean.half(), "latent_std": std.half(), **{k: v.half() for k, v in text.items()}}
+        if fam.control_latents:  # the condition as the pipeline encodes it: [-1, 1] pixels through the VAE
+            cond = images_to_tensor(batch[r.columns.conditioning_image], res)
+            cmean, cstd = encode_images(vae, cond, batch_size=c.batch_size, desc=None)
+            parts.update({f"{CONTROL}_mean": cmean.half(), f"{CONTROL}_std": cstd.half()})
+        parts.update(fam.image_features(batch[r.columns.image], res))  # SDXL: time ids
+        for k, v in parts.items():
+            cols.setdefault(k, []).append(v)
+    data = {k: torch.cat(v) for k, v in cols.items()}
+    return Dataset.from_dict({k: v.numpy() for k, v in data.items()}, features=features(data))
 
 
 def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
@@ -51,29 +85,15 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         encoder.to(device).eval()
     write_empty(folder / EMPTY, fam.caption_features(base, [""])[1])
 
-    n_shards = math.ceil(len(train) / c.shard_size)
-    todo = [i for i in range(n_shards) if not out.done(SPLIT, i)]
+    groups = bucket_groups(train, r.data.resolution)
+    todo = [(split, i, idx) for split, (size, idx) in groups.items() for i in range(math.ceil(len(idx) / c.shard_size))]
+    n_shards = len(todo)
+    todo = [t for t in todo if not out.done(t[0], t[1])]
     if len(todo) < n_shards:
         print(f"cache: resuming, {n_shards - len(todo)} of {n_shards} shards already done")
-    for i in progress(todo, desc="cache: shards"):
-        rows = train.select(range(i * c.shard_size, min((i + 1) * c.shard_size, len(train))))
-        cols: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, len(rows), c.batch_size):
-            batch = rows[start : start + c.batch_size]
-            pixels = images_to_tensor(batch[r.columns.image], r.data.resolution)
-            mean, std = encode_images(vae, pixels, batch_size=c.batch_size, desc=None)
-            text = fam.caption_features(base, list(batch[r.columns.caption]))[0]
-            parts = {"latent_mean": mean.half(), "latent_std": std.half(), **{k: v.half() for k, v in text.items()}}
-            if fam.control_latents:  # the condition as the pipeline encodes it: [-1, 1] pixels through the VAE
-                cond = images_to_tensor(batch[r.columns.conditioning_image], r.data.resolution)
-                cmean, cstd = encode_images(vae, cond, batch_size=c.batch_size, desc=None)
-                parts.update({f"{CONTROL}_mean": cmean.half(), f"{CONTROL}_std": cstd.half()})
-            parts.update(fam.image_features(batch[r.columns.image], r.data.resolution))  # SDXL: time ids
-            for k, v in parts.items():
-                cols.setdefault(k, []).append(v)
-        data = {k: torch.cat(v) for k, v in cols.items()}
-        shard = Dataset.from_dict({k: v.numpy() for k, v in data.items()}, features=features(data))
-        out.write(SPLIT, i, shard)
+    for split, i, idx in progress(todo, desc="cache: shards"):
+        rows = train.select(idx[i * c.shard_size : (i + 1) * c.shard_size])
+        out.write(split, i, encode_shard(rows, groups[split][0], base, fam, vae, cfg))
     out.finish()
     meta = {
         "fingerprint": fp,
@@ -83,6 +103,7 @@ def build_cache(cfg: Config, root: Path = CACHE_DIR) -> dict:
         "shift_factor": float(vae.config.shift_factor or 0.0) if fam.shifts_latents else 0.0,
         "base": ref.__dict__,
         "resolution": r.data.resolution,
+        **({"buckets": {k: idx for k, (_, idx) in groups.items()}} if SPLIT not in groups else {}),
     }
     write_json(root / META, meta)
     return meta

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..core.buckets import parse as parse_bucket
 from ..core.errors import BadInput
 from ..core.images import images_to_tensor
 from ..models.families import CONTROL
@@ -31,7 +32,7 @@ class CachedPairs(torch.utils.data.Dataset):
         cache_rows,
         conditions,
         column: str,
-        resolution: int,
+        resolution: int | tuple[int, int],
         shuffle_seed: int | None = None,
         memory_bytes: int = CONDITIONS_IN_MEMORY_BYTES,
         cache_bytes: int = CACHE_IN_MEMORY_BYTES,
@@ -44,13 +45,14 @@ class CachedPairs(torch.utils.data.Dataset):
         if cache_rows.data.nbytes <= cache_bytes:
             self.cache = InMemoryRows(cache_rows[:])
         self.decoded = None
-        if len(conditions) * 3 * resolution**2 <= memory_bytes:
+        w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
+        if len(conditions) * 3 * w * h <= memory_bytes:
             self.decoded = torch.cat(
                 [self._decode(list(range(i, min(i + 256, len(conditions))))) for i in range(0, len(conditions), 256)]
             )
 
     def _decode(self, idx: list[int]) -> torch.Tensor:
-        """(N, 3, R, R) uint8: exactly the values that [0, 1] conditioning x 255 gives back."""
+        """(N, 3, H, W) uint8: exactly the values that [0, 1] conditioning x 255 gives back."""
         cond = images_to_tensor(self.conditions[idx][self.column], self.resolution, normalize=False)
         return (cond * 255).round().to(torch.uint8)
 
@@ -69,6 +71,50 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class BucketedPairs(torch.utils.data.Dataset):
+    """The pairs of every aspect bucket, one :class:`CachedPairs` each, indexed as one dataset:
+    bucket after bucket (``offsets``). A micro-batch (:class:`BucketBatches`) stays in one bucket."""
+
+    def __init__(self, parts: list[CachedPairs]):
+        self.parts = parts
+        self.sizes = [len(p) for p in parts]
+        self.offsets = [sum(self.sizes[:k]) for k in range(len(parts))]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        k = max(j for j, o in enumerate(self.offsets) if o <= idx[0])
+        local = [i - self.offsets[k] for i in idx]
+        if min(local) < 0 or max(local) >= self.sizes[k]:
+            raise IndexError(f"a micro-batch across aspect buckets: {idx}")
+        return self.parts[k].__getitems__(local)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def training_pairs(cache, conditions, column: str, resolution: int, shuffle_seed: int | None = None):
+    """What the loop trains on: :class:`CachedPairs` (square), or with aspect buckets (the cache's
+    ``buckets``) a :class:`BucketedPairs` of one part per bucket, each with its conditions at its size."""
+    if cache.buckets is None:
+        return CachedPairs(cache.rows, conditions, column, resolution, shuffle_seed)
+    total = len(conditions)
+    parts = [
+        CachedPairs(
+            cache.rows[b],
+            conditions.select(rows),
+            column,
+            parse_bucket(b),
+            shuffle_seed,
+            memory_bytes=CONDITIONS_IN_MEMORY_BYTES * len(rows) // total,
+            cache_bytes=CACHE_IN_MEMORY_BYTES * len(rows) // total,
+        )
+        for b, rows in cache.buckets.items()
+    ]
+    return BucketedPairs(parts)
 
 
 class InMemoryRows:
@@ -120,6 +166,47 @@ class ResumableBatches(Sampler[list[int]]):
                 lo = (j * self.world + self.rank) * self.micro
                 yield perm[lo : lo + self.micro].tolist()
             k = (epoch + 1) * self.per_epoch
+
+
+class BucketBatches(ResumableBatches):
+    """:class:`ResumableBatches` for aspect buckets: every epoch each bucket's samples in a fresh
+    permutation, cut into global micro-batches (the last one filled from the bucket's own start,
+    so that a bucket smaller than a batch still trains), the batches of all buckets in a seeded
+    order. No micro-batch mixes sizes; ``start`` resumes exactly as there."""
+
+    def __init__(self, sizes: list[int], micro: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.sizes, self.micro, self.seed, self.start, self.rank, self.world = sizes, micro, seed, start, rank, world
+        self.n = sum(sizes)
+        self.chunks = [-(-n // (micro * world)) for n in sizes]
+        self.per_epoch = sum(self.chunks)
+        if self.per_epoch == 0:
+            raise BadInput("no samples in any aspect bucket")
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """This epoch's global micro-batches (``micro * world`` indices each), in order."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        glob, batches, offset = self.micro * self.world, [], 0
+        for n, chunks in zip(self.sizes, self.chunks):
+            perm = torch.randperm(n, generator=g) + offset
+            batches += list(perm.repeat(-(-chunks * glob // n))[: chunks * glob].view(chunks, glob))
+            offset += n
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start
+        while True:
+            epoch, pos = divmod(k, self.per_epoch)
+            batches = self.epoch_batches(epoch)
+            for j in range(pos, self.per_epoch):
+                yield batches[j][self.rank * self.micro : (self.rank + 1) * self.micro].tolist()
+            k = (epoch + 1) * self.per_epoch
+
+
+def batches_for(data, micro: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> ResumableBatches:
+    """The sampler of ``data``'s micro-batches: by aspect bucket for a :class:`BucketedPairs`."""
+    if isinstance(data, BucketedPairs):
+        return BucketBatches(data.sizes, micro, seed, start, rank, world)
+    return ResumableBatches(len(data), micro, seed, start, rank, world)
 
 
 def _already_collated(batch: dict) -> dict:

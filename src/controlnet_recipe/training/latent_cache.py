@@ -62,11 +62,14 @@ class LatentCache:
     (the family's: SDXL adds a pooled embedding and time ids; SD3 and Flux a pooled embedding and
     the condition's latent posterior)."""
 
-    rows: Dataset  # columns latent_mean, latent_std, text_embedding[, pooled_embedding, time_ids, control_mean, control_std]
+    # columns latent_mean, latent_std, text_embedding[, pooled_embedding, time_ids, control_mean, control_std];
+    # with aspect buckets, one Dataset per bucket (by name, WxH)
+    rows: Dataset | dict[str, Dataset]
     empty_prompt: dict[str, torch.Tensor]  # the empty caption's text features (1, ...), for caption dropout
     scaling_factor: float
     fingerprint: str
     shift_factor: float = 0.0
+    buckets: dict[str, list[int]] | None = None  # with aspect buckets: each bucket's rows of the captions' train split
 
     @classmethod
     def load(cls, expected_fingerprint: str | None = None, root: Path = CACHE_DIR) -> LatentCache:
@@ -80,8 +83,11 @@ class LatentCache:
                 f"expected {expected_fingerprint}); run the cache stage again (dvc repro cache)"
             )
         folder = root / meta["fingerprint"]
-        rows = load_dataset_dir(folder)[SPLIT].with_format("torch")
-        return cls(rows, read_empty(folder / EMPTY), meta["scaling_factor"], meta["fingerprint"], meta.get("shift_factor", 0.0))
+        splits = load_dataset_dir(folder)
+        buckets = meta.get("buckets")
+        rows = {b: splits[b].with_format("torch") for b in buckets} if buckets else splits[SPLIT].with_format("torch")
+        empty = read_empty(folder / EMPTY)
+        return cls(rows, empty, meta["scaling_factor"], meta["fingerprint"], meta.get("shift_factor", 0.0), buckets)
 
 
 def features(columns: dict[str, torch.Tensor]) -> Features:

@@ -31,8 +31,8 @@ from ..core.config import Config, ConfigError, Tier, accumulation_steps
 from ..core.logs import progress
 from ..core.storage import CAPTIONS_DIR, EVALUATOR_DIR, TRAIN_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 from ..models.base_model import BaseRef, load_base
-from ..models.families import family
-from .batches import CachedPairs, ResumableBatches, batch_stream, step_generator
+from ..models.families import family, recipe_buckets
+from .batches import CachedPairs, batch_stream, batches_for, step_generator, training_pairs
 from .checkpoints import EMA_WEIGHTS, WEIGHTS, Checkpointer, consolidate_zero, read_state
 from .latent_cache import LatentCache, current_fingerprint
 from .launch import launched
@@ -173,16 +173,12 @@ class Trainer:
         r, t = self.cfg.recipe, self.t
         cache = LatentCache.load(current_fingerprint(self.cfg))
         dataset = load_dataset_dir(CAPTIONS_DIR)
-        data = CachedPairs(
-            cache.rows,
-            dataset["train"],
-            r.columns.conditioning_image,
-            r.data.resolution,
-            t.seed if t.shuffle_conditions else None,
+        data = training_pairs(
+            cache, dataset["train"], r.columns.conditioning_image, r.data.resolution, t.seed if t.shuffle_conditions else None
         )
         if t.shuffle_conditions:
             print("train: shuffle_conditions is on: every image is paired with another sample's condition (a planted failure)")
-        micro_per_epoch = len(data) // (self.micro * self.world)
+        micro_per_epoch = batches_for(data, self.micro, t.seed, world=self.world).per_epoch
         self.max_steps = t.max_train_steps or t.num_train_epochs * max(1, micro_per_epoch // self.accum)
         return cache, dataset, data
 
@@ -289,7 +285,7 @@ class Trainer:
     def _build_reporting(self, data: CachedPairs, dataset: dict, base) -> None:
         """The batches from the resume point, the trackers, and the validator."""
         cfg, r, t = self.cfg, self.cfg.recipe, self.t
-        sampler = ResumableBatches(len(data), self.micro, t.seed, start=self.start * self.accum, rank=self.rank, world=self.world)
+        sampler = batches_for(data, self.micro, t.seed, start=self.start * self.accum, rank=self.rank, world=self.world)
         self.stream = batch_stream(data, sampler, t.dataloader_num_workers)
         run_config = {
             "recipe": cfg.recipe_name,
@@ -303,7 +299,12 @@ class Trainer:
             else None
         )
         pairs = validation_pairs(
-            t.validation, dataset["validation"], r.columns.conditioning_image, r.columns.caption, r.data.resolution
+            t.validation,
+            dataset["validation"],
+            r.columns.conditioning_image,
+            r.columns.caption,
+            r.data.resolution,
+            recipe_buckets(r),
         )
         self.validator = Validator(
             base,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..core.buckets import nearest
 from ..core.config import ValidationCfg
 from ..core.errors import BadInput
 from ..core.images import images_to_tensor, tensor_to_images
@@ -26,26 +27,34 @@ class ValidationPairs:
     prompts: list[str]
 
 
-def _load_condition(path: str, resolution: int) -> Image.Image:
+def _load_condition(path: str, resolution: int, buckets: list | None = None) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            size = nearest(*img.size, buckets) if buckets else resolution  # with buckets: at its own aspect
             # RGBA and palette images are flattened to RGB (upstream fails on them: https://github.com/huggingface/diffusers/issues/2908).
-            cond = images_to_tensor([img], resolution, normalize=False)
+            cond = images_to_tensor([img], size, normalize=False)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise BadInput(f"train.validation.images: {path}: cannot read ({e.__class__.__name__})") from None
     return tensor_to_images(cond * 2 - 1)[0]
 
 
-def validation_pairs(v: ValidationCfg, held_out, condition_column: str, caption_column: str, resolution: int) -> ValidationPairs:
+def validation_pairs(
+    v: ValidationCfg, held_out, condition_column: str, caption_column: str, resolution: int, buckets: list | None = None
+) -> ValidationPairs:
     """Upstream's pairing of validation images and prompts (N:N, 1:N, N:1), or the first
-    ``held_out`` conditions of the validation split with their captions."""
+    ``held_out`` conditions of the validation split with their captions. With aspect ``buckets``
+    each condition keeps its bucket's size (a given image: fitted to its nearest bucket)."""
     if v.images:
-        conds = [_load_condition(p, resolution) for p in v.images]
+        conds = [_load_condition(p, resolution, buckets) for p in v.images]
         prompts = list(v.prompts) or [""]
     else:
         rows = held_out.select(range(min(v.held_out, len(held_out))))
-        conds = [c.convert("RGB").resize((resolution, resolution), Image.NEAREST) for c in rows[condition_column]]
+        keep = buckets is not None  # stored at their bucket's size already
+        conds = [
+            c.convert("RGB") if keep else c.convert("RGB").resize((resolution, resolution), Image.NEAREST)
+            for c in rows[condition_column]
+        ]
         prompts = list(v.prompts) or list(rows[caption_column])
     n = max(len(conds), len(prompts))
     conds = conds * n if len(conds) == 1 else conds
@@ -86,8 +95,8 @@ def run_validation(
             out = pipe(
                 num_inference_steps=v.num_inference_steps,
                 generator=gens,
-                height=resolution,
-                width=resolution,
+                height=cond.size[1],  # the condition's own size: square at resolution, or its aspect bucket
+                width=cond.size[0],
                 **call_arguments(
                     adapter,
                     fam.validation_inputs(base, prompt, v.num_images, v.guidance_scale, [cond] * v.num_images, device, dtype),

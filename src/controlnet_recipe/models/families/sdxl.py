@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...core.buckets import cover
 from ...core.images import resize_and_crop
 from .family import POOLED, TEXT, BaseComponents, tokenize
 from .sd import StableDiffusion
@@ -23,6 +24,7 @@ TIME_IDS = "time_ids"  # (original h, w, crop top, left, target h, w), per sampl
 
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
+    size_multiple = 32  # image sides divide by this: the VAE 8x, the UNet 4x
     title = "Stable Diffusion XL (SDXL)"
     hub_tag = "stable-diffusion-xl"
     pipelines = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetPipeline")
@@ -74,7 +76,7 @@ class StableDiffusionXL(StableDiffusion):
             pooled = out[0].float().cpu()
         return {TEXT: torch.cat(hidden, dim=-1), POOLED: pooled}
 
-    def image_features(self, images: list, resolution: int) -> dict[str, torch.Tensor]:
+    def image_features(self, images: list, resolution: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         import torch
 
         return {TIME_IDS: torch.tensor([image_time_ids(img.size, resolution) for img in images])}
@@ -95,14 +97,20 @@ def pipeline_options(name_or_path: str, revision: str | None) -> dict:
     return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
 
 
-def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target: int) -> list[float]:
-    """SDXL's size and crop conditioning for one sample (the crop in the resized image's pixels)."""
-    return [*map(float, original_hw), *map(float, crop_top_left), float(target), float(target)]
+def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target: int | tuple[int, int]) -> list[float]:
+    """SDXL's size and crop conditioning for one sample (the crop in the resized image's pixels;
+    ``target``: a square side, or a bucket's (height, width))."""
+    th, tw = (target, target) if isinstance(target, int) else target
+    return [*map(float, original_hw), *map(float, crop_top_left), float(th), float(tw)]
 
 
-def image_time_ids(size: tuple[int, int], resolution: int) -> list[float]:
+def image_time_ids(size: tuple[int, int], resolution: int | tuple[int, int]) -> list[float]:
     """The time ids of an image of ``size`` (w, h) as images_to_tensor fits it: its own size, the
-    centre crop's corner, the square target."""
+    centre crop's corner, the target (a square side, or a bucket's (width, height); a bucketed image
+    is stored at its bucket's size, so its crop is (0, 0))."""
     w, h = size
-    _, _, left, top = resize_and_crop(w, h, resolution)
-    return time_ids((h, w), (top, left), resolution)
+    if isinstance(resolution, int):
+        _, _, left, top = resize_and_crop(w, h, resolution)
+        return time_ids((h, w), (top, left), resolution)
+    crop = cover(w, h, resolution)
+    return time_ids((h, w), (crop.top, crop.left), (resolution[1], resolution[0]))
