@@ -33,20 +33,28 @@ class Extractor:
         return self.map_type.headline
 
     @torch.no_grad()
-    def predict(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """The maps it reads from [-1, 1] images: classes (N, H, W) or values (N, H, W, 3)."""
-        pixels = images_to_tensor(images, self.resolution)
+    def predict(self, images: list, batch_size: int = 64, size: int | tuple[int, int] | None = None) -> np.ndarray:
+        """The maps it reads from [-1, 1] images: classes (N, H, W) or values (N, H, W, 3), at
+        ``size`` (default: the square it learned at)."""
+        pixels = images_to_tensor(images, size or self.resolution)
         return np.concatenate(
             [self.map_type.decode(self.net(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)]
         )
 
     def scores(self, images: list, conditions: list) -> dict[str, np.ndarray]:
-        """Per image, each score of the map type (the first is the headline)."""
-        pred = self.predict(images)
-        target = self.map_type.targets(conditions, self.resolution).numpy()
-        if self.map_type.kind == "continuous":
-            target = target.transpose(0, 2, 3, 1)
-        rows = [self.map_type.score(p, t) for p, t in zip(pred, target)]
+        """Per image, each score of the map type (the first is the headline). Square conditions
+        are scored at the learned resolution; an aspect bucket's at its own size (the net is
+        convolutional)."""
+        rows: list = [None] * len(images)
+        sizes = [c.size if c.size[0] != c.size[1] else self.resolution for c in conditions]
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            pred = self.predict([images[i] for i in idx], size=size)
+            target = self.map_type.targets([conditions[i] for i in idx], size).numpy()
+            if self.map_type.kind == "continuous":
+                target = target.transpose(0, 2, 3, 1)
+            for i, p, t in zip(idx, pred, target):
+                rows[i] = self.map_type.score(p, t)
         return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in rows[0]} if rows else {}
 
     def save(self, folder: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.buckets import cover, fit_to_bucket
 from ..metrics.maps import f1, miou, rmse, ssim
 
 MapKind = Literal["categorical", "binary", "continuous"]
@@ -48,10 +49,12 @@ class MapType:
         """The extractor's output channels: one logit per class, or the map's RGB."""
         return 3 if self.kind == "continuous" else len(self.palette)
 
-    def targets(self, conditions: list, resolution: int) -> torch.Tensor:
-        """(N, H, W) class indices, or (N, 3, H, W) values in [0, 1] for continuous maps (nearest
-        resize: classes stay pure)."""
-        arrs = np.stack([np.asarray(c.convert("RGB").resize((resolution, resolution), 0)) for c in conditions])
+    def targets(self, conditions: list, resolution: int | tuple[int, int]) -> torch.Tensor:
+        """(N, H, W) class indices, or (N, 3, H, W) values in [0, 1] for continuous maps, at
+        ``resolution`` (a square side or a (width, height)), fitted as the images are (resized to
+        cover, centre-cropped; nearest: classes stay pure)."""
+        size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        arrs = np.stack([np.asarray(fit_to_bucket(c.convert("RGB"), cover(*c.size, size), resample=0)) for c in conditions])
         if self.kind == "continuous":
             return torch.from_numpy(arrs).permute(0, 3, 1, 2).float() / 255
         return torch.from_numpy(self.labels(arrs)).long()

@@ -33,31 +33,44 @@ class Sampler:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], seeds: list[int], controlnet=None, conditions: list | None = None, desc: str = ""
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        controlnet=None,
+        conditions: list | None = None,
+        desc: str = "",
+        sizes: list[tuple[int, int]] | None = None,
     ) -> list:
         """One image per prompt; image i always comes from ``seeds[i]`` whatever the batching.
-        With a ``controlnet``, ``conditions`` steer it; without, the base alone."""
+        With a ``controlnet``, ``conditions`` steer it; without, the base alone. ``sizes``: each
+        image's (width, height) (aspect buckets; default: square at the resolution), batched by size."""
         pipe = (
             self.base_pipe
             if controlnet is None
             else make_pipeline(self.base, controlnet, self.adapter, device=self.device, dtype=self.dtype)
         )
-        images = []
-        for i in progress(range(0, len(prompts), BATCH), desc=f"evaluate: {desc}", leave=False):
-            chunk = prompts[i : i + BATCH]
-            images += pipe(
-                prompt=chunk,
+        sizes = sizes or [(self.resolution, self.resolution)] * len(prompts)
+        batches = []
+        for size in dict.fromkeys(sizes):
+            idx = [i for i, s in enumerate(sizes) if s == size]
+            batches += [(size, idx[j : j + BATCH]) for j in range(0, len(idx), BATCH)]
+        images: list = [None] * len(prompts)
+        for (w, h), chunk in progress(batches, desc=f"evaluate: {desc}", leave=False):
+            made = pipe(
+                prompt=[prompts[i] for i in chunk],
                 num_inference_steps=self.e.num_inference_steps,
-                generator=seeded(seeds[i : i + BATCH]),
-                height=self.resolution,
-                width=self.resolution,
+                generator=seeded([seeds[i] for i in chunk]),
+                height=h,
+                width=w,
                 **sampling_kwargs(
                     self.base,
                     len(chunk),
                     self.e.guidance_scale,
-                    None if controlnet is None else conditions[i : i + BATCH],
+                    None if controlnet is None else [conditions[i] for i in chunk],
                     self.e.conditioning_scale,
                     self.adapter,
                 ),
             ).images
+            for i, im in zip(chunk, made):
+                images[i] = im
         return images

@@ -61,6 +61,7 @@ class HeldOut:
     probes: ProbeSet
     sampler: Sampler
     scorer: Scorer
+    bucketed: bool = False  # aspect buckets: each image at its condition's size (else square at the resolution)
 
     def score(self, images: list) -> dict[str, np.ndarray]:
         """Per-image fidelity and CLIP score of images made from the first ``len(images)`` conditions."""
@@ -69,12 +70,15 @@ class HeldOut:
         return {**fid, "clip_score": self.scorer.clip_score(images, self.prompts[:k])}
 
     def generate(self, k: int, controlnet=None, desc: str = "") -> list:
+        """Images of the first ``k`` held-out samples, each at its condition's size (its aspect bucket)."""
         c = self.conditions[:k] if controlnet is not None else None
-        return self.sampler.generate(self.prompts[:k], self.seeds[:k], controlnet, c, desc=desc)
+        sizes = [x.size for x in self.conditions[:k]] if self.bucketed else None
+        return self.sampler.generate(self.prompts[:k], self.seeds[:k], controlnet, c, desc=desc, sizes=sizes)
 
     def generate_probes(self, controlnet=None, desc: str = "") -> list:
         c = self.probes.conditions if controlnet is not None else None
-        return self.sampler.generate(self.probes.prompts, self.probes.seeds, controlnet, c, desc=desc)
+        sizes = [x.size for x in self.probes.conditions] if self.bucketed else None
+        return self.sampler.generate(self.probes.prompts, self.probes.seeds, controlnet, c, desc=desc, sizes=sizes)
 
 
 def load_held_out(cfg: Config) -> HeldOut:
@@ -96,6 +100,7 @@ def load_held_out(cfg: Config) -> HeldOut:
         probes=ProbeSet.build(e.probes, conditions[: e.probe_conditions], e.seed),
         sampler=Sampler(load_base(BaseRef.read()), e, res, adapter_of(ADAPTER_DIR)),
         scorer=scorer,
+        bucketed="bucket" in val.column_names,
     )
 
 
