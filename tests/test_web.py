@@ -8,11 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from controlnet_recipe import cli
 
 from .conftest import tiny_params
-from .test_generate import PROMPT, RES, astronaut  # noqa: F401 (the session fixture)
+from .test_generate import (  # noqa: F401 (astronaut, in_tiny, landscape, tiny_models: the fixtures)
+    LANDSCAPE_BUCKET,
+    PROMPT,
+    RES,
+    astronaut,
+    bucket_params,
+    in_tiny,
+    landscape,
+    tiny_models,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's own browser download does not work here; Debian's Chromium, with no background traffic.
@@ -122,3 +132,28 @@ def test_missing_chromium_skips_unless_required(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="apt-get install chromium"):
         chromium()
+
+
+@pytest.mark.parametrize("buckets", ["auto", "off"])
+def test_a_click_generates_at_the_inputs_aspect_with_buckets(
+    in_tiny: Path,  # noqa: F811
+    tmp_path: Path,
+    landscape: Path,  # noqa: F811
+    buckets: str,
+):
+    """What one click returns (the condition, the gallery, the status), without a browser: a 3:2
+    photo gives 3:2 images with buckets on, the square at resolution with them off."""
+    from controlnet_recipe.apps.generate import Generator, Settings
+    from controlnet_recipe.apps.web import CONDITION, PHOTO, respond, sizes_text
+    from controlnet_recipe.core.config import load_config
+
+    cfg = load_config(bucket_params(tmp_path, buckets))
+    gen = Generator(cfg)
+    size, text = (LANDSCAPE_BUCKET, "80x48") if buckets == "auto" else ((RES, RES), f"{RES} px")
+    for kind in (PHOTO, CONDITION):
+        cond, gallery, status = respond(gen, Image.open(landscape), kind, Settings.from_recipe(cfg, PROMPT, num_images=2))
+        assert len(gallery) == 2 and f"2 images at {text}, seeds" in status
+        for img in (cond, *(g for g, _ in gallery)):  # shown scaled up by a whole factor, the aspect kept
+            k = img.width // size[0]
+            assert k >= 1 and img.size == (size[0] * k, size[1] * k)
+    assert sizes_text(gen) == ("the input's aspect (5 buckets, 32x128 to 128x32)" if buckets == "auto" else f"{RES} px")

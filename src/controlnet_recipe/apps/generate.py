@@ -3,10 +3,11 @@
 ``python -m controlnet_recipe generate --photo face.jpg --prompt "..."`` makes the condition from
 the photo exactly as the conditions stage would, by the recipe's condition kind (face landmarks
 drawn by the recipe's detector, dlib when the recipe uses ground truth, since a photo has none;
-Canny edges; a model's depth or segmentation), brings it to
-the recipe's resolution as training does (shorter side resized, centre crop), and generates with
-the base model and the ControlNet (``models/best``, the checkpoint the evaluate stage chose, else
-``models/adapter``). :class:`Generator` is the core, shared with the web demo (``web.py``).
+Canny edges; a model's depth or segmentation), brings it to the size training would (the square
+at ``data.resolution``; with ``data.buckets`` on, the bucket nearest the input's aspect: resized to
+cover it, centre crop, the same code), and generates at that size with the base model and the
+ControlNet (``models/best``, the checkpoint the evaluate stage chose, else ``models/adapter``).
+:class:`Generator` is the core, shared with the web demo (``web.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..adapters import holds_model
+from ..core.buckets import Bucket, nearest
+from ..core.buckets import name as bucket_name
 from ..core.config import Config
 from ..core.errors import RecipeError
 from ..core.images import images_to_tensor, tensor_to_images
@@ -75,17 +78,42 @@ def check_model(model: str | Path | None) -> Path:
     return path
 
 
-def fit(img: Image.Image, resolution: int) -> Image.Image:
-    """The image as training sees it: shorter side resized to ``resolution``, centre crop (the same code)."""
-    return tensor_to_images(images_to_tensor([img], resolution))[0]
+def fit(img: Image.Image, size: int | Bucket) -> Image.Image:
+    """The image as training sees it at ``size`` (a square's side, or a bucket's (width, height)):
+    resized to cover it, centre crop (the same code)."""
+    return tensor_to_images(images_to_tensor([img], size))[0]
+
+
+def input_size(cfg: Config, size: tuple[int, int], buckets: list[Bucket] | None = None) -> Bucket:
+    """The (width, height) an input of ``size`` is brought to, as training would: the square at
+    ``data.resolution``, or with buckets (``buckets``: the recipe's, if known) the one nearest its aspect."""
+    from ..models.families import recipe_buckets
+
+    buckets = buckets if buckets is not None else recipe_buckets(cfg.recipe)
+    res = cfg.recipe.data.resolution
+    return nearest(*size, buckets) if buckets else (res, res)
+
+
+def centre_crop(img: Image.Image, aspect: Bucket = (1, 1), max_side: int = DETECT_MAX_SIDE) -> Image.Image:
+    """The largest centre crop of ``aspect``'s shape (what training keeps of an image: the square,
+    or a bucket), scaled down to at most ``max_side`` on its longer side."""
+    w, h = img.size
+    a = aspect[0] / aspect[1]
+    cw, ch = min(w, max(1, round(h * a))), min(h, max(1, round(w / a)))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    s = max_side / max(cw, ch)
+    return img.resize((max(1, round(cw * s)), max(1, round(ch * s))), Image.BICUBIC) if s < 1 else img
 
 
 def centre_square(img: Image.Image, max_side: int = DETECT_MAX_SIDE) -> Image.Image:
-    """The centre square (what training keeps of an image), scaled down to at most ``max_side``."""
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return img.resize((max_side, max_side), Image.BICUBIC) if s > max_side else img
+    """The centre square (what training keeps of an image without buckets), scaled down to at most ``max_side``."""
+    return centre_crop(img, (1, 1), max_side)
+
+
+def size_text(size: tuple[int, int], buckets: list[Bucket] | None) -> str:
+    """How reports name a generation's size: ``64 px`` (square, buckets off), else ``WxH``."""
+    return f"{size[0]} px" if not buckets else bucket_name(size)
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -100,21 +128,28 @@ def read_image(path: str | Path) -> Image.Image:
 
 
 def make_condition(
-    cfg: Config, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo", kind=None
+    cfg: Config,
+    photo: Image.Image | None = None,
+    condition: Image.Image | None = None,
+    name: str = "the photo",
+    kind=None,
+    buckets: list[Bucket] | None = None,
 ) -> Image.Image:
-    """The condition at the recipe's resolution: made from ``photo`` by the recipe's condition kind
-    (``kind``: one already loaded), as the conditions stage makes it, or ``condition`` as given."""
+    """The condition at the size training would bring the input to (:func:`input_size`): made from
+    ``photo`` by the recipe's condition kind (``kind``: one already loaded), as the conditions stage
+    makes it, or ``condition`` as given. ``buckets``: the recipe's, if already known."""
     from ..conditions import ConditionError
     from ..conditions import condition as condition_kind
 
     if (photo is None) == (condition is None):
         raise GenerateError("expected a photo or a condition image (one of them)")
-    res = cfg.recipe.data.resolution
+    given = condition if condition is not None else photo
+    size = input_size(cfg, given.size, buckets)
     if condition is not None:
-        return fit(condition.convert("RGB"), res)
+        return fit(condition.convert("RGB"), size)
     kind = kind or condition_kind(cfg.recipe.conditions)
     try:
-        return fit(kind.from_photo(centre_square(photo.convert("RGB")), name), res)
+        return fit(kind.from_photo(centre_crop(photo.convert("RGB"), size), name), size)
     except ConditionError as e:
         raise GenerateError(str(e)) from None
 
@@ -124,8 +159,11 @@ class Generator:
     :class:`Settings` in, images out. The CLI and the web demo both call :meth:`__call__`."""
 
     def __init__(self, cfg: Config, model: str | Path | None = None):
+        from ..models.families import recipe_buckets
+
         self.cfg = cfg
         self.resolution = cfg.recipe.data.resolution
+        self.buckets = recipe_buckets(cfg.recipe)  # None: square at resolution
         self.model = check_model(model)  # before the slow imports
 
         from ..adapters import adapter_of
@@ -145,7 +183,16 @@ class Generator:
 
     def condition(self, photo: Image.Image | None = None, condition: Image.Image | None = None, name: str = "the photo"):
         """:func:`make_condition` with this generator's recipe."""
-        return make_condition(self.cfg, photo, condition, name, self.kind)
+        return make_condition(self.cfg, photo, condition, name, self.kind, self.buckets)
+
+    def size(self, condition: Image.Image) -> Bucket:
+        """The (width, height) to generate at: the square at resolution (buckets off), else the
+        condition's own (a bucket's, as :meth:`condition` makes it)."""
+        return condition.size if self.buckets else (self.resolution, self.resolution)
+
+    def size_text(self, condition: Image.Image) -> str:
+        """:meth:`size` as reports name it: ``64 px``, or ``WxH`` with buckets."""
+        return size_text(self.size(condition), self.buckets)
 
     def __call__(self, condition: Image.Image, s: Settings) -> list[Image.Image]:
         """``s.num_images`` images; image i always uses seed ``s.seed + i``, whatever the batching."""
@@ -153,6 +200,9 @@ class Generator:
 
         if s.num_images < 1:
             raise GenerateError(f"expected at least one image, got {s.num_images}")
+        if self.buckets and condition.size not in self.buckets:
+            condition = self.condition(condition=condition)  # to its nearest bucket, as training would
+        width, height = self.size(condition)
         images = []
         for lo in range(0, s.num_images, BATCH):
             n = min(BATCH, s.num_images - lo)
@@ -163,22 +213,24 @@ class Generator:
                 prompt=[s.prompt] * n,
                 num_inference_steps=s.steps,
                 generator=seeded([s.seed + lo + i for i in range(n)]),
-                height=self.resolution,
-                width=self.resolution,
+                height=height,
+                width=width,
                 **kw,
             ).images
         return images
 
 
-def grid_cell(resolution: int) -> int:
-    return max(128, min(resolution, 512))
+def grid_cell(size: int | tuple[int, int]) -> int:
+    """The grid's cell side for images of ``size`` (a side, or (width, height): its longer side)."""
+    side = max(size) if isinstance(size, tuple) else size
+    return max(128, min(side, 512))
 
 
 def save_outputs(
     out: Path, condition: Image.Image, images: list[Image.Image], s: Settings, photo: Image.Image | None = None, **info
 ) -> dict:
-    """``image-NN.png``, ``condition.png``, ``grid.png`` (photo, condition, images side by side) and
-    ``generation.json`` (the settings) into ``out``; returns what was written."""
+    """``image-NN.png``, ``condition.png``, ``grid.png`` (photo, condition, images side by side, each
+    with its aspect kept) and ``generation.json`` (the settings) into ``out``; returns what was written."""
     from ..report.grid import save_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +240,9 @@ def save_outputs(
         path = out / f"image-{i:02d}.png"
         img.save(path)
         files["images"].append(path)
-    row = ([fit(photo, condition.width)] if photo is not None else []) + [condition, *images]
+    row = ([fit(photo, condition.size)] if photo is not None else []) + [condition, *images]
     titles = (["photo"] if photo is not None else []) + ["condition"] + [f"seed {s.seed + i}" for i in range(len(images))]
-    save_grid([row], files["grid"], col_titles=titles, cell=grid_cell(condition.width))
+    save_grid([row], files["grid"], col_titles=titles, cell=grid_cell(condition.size))
     write_json(out / "generation.json", {**asdict(s), **{k: str(v) if isinstance(v, Path) else v for k, v in info.items()}})
     return files
 
@@ -213,6 +265,7 @@ def run(
     gen = Generator(cfg, model_dir)
     images = gen(cond, settings)
     out = Path(out) if out else OUT_DIR / time.strftime("%Y%m%d-%H%M%S")
+    sized = {"bucket": bucket_name(gen.size(cond))} if gen.buckets else {}
     return save_outputs(
         out,
         cond,
@@ -224,6 +277,7 @@ def run(
         recipe=cfg.recipe_name,
         device=gen.device,
         resolution=gen.resolution,
+        **sized,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..core.buckets import name as bucket_name
 from ..core.config import Config
 from ..core.storage import ADAPTER_DIR, BEST_DIR
 from .generate import GenerateError, Generator, Settings
@@ -44,6 +45,26 @@ def example_photo() -> Path:
     return path
 
 
+def respond(gen: Generator, image: Image.Image, kind: str, s: Settings) -> tuple[Image.Image, list, str]:
+    """One click: the condition, the gallery's (image, caption) pairs and the status line, at the
+    input's own aspect with buckets on (its nearest bucket). Raises :class:`GenerateError`."""
+    t0 = time.perf_counter()
+    cond = gen.condition(photo=image, name="the uploaded photo") if kind == PHOTO else gen.condition(condition=image)
+    images = gen(cond, s)
+    status = (
+        f"{len(images)} images at {gen.size_text(cond)}, seeds {s.seed} to {s.seed + len(images) - 1}, "
+        f"{time.perf_counter() - t0:.1f} s on {gen.device}"
+    )
+    return shown(cond), [(shown(img), f"seed {s.seed + i}") for i, img in enumerate(images)], status
+
+
+def sizes_text(gen: Generator) -> str:
+    """The sizes the demo generates at, for its header: ``64 px``, or the buckets'."""
+    if not gen.buckets:
+        return f"{gen.resolution} px"
+    return f"the input's aspect ({len(gen.buckets)} buckets, {bucket_name(gen.buckets[0])} to {bucket_name(gen.buckets[-1])})"
+
+
 def build_app(cfg: Config, gen: Generator):
     """The Gradio Blocks app around a loaded :class:`Generator`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -66,24 +87,17 @@ def build_app(cfg: Config, gen: Generator):
             guidance=float(guidance),
             conditioning_scale=float(scale),
         )
-        t0 = time.perf_counter()
         try:
-            cond = gen.condition(photo=image, name="the uploaded photo") if kind == PHOTO else gen.condition(condition=image)
-            images = gen(cond, s)
+            return respond(gen, image, kind, s)
         except GenerateError as err:
             raise gr.Error(str(err)) from None
-        status = (
-            f"{len(images)} images at {gen.resolution} px, seeds {s.seed} to {s.seed + len(images) - 1}, "
-            f"{time.perf_counter() - t0:.1f} s on {gen.device}"
-        )
-        return shown(cond), [(shown(img), f"seed {s.seed + i}") for i, img in enumerate(images)], status
 
     with gr.Blocks(title="ControlNet recipe: try the model", analytics_enabled=False) as app:
         gr.Markdown(
             "## Try the trained ControlNet\n"
             f"Upload a face photo: its condition is {what}, drawn as the recipe's conditions stage draws it "
             "(or upload a ready condition image). Type a prompt and click **Generate**.\n\n"
-            f"Recipe `{cfg.recipe_name}`, {gen.resolution} px, ControlNet `{gen.model}`, on {gen.device}."
+            f"Recipe `{cfg.recipe_name}`, {sizes_text(gen)}, ControlNet `{gen.model}`, on {gen.device}."
         )
         with gr.Row():
             with gr.Column():
