@@ -352,3 +352,77 @@ def test_plans_header_counts_copied_blocks_only_for_a_kind_that_copies_them():
         "ControlNet-LoRA 4 double-stream + 0 single-stream blocks, validation 4 image(s) per prompt"
     )  # noqa: E501
     assert "blocks" not in header["control_lora"]
+
+
+# Aspect-ratio buckets (data.buckets): the step planned at the largest bucket, the square one beside it.
+def _bucketed(recipe, buckets):
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"buckets": buckets})})
+
+
+def test_buckets_off_plan_the_square_step_as_before(capsys):
+    cfg = load_config("params.yaml", {"gpu": "80gb"})  # the demo: tiny base, 64 px, buckets off
+    tier = cfg.tiers["80gb"]
+    assert cfg.recipe.data.buckets == "off" and plan.planned_bucket(cfg.recipe) is None
+    spec = plan.step_spec(cfg.recipe, tier, "tiny")
+    assert spec.size is None and spec.step_size == spec.validation_size == (64, 64)
+    off = plan.plan_tier(cfg.recipe, "80gb", tier, "tiny")
+    assert off.bucket is None and off.square_peak_gib is None
+    assert {"bucket", "square_peak_gib"}.isdisjoint(off.as_dict())
+    # a square bucket at the resolution is the same step: the same numbers
+    same = plan.plan_tier(_bucketed(cfg.recipe, ["64x64"]), "80gb", tier, "tiny")
+    assert (same.peak_gib, same.validation_peak_gib, same.terms) == (off.peak_gib, off.validation_peak_gib, off.terms)
+    assert same.square_peak_gib == off.peak_gib
+    assert plan_cli.main(cfg, []) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ", 64 px, effective batch" in out[0] and "bucket" not in "\n".join(out)
+    assert out[1].split()[:8] == ["tier", "adapter", "trained", "batch", "peak", "GiB", "val", "GiB"]
+
+
+def test_the_largest_bucket_is_planned_beside_the_square_step(capsys):
+    cfg = load_config("params.yaml", {"gpu": "80gb"})
+    tier = cfg.tiers["80gb"]
+    recipe = _bucketed(cfg.recipe, ["64x64", "96x80", "80x48"])  # 96x80: more pixels than 64²
+    assert plan.planned_bucket(recipe) == (96, 80) and plan.step_spec(recipe, tier, "tiny").step_size == (96, 80)
+    square = plan.plan_tier(cfg.recipe, "80gb", tier, "tiny")
+    p = plan.plan_tier(recipe, "80gb", tier, "tiny")
+    assert p.bucket == (96, 80) and p.square_peak_gib == square.peak_gib
+    assert p.peak_gib > square.peak_gib and p.terms["activations"] > square.terms["activations"]
+    bucketed = cfg.model_copy(update={"recipe": recipe})
+    assert plan_cli.main(bucketed, []) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "64 px, largest bucket 96x80" in out[0] and "square GiB" in out[1]
+    row = next(line for line in out if line.startswith("80gb "))
+    assert row.split()[4:6] == [f"{p.peak_gib:.2f}", f"{square.peak_gib:.2f}"]
+    assert plan_cli.main(bucketed, ["--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["bucket"] == "96x80" and row["peak_gib"] == round(p.peak_gib, 3)
+    assert row["square_peak_gib"] == round(square.peak_gib, 3)
+    # gpu: auto judges the largest bucket's step
+    _tier, fitted, why = fit.fit_tier(recipe, 80 * 1024**3, bf16=True, arch="tiny")
+    assert fitted.bucket == (96, 80) and "at the largest bucket 96x80" in why
+
+
+def test_a_non_square_step_takes_its_width_and_height_apart():
+    """The tiny SD step at W x H: between the squares of its sides, and the same turned on its side
+    (a side taken for both would make 96x64 and 64x96 differ)."""
+    kw = dict(arch="tiny", resolution=64, micro_batch=2, mixed_precision="no")
+    peak = {size: measure(StepSpec(**kw, size=size)).step_peak for size in ((64, 64), (96, 64), (64, 96), (96, 96))}
+    assert peak[(64, 64)] < peak[(96, 64)] == peak[(64, 96)] < peak[(96, 96)]
+
+
+@pytest.mark.parametrize("arch", ["sdxl-base", "flux1-dev", "sd35-medium"])
+def test_a_non_square_step_runs_through_each_familys_fake_models(arch: str):
+    """Full-size SDXL, Flux (2x2-packed latents) and SD3 (patches) take a W x H step: latents of
+    (H/8, W/8), the control as the family takes it, and the step's loss."""
+    from controlnet_recipe.planning.measure import _FAKE, _models
+
+    w, h = 256, 128
+    spec = StepSpec(arch=arch, resolution=128, size=(w, h), micro_batch=1, mixed_precision="bf16", gradient_checkpointing=True)
+    with _FAKE:
+        m = _models(spec)
+        noised, _, _, control = m.adapter_inputs(1, spec.step_size)
+        assert tuple(noised.noisy.shape[-2:]) == (h // 8, w // 8)
+        assert tuple(control.shape[-2:]) in ((h, w), (h // 8, w // 8))  # pixels (UNet) or latents (transformers)
+        if arch == "flux1-dev":
+            assert tuple(m._packed(1).shape[:2]) == (1, (h // 16) * (w // 16)) == (1, len(m._inputs(1)["img_ids"]))
+        assert m.training_loss().shape == ()

@@ -1,7 +1,8 @@
 """``python -m controlnet_recipe plan [--gpu TIER] [--json]``: the predicted peak GPU memory of
 the recipe's training step and validation on every tier, without a GPU or any download. A
 transformer base (``sd3``, ``flux``) is planned on its family's tiers (``sd3-*``, ``flux-*``); the
-other bases on the rest."""
+other bases on the rest. With aspect-ratio buckets on (``data.buckets``), each tier's step is planned
+at the largest bucket (the peak its fit is judged by), the square one at the resolution beside it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import sys
 
 from ..adapters import adapter
+from ..core.buckets import name as bucket_name
 from ..core.config import Config, Tier, check_tier
 from ..models.families import family as family_named
 from .plan import (
@@ -53,26 +55,37 @@ def _terms(p: TierPlan) -> str:
     return ", ".join(parts)
 
 
+def _bucket(plans: list[TierPlan]) -> str | None:
+    """The largest bucket's name (``WxH``) when the plans are at one, else None."""
+    return next((bucket_name(p.bucket) for p in plans if p.bucket is not None), None)
+
+
 def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
+    """The plans as a table under a header naming the recipe, its base and its sizes; with buckets,
+    ``peak GiB`` is the largest bucket's and ``square GiB`` the square step's at the resolution."""
     r = cfg.recipe
     family = arch_family(arch)
     copied, kind = controlnet_layers(r, family), adapter(r.adapter.kind)
     layers = f", {kind.title} {family_named(family).describe_layers(*copied)}" if copied and kind.copies_blocks else ""
     width = max([10, *(len(p.tier) for p in plans)])
     kind = max([7, *(len(p.adapter) for p in plans)])
+    bucket, res = _bucket(plans), r.data.resolution
+    sizes = f"{res} px" if bucket is None else f"{res} px, largest bucket {bucket} (peak GiB; square GiB: {res}x{res})"
     lines = [
         f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
-        f"{r.data.resolution} px, effective batch {r.train.batch_size}{layers}, "
+        f"{sizes}, effective batch {r.train.batch_size}{layers}, "
         f"validation {r.train.validation.num_images} image(s) per prompt",
-        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'peak GiB':>9} {'val GiB':>8} "
-        f"{'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
+        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'peak GiB':>9} "
+        + ("" if bucket is None else f"{'square GiB':>10} ")
+        + f"{'val GiB':>8} {'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
     ]
     for p in plans:
         budget = "-" if p.budget_gib is None else f"{p.budget_gib:.1f}"
         fits = {None: "-", True: "yes", False: "NO"}[p.fits]
+        square = "" if bucket is None else f"{'-' if p.square_peak_gib is None else f'{p.square_peak_gib:.2f}':>10} "
         lines.append(
             f"{p.tier:<{width}} {p.adapter:<{kind}} {p.trainable_params / 1e6:>7.1f}M {p.micro_batch:>3}x{p.accumulation:<2} "
-            f"{p.peak_gib:>9.2f} {p.validation_peak_gib:>8.2f} {budget:>9} {fits:<5} {_terms(p)}"
+            f"{p.peak_gib:>9.2f} {square}{p.validation_peak_gib:>8.2f} {budget:>9} {fits:<5} {_terms(p)}"
             + (f"  [{'; '.join(p.notes)}]" if p.notes else "")
         )
     lines.append(

@@ -4,11 +4,13 @@ From the fewest memory-saving switches to the most (none; gradient checkpointing
 and 8-bit AdamW; for a transformer base (SD3, Flux), then also the frozen transformer in fp8),
 the largest micro-batch whose predicted peak, training and validation, stays under the free
 memory less ``MARGIN``. The first level with any micro-batch that fits wins: a switch costs more
-speed than a smaller micro-batch with accumulation.
+speed than a smaller micro-batch with accumulation. With aspect-ratio buckets on, the step is
+planned at the largest bucket (``plan.step_spec``): a tier that fits it fits every bucket's step.
 """
 
 from __future__ import annotations
 
+from ..core.buckets import name as bucket_name
 from ..core.config import ConfigError, Recipe, Tier
 from ..models.families import family as family_named
 from .plan import GIB, TierPlan, arch_family, architecture, plan_step, step_spec
@@ -61,16 +63,18 @@ def fit_tier(
             need = max(plan.peak_gib, plan.validation_peak_gib)
             tried.append(f"{what}, micro-batch {micro}: {need:.1f} GiB")
             if need <= budget:
+                at = "" if plan.bucket is None else f" at the largest bucket {bucket_name(plan.bucket)}"
                 why = (
                     f"{what}, micro-batch {micro} x {plan.accumulation} accumulation, {precision}: predicted "
-                    f"{plan.peak_gib:.1f} GiB training, {plan.validation_peak_gib:.1f} GiB validating, "
+                    f"{plan.peak_gib:.1f} GiB training{at}, {plan.validation_peak_gib:.1f} GiB validating, "
                     f"under {budget:.1f} GiB ({free_bytes / GIB:.1f} GiB free less {MARGIN:.0%})"
                 )
                 return tier, plan, why
     zero2 = ", ".join(t for t, x in (tiers or {}).items() if x.family == family and x.deepspeed)
+    lower = "a lower data.resolution" + ("" if recipe.data.buckets == "off" else " or smaller data.buckets")
     raise ConfigError(
         f"gpu: auto: nothing fits {free_bytes / GIB:.1f} GiB free (less {MARGIN:.0%}); smallest: {tried[-1]}. "
-        + (f"Try a DeepSpeed tier (gpu: {zero2}) or a lower data.resolution" if zero2 else "Try a lower data.resolution")
+        + (f"Try a DeepSpeed tier (gpu: {zero2}) or {lower}" if zero2 else f"Try {lower}")
     )
 
 

@@ -4,13 +4,19 @@ allocations.
 
     peak = (measured step peak + 8-bit optimizer state + attention workspace + DeepSpeed buffers)
            x (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_GIB
+
+With aspect-ratio buckets (``data.buckets``) the step is planned at the bucket of the most pixels
+(the step that needs the most memory), the square one at ``data.resolution`` beside it; validation
+stays square, as the pipeline generates it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ..core.buckets import Bucket, largest
+from ..core.buckets import name as bucket_name
 from ..core.config import ConfigError, Recipe, Tier, accumulation_steps
 from .measure import Measured, StepSpec, measure
 
@@ -99,6 +105,8 @@ class TierPlan:
     notes: list[str] = field(default_factory=list)
     adapter: str = "controlnet"  # the kind of control planned (adapter.kind)
     trainable_params: int = 0
+    bucket: Bucket | None = None  # the step's (width, height) when buckets are on; None: square at resolution
+    square_peak_gib: float | None = None  # with a bucket: the same step's peak, square at resolution
 
     @property
     def fits(self) -> bool | None:
@@ -107,6 +115,9 @@ class TierPlan:
         return max(self.peak_gib, self.validation_peak_gib) <= self.budget_gib
 
     def as_dict(self) -> dict:
+        bucket = {}
+        if self.bucket is not None:
+            bucket = {"bucket": bucket_name(self.bucket), "square_peak_gib": round(self.square_peak_gib or 0.0, 3)}
         return {
             "tier": self.tier,
             "adapter": self.adapter,
@@ -116,6 +127,7 @@ class TierPlan:
             "budget_gib": self.budget_gib,
             "peak_gib": round(self.peak_gib, 3),
             "validation_peak_gib": round(self.validation_peak_gib, 3),
+            **bucket,
             "fits": self.fits,
             "terms": {k: round(v, 4) for k, v in self.terms.items()},
             "validation_terms": {k: round(v, 4) for k, v in self.validation_terms.items()},
@@ -143,8 +155,18 @@ def controlnet_layers(recipe: Recipe, family: str) -> tuple[int, int] | None:
     return double, single
 
 
+def planned_bucket(recipe: Recipe) -> Bucket | None:
+    """The (width, height) the planner plans the step at: the largest of the recipe's buckets
+    (the most pixels: the most memory), or None when buckets are off (square at resolution)."""
+    from ..models.families import recipe_buckets
+
+    buckets = recipe_buckets(recipe)
+    return None if buckets is None else largest(buckets)
+
+
 def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -> StepSpec:
-    """The train stage's step for ``recipe`` on ``tier`` (``override``: any StepSpec field)."""
+    """The train stage's step for ``recipe`` on ``tier`` (``override``: any StepSpec field); with
+    buckets on, at the largest bucket."""
     micro, accum = accumulation_steps(recipe.train.batch_size, override.pop("micro_batch", tier.batch_size))
     arch = arch or architecture(recipe.base.pretrained_model, recipe.base.family)
     from ..models.families import family as family_named
@@ -153,6 +175,7 @@ def step_spec(recipe: Recipe, tier: Tier, arch: str | None = None, **override) -
     spec = dict(
         arch=arch,
         resolution=recipe.data.resolution,
+        size=planned_bucket(recipe),
         micro_batch=micro,
         accumulation=accum,
         mixed_precision=tier.mixed_precision,
@@ -274,13 +297,19 @@ def plan_step(
         notes=notes,
         adapter=spec.adapter,
         trainable_params=m.trainable_params,
+        bucket=spec.size,
     )
 
 
 def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) -> TierPlan:
+    """``recipe``'s plan on ``tier``: with buckets on, at the largest bucket (what ``fits`` judges),
+    with the square step's peak beside it (``square_peak_gib``)."""
     spec = step_spec(recipe, tier, arch)
-    budget = tier.memory_gb
     processes = SHARDED_PROCESSES if tier.shard_frozen else 1
-    return plan_step(
-        spec, use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=budget, processes=processes, shard_frozen=tier.shard_frozen
-    )
+    kw = dict(use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=tier.memory_gb, processes=processes)
+    kw["shard_frozen"] = tier.shard_frozen
+    p = plan_step(spec, **kw)
+    if spec.size is not None:  # the square step at the resolution, beside the bucket's (the same step if square)
+        square = p if spec.size == (spec.resolution,) * 2 else plan_step(replace(spec, size=None), **kw)
+        p.square_peak_gib = square.peak_gib
+    return p

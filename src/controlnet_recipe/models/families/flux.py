@@ -36,6 +36,7 @@ def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 class Flux(FlowFamily):
     name = "flux"
+    size_multiple = 16  # image sides divide by this: the VAE 8x, 2x2 packing
     title = "FLUX.1"
     hub_tag = "flux"
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline")
@@ -215,31 +216,33 @@ class FluxMeasured(MeasuredModels):
             m.requires_grad_(False).eval()
         self.for_validation.update({"text_encoder": clip, "text_encoder_2": t5})
 
-    def _inputs(self, b: int, side: int | None = None) -> dict:
-        side = side or self.spec.resolution // 16  # 8x VAE, then 2x2 patches
+    def _inputs(self, b: int, size: tuple[int, int] | None = None) -> dict:
+        """The transformer's other inputs for ``b`` images of ``size`` (width, height; None: the step's)."""
+        w, h = size or self.spec.step_size
+        tokens = (h // 16) * (w // 16)  # 8x VAE, then 2x2 patches
         return dict(
             encoder_hidden_states=torch.randn(b, self.TEXT_TOKENS, self.joint_dim).to(self.dtype),
             pooled_projections=torch.randn(b, self.pooled_dim).to(self.dtype),
             timestep=torch.rand(b).to(self.dtype),
             guidance=torch.full((b,), 3.5).to(self.dtype),
-            img_ids=torch.zeros(side * side, 3).to(self.dtype),
+            img_ids=torch.zeros(tokens, 3).to(self.dtype),
             txt_ids=torch.zeros(self.TEXT_TOKENS, 3).to(self.dtype),
         )
 
-    def _packed(self, b: int) -> torch.Tensor:
-        side = self.spec.resolution // 16
+    def _packed(self, b: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``b`` packed latents of images of ``size`` (width, height; None: the step's): (b, h/16 x w/16, 4C)."""
+        w, h = size or self.spec.step_size
         if self.spec.per_step_encoding:
-            x = self.vae.encode(torch.randn(b, 3, self.spec.resolution, self.spec.resolution).to(self.dtype)).latent_dist.sample()
-            return x.reshape(b, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, -1)
-        return torch.randn(b, side * side, 4 * self.latent_channels).to(self.dtype)
+            return pack(self.vae.encode(torch.randn(b, 3, h, w).to(self.dtype)).latent_dist.sample())
+        return torch.randn(b, (h // 16) * (w // 16), 4 * self.latent_channels).to(self.dtype)
 
-    def adapter_inputs(self, b: int, res: int):
+    def adapter_inputs(self, b: int, size: tuple[int, int]):
         from ...objectives.diffusion import Noised
 
-        side = res // 16
-        x0, cond = (unpack(self._packed(b), 2 * side, 2 * side) for _ in range(2))
+        w, h = size
+        x0, cond = (unpack(self._packed(b, size), h // 16 * 2, w // 16 * 2) for _ in range(2))
         noise = torch.randn_like(x0)
-        kw = self._inputs(b, side)
+        kw = self._inputs(b, size)
         text = {TEXT: kw["encoder_hidden_states"], POOLED: kw["pooled_projections"]}
         return Noised(0.5 * x0 + 0.5 * noise, kw["timestep"].float() * 1000, noise - x0, None), text, {}, cond
 
@@ -260,13 +263,12 @@ class FluxMeasured(MeasuredModels):
             )[0]
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
-    def _controlnet_forward(self, n: int, res: int) -> None:
-        side = res // 16
+    def _controlnet_forward(self, n: int, size: tuple[int, int]) -> None:
+        w, h = size
         with self.autocast():
-            cond = encode_control(self.vae, n, res, self.dtype, self.spec.vae_slicing)
-        cond = cond.reshape(n, self.latent_channels, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, side * side, -1)
-        x = torch.randn(n, side * side, 4 * self.latent_channels).to(self.dtype)
-        kw = self._inputs(n, side)
+            cond = pack(encode_control(self.vae, n, size, self.dtype, self.spec.vae_slicing))
+        x = torch.randn(n, (h // 16) * (w // 16), 4 * self.latent_channels).to(self.dtype)
+        kw = self._inputs(n, size)
         with self.autocast():
             blocks, singles = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
             self.transformer(
@@ -280,16 +282,16 @@ class FluxMeasured(MeasuredModels):
         encoder, one denoising step (guidance is an input: no doubled batch), then the VAE
         decoding, one image at a time with ``vae_slicing``; all under autocast, as the recipe's
         validation runs the pipeline."""
-        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
-        side = res // 16
+        n, size = self.spec.validation_images, self.spec.validation_size
         if self.spec.validation_text_encoders:
             self.for_validation["text_encoder"](torch.randint(0, 1000, (n, 77)))
             self.for_validation["text_encoder_2"](torch.randint(0, 1000, (n, self.TEXT_TOKENS)))
         if self.adapter is not None:
-            self.adapter_forward(n, res)
+            self.adapter_forward(n, size)
         else:
-            self._controlnet_forward(n, res)
+            self._controlnet_forward(n, size)
+        lat_h, lat_w = size[1] // 16 * 2, size[0] // 16 * 2
         with self.autocast():
             for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
-                latents = torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, 2 * side, 2 * side)
+                latents = torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat_h, lat_w)
                 self.vae.decode(latents.to(self.dtype))

@@ -28,7 +28,7 @@ class StepSpec:
     """Everything a training step's memory depends on."""
 
     arch: str  # a folder of configs/architectures, a diffusers model folder, or "tiny" (the demo's base)
-    resolution: int
+    resolution: int  # the square side: validation's images, and the step's unless ``size`` says otherwise
     micro_batch: int
     accumulation: int = 1
     mixed_precision: str = "fp16"  # no | fp16 | bf16
@@ -56,6 +56,22 @@ class StepSpec:
     quantize: str = "none"  # the frozen base in int8 or nf4 (bitsandbytes); fp8 is frozen_fp8
     # False: validation's prompts encoded before (like training's captions): no text encoder on the GPU
     validation_text_encoders: bool = True
+    # the step's images as (width, height) in pixels (an aspect-ratio bucket); None: resolution x resolution
+    size: tuple[int, int] | None = None
+
+    @property
+    def step_size(self) -> tuple[int, int]:
+        """(width, height) of the training step's images."""
+        return self.size or (self.resolution, self.resolution)
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(width, height) of validation's images: the step's bucket (validation draws each held-out
+        condition at its own), else square."""
+        if self.size is not None and self.validation_resolution is None:
+            return self.size
+        side = self.validation_resolution or self.resolution
+        return side, side
 
 
 def _swap_params(module: torch.nn.Module, dtype: torch.dtype, group: str) -> None:
@@ -282,23 +298,24 @@ class MeasuredModels:
                 p.data = p.data.to(want)  # in place: a kind whose parameters live in the base shares them
         self.fam, self.adapter = fam, kind
 
-    def adapter_inputs(self, b: int, res: int):
-        """(noised, text, batch, control): one step's inputs as the family's step takes them."""
+    def adapter_inputs(self, b: int, size: tuple[int, int]):
+        """(noised, text, batch, control): one step's inputs as the family's step takes them, for
+        ``b`` images of ``size`` (width, height)."""
         raise NotImplementedError
 
     def adapter_loss(self) -> torch.Tensor:
         """The training step through the kind's own ``residuals`` and ``predict`` (the step the
         trainer runs), on inputs of the step's shapes."""
-        noised, text, batch, control = self.adapter_inputs(self.spec.micro_batch, self.spec.resolution)
+        noised, text, batch, control = self.adapter_inputs(self.spec.micro_batch, self.spec.step_size)
         with self.autocast():
             r = self.adapter.residuals(self.fam, self.controlnet, noised, text, batch, control, "cpu")
             pred = self.adapter.predict(self.fam, self.base, noised, text, batch, r, self.dtype, "cpu")
         return torch.nn.functional.mse_loss(pred.float(), noised.target.float())
 
     @torch.no_grad()
-    def adapter_forward(self, n: int, res: int) -> None:
+    def adapter_forward(self, n: int, size: tuple[int, int]) -> None:
         """Validation's denoising step through the kind (``n``: the batch, guidance included)."""
-        noised, text, batch, control = self.adapter_inputs(n, res)
+        noised, text, batch, control = self.adapter_inputs(n, size)
         with self.autocast():
             r = self.adapter.residuals(self.fam, self.controlnet, noised, text, batch, control, "cpu")
             self.adapter.predict(self.fam, self.base, noised, text, batch, r, self.dtype, "cpu")
@@ -315,10 +332,12 @@ class MeasuredModels:
         raise NotImplementedError
 
 
-def encode_control(vae, n: int, res: int, dtype: torch.dtype, slicing: bool) -> torch.Tensor:
-    """The transformer pipelines' control image through the VAE's encoder (``AutoencoderKL.encode``:
-    one image at a time with slicing): ``n`` latents, as the denoiser's dtype."""
+def encode_control(vae, n: int, size: tuple[int, int], dtype: torch.dtype, slicing: bool) -> torch.Tensor:
+    """The transformer pipelines' control image of ``size`` (width, height) through the VAE's
+    encoder (``AutoencoderKL.encode``: one image at a time with slicing): ``n`` latents, as the
+    denoiser's dtype."""
+    w, h = size
     if slicing:
-        parts = [vae.encode(torch.rand(1, 3, res, res).to(dtype)).latent_dist.sample() for _ in range(n)]
+        parts = [vae.encode(torch.rand(1, 3, h, w).to(dtype)).latent_dist.sample() for _ in range(n)]
         return torch.cat(parts).to(dtype)
-    return vae.encode(torch.rand(n, 3, res, res).to(dtype)).latent_dist.sample().to(dtype)
+    return vae.encode(torch.rand(n, 3, h, w).to(dtype)).latent_dist.sample().to(dtype)

@@ -42,6 +42,7 @@ def controlnet_from_unet(unet, vae_config, hint_init: str = "zero"):
 
 class StableDiffusion(Family):
     name = "sd"
+    size_multiple = 64  # image sides divide by this: the VAE 8x, the UNet 8x
     measured = property(lambda self: UNetMeasured)  # the planner's full-size models (defined below)
     title = "Stable Diffusion"
     hub_tag = "stable-diffusion"
@@ -253,25 +254,25 @@ class UNetMeasured(MeasuredModels):
             added = {"text_embeds": torch.randn(b, pooled), "time_ids": torch.randn(b, 6)}
         return torch.randn(b, self.tokens, self.text_dim), added
 
-    def adapter_inputs(self, b: int, res: int):
+    def adapter_inputs(self, b: int, size: tuple[int, int]):
         from ...objectives.diffusion import Noised
         from .family import POOLED, TEXT
         from .sdxl import TIME_IDS
 
-        lat = res // self.down
-        x0 = torch.randn(b, self.latent_channels, lat, lat)
+        w, h = size
+        x0 = torch.randn(b, self.latent_channels, h // self.down, w // self.down)
         noise = torch.randn_like(x0)
         enc, added = self._text(b)
         text, batch = {TEXT: enc}, {}
         if added is not None:
             text[POOLED], batch[TIME_IDS] = added["text_embeds"], added["time_ids"]
-        return Noised(x0 + noise, torch.randint(0, 1000, (b,)), noise, None), text, batch, torch.rand(b, 3, res, res)
+        return Noised(x0 + noise, torch.randint(0, 1000, (b,)), noise, None), text, batch, torch.rand(b, 3, h, w)
 
     def training_loss(self) -> torch.Tensor:
-        b, res, lat = self.spec.micro_batch, self.spec.resolution, self.spec.resolution // self.down
-        hint = torch.rand(b, 3, res, res)
+        b, (w, h) = self.spec.micro_batch, self.spec.step_size
+        hint = torch.rand(b, 3, h, w)
         if self.spec.per_step_encoding:
-            pixels = torch.randn(b, 3, res, res).to(next(self.vae.parameters()).dtype)
+            pixels = torch.randn(b, 3, h, w).to(next(self.vae.parameters()).dtype)
             x0 = self.vae.encode(pixels).latent_dist.sample().float()
             if not self.sdxl:  # SDXL: the embeddings were computed once, before training
                 enc = self.text_encoder(torch.randint(0, 1000, (b, self.tokens)))[0].float()
@@ -279,7 +280,7 @@ class UNetMeasured(MeasuredModels):
             else:
                 enc, added = self._text(b)
         else:
-            x0 = torch.randn(b, self.latent_channels, lat, lat)
+            x0 = torch.randn(b, self.latent_channels, h // self.down, w // self.down)
             enc, added = self._text(b)
         noise = torch.randn_like(x0)
         noisy = x0 + noise
@@ -298,16 +299,16 @@ class UNetMeasured(MeasuredModels):
             ).sample
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
-    def _controlnet_forward(self, n: int, res: int) -> None:
-        lat = res // self.down
+    def _controlnet_forward(self, n: int, size: tuple[int, int]) -> None:
+        w, h = size
         enc, added = self._text(2 * n)
-        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
+        x = torch.randn(2 * n, self.latent_channels, h // self.down, w // self.down).to(self.dtype)
         with self.autocast():
             down, mid = self.controlnet(
                 x,
                 torch.tensor(500),
                 encoder_hidden_states=enc.to(self.dtype),
-                controlnet_cond=torch.rand(2 * n, 3, res, res).to(self.dtype),
+                controlnet_cond=torch.rand(2 * n, 3, h, w).to(self.dtype),
                 added_cond_kwargs=added,
                 return_dict=False,
             )
@@ -324,17 +325,17 @@ class UNetMeasured(MeasuredModels):
     def validate(self) -> None:
         """One denoising step of the pipeline (classifier-free guidance doubles the batch), then
         the VAE decoding the images."""
-        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
-        lat = res // self.down
+        n, size = self.spec.validation_images, self.spec.validation_size
+        lat_h, lat_w = size[1] // self.down, size[0] // self.down
         for name, enc in self.for_validation.items():
             if name.startswith("text_encoder"):
                 enc(torch.randint(0, 1000, (2 * n, self.tokens)))
         if self.adapter is not None:
-            self.adapter_forward(2 * n, res)
+            self.adapter_forward(2 * n, size)
         else:
-            self._controlnet_forward(n, res)
+            self._controlnet_forward(n, size)
         vae = self.upcast_vae or self.vae
         vae_dtype = next(vae.parameters()).dtype
         with self.autocast():  # the recipe's validation runs the whole pipeline under autocast
             for _ in range(n if self.spec.vae_slicing else 1):  # slicing: one image at a time
-                vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(vae_dtype))
+                vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat_h, lat_w).to(vae_dtype))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 class StableDiffusion3(FlowFamily):
     name = "sd3"
+    size_multiple = 16  # image sides divide by this: the VAE 8x, 2x2 patches
     title = "Stable Diffusion 3 (SD3)"
     hub_tag = "sd3"
     pipelines = (
@@ -189,25 +190,26 @@ class SD3Measured(MeasuredModels):
             timestep=(torch.rand(b) * 1000).to(self.dtype),
         )
 
-    def _latents(self, b: int, res: int) -> torch.Tensor:
-        lat = res // self.down
+    def _latents(self, b: int, size: tuple[int, int]) -> torch.Tensor:
+        """``b`` latents of images of ``size`` (width, height): (b, C, h/8, w/8)."""
+        w, h = size
         if self.spec.per_step_encoding:
-            return self.vae.encode(torch.randn(b, 3, res, res).to(self.dtype)).latent_dist.sample()
-        return torch.randn(b, self.latent_channels, lat, lat).to(self.dtype)
+            return self.vae.encode(torch.randn(b, 3, h, w).to(self.dtype)).latent_dist.sample()
+        return torch.randn(b, self.latent_channels, h // self.down, w // self.down).to(self.dtype)
 
-    def adapter_inputs(self, b: int, res: int):
+    def adapter_inputs(self, b: int, size: tuple[int, int]):
         from ...objectives.diffusion import Noised
         from .family import POOLED, TEXT
 
-        x0, cond = self._latents(b, res), self._latents(b, res)
+        x0, cond = self._latents(b, size), self._latents(b, size)
         noise = torch.randn_like(x0)
         kw = self._inputs(b)
         text = {TEXT: kw["encoder_hidden_states"], POOLED: kw["pooled_projections"]}
         return Noised(0.5 * x0 + 0.5 * noise, kw["timestep"].float(), noise - x0, None), text, {}, cond
 
     def training_loss(self) -> torch.Tensor:
-        b, res = self.spec.micro_batch, self.spec.resolution
-        x0, cond = self._latents(b, res), self._latents(b, res)
+        b, size = self.spec.micro_batch, self.spec.step_size
+        x0, cond = self._latents(b, size), self._latents(b, size)
         noise = torch.randn_like(x0)
         noisy = 0.5 * x0 + 0.5 * noise
         kw = self._inputs(b)
@@ -221,11 +223,11 @@ class SD3Measured(MeasuredModels):
             )[0]
         return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
-    def _controlnet_forward(self, n: int, res: int) -> None:
-        lat = res // self.down
+    def _controlnet_forward(self, n: int, size: tuple[int, int]) -> None:
+        w, h = size
         with self.autocast():  # the control image, doubled for guidance before the pipeline encodes it
-            cond = encode_control(self.vae, 2 * n, res, self.dtype, self.spec.vae_slicing)
-        x = torch.randn(2 * n, self.latent_channels, lat, lat).to(self.dtype)
+            cond = encode_control(self.vae, 2 * n, size, self.dtype, self.spec.vae_slicing)
+        x = torch.randn(2 * n, self.latent_channels, h // self.down, w // self.down).to(self.dtype)
         kw = self._inputs(2 * n)
         with self.autocast():
             (blocks,) = self.controlnet(hidden_states=x, controlnet_cond=cond, return_dict=False, **kw)
@@ -236,17 +238,17 @@ class SD3Measured(MeasuredModels):
         """The prompt and the negative one through the three encoders (``validation_text_encoders``;
         else their embeddings come to the GPU), the control image through the VAE's encoder, one
         denoising step with classifier-free guidance (a doubled batch), then the VAE decoding."""
-        n, res = self.spec.validation_images, self.spec.validation_resolution or self.spec.resolution
+        n, size = self.spec.validation_images, self.spec.validation_size
         t5 = self.spec.max_sequence_length or StableDiffusion3.default_max_sequence_length
         if self.spec.validation_text_encoders:
             for name, enc in self.for_validation.items():
                 if name.startswith("text_encoder"):
                     enc(torch.randint(0, 1000, (2 * n, t5 if name == "text_encoder_3" else self.CLIP_TOKENS)))
-        lat = res // self.down
+        lat_h, lat_w = size[1] // self.down, size[0] // self.down
         if self.adapter is not None:
-            self.adapter_forward(2 * n, res)
+            self.adapter_forward(2 * n, size)
         else:
-            self._controlnet_forward(n, res)
+            self._controlnet_forward(n, size)
         with self.autocast():
             for _ in range(n if self.spec.vae_slicing else 1):
-                self.vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat, lat).to(self.dtype))
+                self.vae.decode(torch.randn(1 if self.spec.vae_slicing else n, self.latent_channels, lat_h, lat_w).to(self.dtype))
