@@ -5,9 +5,9 @@ folder of mixed aspects trained end to end through dvc repro."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +126,7 @@ def _stages(tmp_path: Path, monkeypatch, kind: str, half: bool = False, copies: 
 
 def _rows(ds):
     for split in ds.values():
-        for row in split:
-            yield row
+        yield from split
 
 
 def test_given_conditions_stay_aligned_to_the_pixel_in_every_bucket(tmp_path: Path, monkeypatch):
@@ -245,6 +244,7 @@ def test_a_client_that_imports_nothing_of_ours_generates_at_a_bucket(bucket_proj
     cond["conditioning_image"].save(tmp_path / "cond.png")
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    args = [sys.executable, str(script), "models/base/pipeline", "models/best", str(tmp_path / "cond.png"), str(tmp_path / "out.png")]
+    files = [str(tmp_path / "cond.png"), str(tmp_path / "out.png")]
+    args = [sys.executable, str(script), "models/base/pipeline", "models/best", *files]
     run(args, bucket_project, PYTHONPATH="")
     assert Image.open(tmp_path / "out.png").size == (128, 32)
