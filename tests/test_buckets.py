@@ -20,8 +20,7 @@ from controlnet_recipe.core import buckets as B
 from controlnet_recipe.core.config import ConfigError, load_config
 from controlnet_recipe.core.errors import BadInput
 from controlnet_recipe.core.storage import CONDITIONS_DIR, DATA_DIR, load_dataset_dir, read_json
-from controlnet_recipe.faces.draw import draw_segmentation
-from controlnet_recipe.faces.synthetic import make_face
+from controlnet_recipe.faces.mixed_folder import write_mixed_folder
 from controlnet_recipe.stages.conditions import build_conditions
 from controlnet_recipe.stages.data import build_data
 from controlnet_recipe.stages.photoreal import build_photoreal
@@ -30,32 +29,9 @@ from controlnet_recipe.training.batches import BucketBatches
 from .conftest import TINY, make_project, merge, repo_params, run
 from .test_resume import assert_kill_and_resume_is_exact
 
-# (width, height) of the folder's photos: portrait 3:4, landscape 16:9, square, panorama 3:1
-ASPECTS = {"portrait": (60, 80), "landscape": (96, 54), "square": (64, 64), "panorama": (150, 50)}
-SKIPPED = {"strip": (200, 10), "small": (30, 30)}  # 20:1, and fewer pixels than any bucket at 64 px
-
 
 def mixed_folder(root: Path, per_aspect: int = 10, half_size_conditions: bool = False, copies: bool = False) -> Path:
-    """Synthetic faces on canvases of four aspects, each with its face-part map in ``conditions/``
-    (the same size as the photo, or half of it; ``copies``: the photo itself), plus a 20:1 strip
-    and a too-small image."""
-    images, conds = root / "images", root / "images" / "conditions"
-    conds.mkdir(parents=True)
-    k = 0
-    for kind, (w, h) in {**ASPECTS, **SKIPPED}.items():
-        for j in range(per_aspect if kind in ASPECTS else 1):
-            side = min(w, h)
-            face, lm, _ = make_face(k, side)
-            canvas = Image.new("RGB", (w, h), tuple(int(x) for x in np.asarray(face)[0, 0]))
-            left, top = (w - side) // 2 + (j % 3 - 1) * (w - side) // 4, (h - side) // 2
-            canvas.paste(face, (left, top))
-            cond = canvas.copy() if copies else draw_segmentation([np.asarray(lm) + [left, top]], (w, h))
-            if half_size_conditions:
-                cond = cond.resize((w // 2, h // 2), Image.NEAREST)
-            canvas.save(images / f"{kind}-{j:02d}.png")
-            cond.save(conds / f"{kind}-{j:02d}.png")
-            k += 1
-    return images
+    return write_mixed_folder(root, per_aspect, half_size_conditions=half_size_conditions, copies=copies)
 
 
 def bucket_params(folder: Path, **data) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core import buckets as B
 from ..core.images import images_to_tensor
 from ..faces.draw import PALETTE, PARTS, draw_segmentation
 from ..metrics.landmarks import landmark_fidelity
@@ -21,6 +22,11 @@ from .maps import MapType
 
 LANDMARKS = "landmarks.pt"  # the evaluator's landmark re-detector, in models/evaluator
 FACE_AREA = 0.02  # the extractor "finds a face" when at least this share of pixels is a face part
+
+
+def in_square(points, size: tuple[int, int], resolution: int) -> np.ndarray:
+    """Landmarks of an image of ``size`` moved into its centre square at ``resolution`` (images_to_tensor's crop)."""
+    return B.move_points(points, size, B.cover(*size, (resolution, resolution)))
 
 
 class FaceSegmentation(LandmarkDrawn):
@@ -37,12 +43,15 @@ class FaceSegmentation(LandmarkDrawn):
         if ev.landmarks != "learned":
             return {}
         keep = [i for i, faces in enumerate(rows["landmarks"]) if faces]
-        targets = torch.tensor(np.array([rows["landmarks"][i][0] for i in keep], dtype=np.float32))
-        width = rows[r.columns.image][0].width if len(rows) else r.data.resolution
         res = pixels.shape[-1]
-        net = train_landmark_net(
-            pixels[keep], targets * (res / width), ev.landmark_steps, ev.batch_size, ev.learning_rate, ev.width, r.data.seed
-        )
+        if "bucket" in rows.column_names:  # aspect buckets: each image's landmarks into its square crop
+            sizes = [B.parse(b) for b in rows["bucket"]]
+            targets = torch.tensor(np.array([in_square(rows["landmarks"][i][0], sizes[i], res) for i in keep]))
+        else:
+            targets = torch.tensor(np.array([rows["landmarks"][i][0] for i in keep], dtype=np.float32))
+            width = rows[r.columns.image][0].width if len(rows) else r.data.resolution
+            targets = targets * (res / width)
+        net = train_landmark_net(pixels[keep], targets, ev.landmark_steps, ev.batch_size, ev.learning_rate, ev.width, r.data.seed)
         net.save(folder / LANDMARKS)
         return {"landmarks": "learned"}
 
@@ -55,7 +64,12 @@ class FaceSegmentation(LandmarkDrawn):
             return [None] * len(conditions)
         out = []
         for faces, cond in zip(rows_landmarks, conditions):
-            out.append(np.asarray(faces[0], dtype=np.float32) * (resolution / cond.width) if faces else None)
+            if not faces:
+                out.append(None)
+            elif cond.width != cond.height:  # an aspect bucket: into the square crop the scores see
+                out.append(in_square(faces[0], cond.size, resolution))
+            else:
+                out.append(np.asarray(faces[0], dtype=np.float32) * (resolution / cond.width))
         return out
 
 
