@@ -20,6 +20,7 @@ from controlnet_recipe.core import buckets as B
 from controlnet_recipe.core.config import ConfigError, load_config
 from controlnet_recipe.core.errors import BadInput
 from controlnet_recipe.core.storage import CONDITIONS_DIR, DATA_DIR, load_dataset_dir, read_json
+from controlnet_recipe.faces.draw import PALETTE
 from controlnet_recipe.faces.mixed_folder import write_mixed_folder
 from controlnet_recipe.stages.conditions import build_conditions
 from controlnet_recipe.stages.data import build_data
@@ -87,12 +88,12 @@ def test_points_move_with_the_crop():
     assert abs(xs.mean() + 0.5 - x) < 1 and abs(ys.mean() + 0.5 - y) < 1
 
 
-def _stages(tmp_path: Path, monkeypatch, kind: str, half: bool = False, copies: bool = False):
+def _stages(tmp_path: Path, monkeypatch, kind: str, half: bool = False, copies: bool = False, map_type: str = "auto"):
     folder = mixed_folder(tmp_path, per_aspect=3, half_size_conditions=half, copies=copies)
     monkeypatch.chdir(tmp_path)
     p = bucket_params(folder)
     p["demo"]["data"]["num_validation"] = 2
-    p["demo"]["conditions"]["kind"] = kind
+    p["demo"]["conditions"].update(kind=kind, map_type=map_type)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     cfg = load_config(tmp_path / "params.yaml")
     report = build_data(cfg, cache_dir=Path("downloads"))
@@ -107,12 +108,14 @@ def _rows(ds):
 
 def test_given_conditions_stay_aligned_to_the_pixel_in_every_bucket(tmp_path: Path, monkeypatch):
     report, conditions, ds = _stages(tmp_path, monkeypatch, "given")
+    palette = {tuple(c) for c in PALETTE}
     assert report["skipped"] == {B.SKIP_ASPECT: 1, B.SKIP_SMALL: 1}
     counts = sum((Counter(split) for split in report["buckets"].values()), Counter())
     assert set(counts) == {"48x80", "80x48", "64x64", "128x32"} and sum(counts.values()) == 12
     for row in _rows(ds):
         img, cond = row["image"], row["conditioning_image"]
         assert img.size == cond.size == B.parse(row["bucket"])
+        assert {tuple(c) for c in np.asarray(cond).reshape(-1, 3)} <= palette  # nearest: a map's classes stay pure
         # the same resize and crop as the photo: the face's outline in the condition sits on the face
         face = np.asarray(cond).any(-1)
         photo = np.abs(np.asarray(img, dtype=int) - np.asarray(img, dtype=int)[0, 0]).sum(-1) > 30
@@ -123,7 +126,8 @@ def test_given_conditions_stay_aligned_to_the_pixel_in_every_bucket(tmp_path: Pa
 
 
 def test_a_given_condition_that_is_the_photo_stays_equal_to_it_in_every_bucket(tmp_path: Path, monkeypatch):
-    _, _, ds = _stages(tmp_path, monkeypatch, "given", copies=True)
+    # stated continuous: resized as the photo is (bicubic); else nearest, below
+    _, _, ds = _stages(tmp_path, monkeypatch, "given", copies=True, map_type="continuous")
     buckets = set()
     for row in _rows(ds):
         assert np.array_equal(np.asarray(row["conditioning_image"]), np.asarray(row["image"])), row["id"]
@@ -224,3 +228,13 @@ def test_a_client_that_imports_nothing_of_ours_generates_at_a_bucket(bucket_proj
     args = [sys.executable, str(script), "models/base/pipeline", "models/best", *files]
     run(args, bucket_project, PYTHONPATH="")
     assert Image.open(tmp_path / "out.png").size == (128, 32)
+
+
+def test_the_tiny_sd3_positions_cover_auto_buckets_and_refuse_longer_ones():
+    from controlnet_recipe.models import tiny
+    from controlnet_recipe.stages.base import check_positions
+
+    sd3 = tiny.build_sd3_transformer(64)
+    check_positions(sd3, B.auto_buckets(64, 16, 4.0))  # up to 128 px sides: its table covers them
+    with pytest.raises(BadInput, match="data.buckets: 160x32: the tiny SD3 base's position table covers sides up to 128 px"):
+        check_positions(sd3, [(64, 64), (160, 32)])

@@ -16,12 +16,13 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from ..core.config import Config, TinyBaseCfg
+from ..core.errors import BadInput
 from ..core.images import images_to_tensor, tensor_to_images
 from ..core.storage import BASE_DIR, CAPTIONS_DIR, fresh_dir, load_dataset_dir, seed_everything, write_json
 from ..faces.synthetic import CAPTION_WORDS
 from ..models import tiny
 from ..models.base_model import BASE_FILE, BaseRef
-from ..models.families import BaseComponents, Family, LatentSpace, detect_family, family
+from ..models.families import BaseComponents, Family, LatentSpace, detect_family, family, recipe_buckets
 from ..models.fit import fit
 from ..objectives.diffusion import diffusion_loss, drop_caption_features, encode_images, sample_latents
 from ..report.grid import save_grid
@@ -87,6 +88,21 @@ def train_denoiser(
     return ema, losses
 
 
+def check_positions(denoiser, buckets: list | None) -> None:
+    """A denoiser with a table of positions (the tiny SD3's covers ``resolution`` px sides) must
+    cover every bucket's sides."""
+    most = getattr(denoiser.config, "pos_embed_max_size", None)
+    if most is None or not buckets:
+        return
+    side = most * denoiser.config.patch_size * 2 ** (len(tiny.VAE_CHANNELS) - 1)  # positions x patch x the tiny VAE's
+    for b in buckets:
+        if max(b) > side:
+            raise BadInput(
+                f"data.buckets: {b[0]}x{b[1]}: the tiny SD3 base's position table covers sides up to {side} px; "
+                "state buckets no longer than that, or use a pretrained SD3 (positions to 3072 px)"
+            )
+
+
 def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
     """Train the embedded default's VAE and denoiser (of ``family_name``'s architecture); save its
     pipeline folder."""
@@ -117,6 +133,7 @@ def train_tiny_base(cfg: Config, family_name: str = "sd") -> dict:
         shift = float(mean.mean())
         vae.register_to_config(shift_factor=shift)
     parts = fam.tiny_components(tokenizer, len(tokenizer), text_encoder, vae, r.data.resolution, r.base.tiny.layers_per_block)
+    check_positions(parts.denoiser, recipe_buckets(r))
     text, empty = fam.caption_features(parts, captions)
     ema, unet_losses = train_denoiser(
         parts, (mean, std), LatentSpace(scale, shift), text, empty, r.base.tiny, g,

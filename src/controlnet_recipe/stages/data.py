@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
+from PIL import Image as PILImage
 
 from ..core.buckets import Bucket, cover, fit_to_bucket, move_points, nearest, skip_reason
 from ..core.buckets import name as bucket_name
@@ -69,6 +70,7 @@ class Bucketing:
 
     buckets: list[Bucket]
     max_aspect: float
+    condition_resample: int = PILImage.NEAREST  # a map's classes stay pure; bicubic for maps stated continuous
 
 
 def to_bucket(img, cond, landmarks: list, b: Bucketing) -> tuple[tuple | None, str | None]:
@@ -78,7 +80,7 @@ def to_bucket(img, cond, landmarks: list, b: Bucketing) -> tuple[tuple | None, s
     if reason is not None:
         return None, reason
     crop = cover(*img.size, nearest(*img.size, b.buckets))
-    cond = fit_to_bucket(cond, crop, source_size=img.size) if cond is not None else None
+    cond = fit_to_bucket(cond, crop, source_size=img.size, resample=b.condition_resample) if cond is not None else None
     landmarks = [move_points(lm, img.size, crop).tolist() for lm in landmarks]
     return (fit_to_bucket(img, crop), cond, landmarks, bucket_name(crop.bucket)), None
 
@@ -158,7 +160,8 @@ def build_data(cfg: Config, cache_dir) -> dict:
     r, d = cfg.recipe, cfg.recipe.data
     cols = r.columns
     buckets = recipe_buckets(r)
-    bucketing = Bucketing(buckets, d.max_aspect) if buckets else None
+    resample = PILImage.BICUBIC if r.conditions.map_type == "continuous" else PILImage.NEAREST
+    bucketing = Bucketing(buckets, d.max_aspect, resample) if buckets else None
     feats = features(cols.image, cols.conditioning_image, cols.caption, bucketed=bucketing is not None)
     out = ShardedOutput(DATA_DIR, digest(d.model_dump(), cols.model_dump()), stage="data")
     report = {"source": d.source, "splits": {}, "skipped": Counter(), "converted": Counter(), "caption_encodings": Counter()}
