@@ -124,5 +124,5 @@ def move_points(points, size: tuple[int, int], crop: Crop):
 
 
 def largest(buckets: list[Bucket]) -> Bucket:
-    """The bucket with the most pixels (the planner plans its step; ties: the wider)."""
-    return max(buckets, key=lambda b: (b[0] * b[1], b[0]))
+    """The bucket with the most pixels (the planner plans its step; ties: the squarest, then the wider)."""
+    return max(buckets, key=lambda b: (b[0] * b[1], -abs(math.log(b[0] / b[1])), b[0]))

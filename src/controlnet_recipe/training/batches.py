@@ -157,14 +157,17 @@ class ResumableBatches(Sampler[list[int]]):
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of ``epoch``, in order."""
+        perm = self.permutation(epoch)
+        starts = ((j * self.world + self.rank) * self.micro for j in range(self.per_epoch))
+        return [perm[lo : lo + self.micro].tolist() for lo in starts]
+
     def __iter__(self) -> Iterator[list[int]]:
         k = self.start
         while True:
             epoch, pos = divmod(k, self.per_epoch)
-            perm = self.permutation(epoch)
-            for j in range(pos, self.per_epoch):
-                lo = (j * self.world + self.rank) * self.micro
-                yield perm[lo : lo + self.micro].tolist()
+            yield from self.epoch_batches(epoch)[pos:]
             k = (epoch + 1) * self.per_epoch
 
 
@@ -182,24 +185,16 @@ class BucketBatches(ResumableBatches):
         if self.per_epoch == 0:
             raise BadInput("no samples in any aspect bucket")
 
-    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
-        """This epoch's global micro-batches (``micro * world`` indices each), in order."""
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This process's share of ``epoch``'s global micro-batches (``micro * world`` indices each), in order."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         glob, batches, offset = self.micro * self.world, [], 0
         for n, chunks in zip(self.sizes, self.chunks):
             perm = torch.randperm(n, generator=g) + offset
             batches += list(perm.repeat(-(-chunks * glob // n))[: chunks * glob].view(chunks, glob))
             offset += n
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        k = self.start
-        while True:
-            epoch, pos = divmod(k, self.per_epoch)
-            batches = self.epoch_batches(epoch)
-            for j in range(pos, self.per_epoch):
-                yield batches[j][self.rank * self.micro : (self.rank + 1) * self.micro].tolist()
-            k = (epoch + 1) * self.per_epoch
+        mine = slice(self.rank * self.micro, (self.rank + 1) * self.micro)
+        return [batches[i][mine].tolist() for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def batches_for(data, micro: int, seed: int, start: int = 0, rank: int = 0, world: int = 1) -> ResumableBatches:
