@@ -67,7 +67,7 @@ def test_skip_reasons_and_a_stated_list():
     assert B.skip_reason(30, 30, bs, 4.0) == B.SKIP_SMALL
     assert B.skip_reason(150, 50, bs, 4.0) is None
     assert B.bucket_list(["64x64", "48x80"], 64, 16, 4.0) == [(48, 80), (64, 64)]
-    with pytest.raises(BadInput, match="data.buckets: 50x64: expected sides that are multiples of 16"):
+    with pytest.raises(ValueError, match="data.buckets: 50x64: expected sides that are multiples of 16"):
         B.bucket_list(["50x64"], 64, 16, 4.0)
 
 
@@ -238,3 +238,12 @@ def test_the_tiny_sd3_positions_cover_auto_buckets_and_refuse_longer_ones():
     check_positions(sd3, B.auto_buckets(64, 16, 4.0))  # up to 128 px sides: its table covers them
     with pytest.raises(BadInput, match="data.buckets: 160x32: the tiny SD3 base's position table covers sides up to 128 px"):
         check_positions(sd3, [(64, 64), (160, 32)])
+
+
+def test_a_stated_bucket_off_the_bases_multiple_stops_in_one_line(params_file):
+    from controlnet_recipe.models.families import recipe_buckets
+
+    p = repo_params()
+    p["demo"]["data"]["buckets"] = ["64x64", "50x64"]
+    with pytest.raises(BadInput, match=r"^data.buckets: 50x64: expected sides that are multiples of 16"):
+        recipe_buckets(load_config(params_file(p)).recipe)

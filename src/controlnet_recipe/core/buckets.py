@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import BadInput
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 SKIP_ASPECT = "extreme_aspect"  # longer than max_aspect:1
@@ -30,7 +29,7 @@ def name(bucket: Bucket) -> str:
 def parse(text: str) -> Bucket:
     w, sep, h = str(text).lower().partition("x")
     if not sep or not w.strip().isdigit() or not h.strip().isdigit() or not int(w) or not int(h):
-        raise BadInput(f"data.buckets: {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x768")
+        raise ValueError(f"data.buckets: {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x768")
     return int(w), int(h)
 
 
@@ -49,7 +48,8 @@ def auto_buckets(resolution: int, multiple: int, max_aspect: float) -> list[Buck
 
 
 def bucket_list(spec: str | list[str], resolution: int, multiple: int, max_aspect: float) -> list[Bucket] | None:
-    """The recipe's buckets: None for ``off``; ``auto``'s; or the stated ``WxH`` list, checked."""
+    """The recipe's buckets: None for ``off``; ``auto``'s; or the stated ``WxH`` list (a side that
+    is no multiple of ``multiple`` raises ValueError naming it)."""
     if spec == "off":
         return None
     if spec == "auto":
@@ -57,9 +57,8 @@ def bucket_list(spec: str | list[str], resolution: int, multiple: int, max_aspec
     buckets = [parse(s) for s in spec]
     for b in buckets:
         if b[0] % multiple or b[1] % multiple:
-            raise BadInput(
-                f"data.buckets: {name(b)}: expected sides that are multiples of {multiple} (the base's VAE and denoiser)"
-            )
+            why = f"expected sides that are multiples of {multiple} (the base's VAE and denoiser)"
+            raise ValueError(f"data.buckets: {name(b)}: {why}")
     return sorted(set(buckets), key=lambda b: b[0] / b[1])
 
 

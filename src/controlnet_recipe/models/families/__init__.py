@@ -100,4 +100,7 @@ def recipe_buckets(recipe) -> list[tuple[int, int]] | None:
     d, b = recipe.data, recipe.base
     if d.buckets == "off":
         return None
-    return bucket_list(d.buckets, d.resolution, size_multiple(b.pretrained_model, b.family), d.max_aspect)
+    try:
+        return bucket_list(d.buckets, d.resolution, size_multiple(b.pretrained_model, b.family), d.max_aspect)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
