@@ -8,7 +8,7 @@ from controlnet_recipe.core import codedeps
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS = [
     ["core", "objectives", "apps"],  # the rooms' empty __init__.py files
-    ["core.errors", "core.text", "core.codedeps", "core.logs", "core.buckets"],  # no project imports (but each other); buckets: sizes and the crop
+    ["core.errors", "core.text", "core.codedeps", "core.logs", "core.buckets"],  # no project imports (but each other)
     ["core.config"],  # the typed params
     ["core.storage", "core.images", "objectives.diffusion", "models.fit"],  # folders, images, noise and loss, one fit loop
     ["objectives.flow_matching"],  # the transformer families' objective (diffusion's Objective and Noised)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-
 Bucket = tuple[int, int]  # (width, height) in pixels
 SKIP_ASPECT = "extreme_aspect"  # longer than max_aspect:1
 SKIP_SMALL = "smaller_than_buckets"  # fewer pixels than the smallest bucket
