@@ -183,15 +183,19 @@ def step_spec(c: dict, cfg, cuda: bool):
 
 
 def predict(c: dict, cfg, cuda: bool) -> dict:
+    from controlnet_recipe.planning.flops import step_flops
     from controlnet_recipe.planning.plan import plan_step
 
     use_8bit = c["kind"] != "flux" and cfg.tiers[c["tier"]].use_8bit_adam
-    p = plan_step(step_spec(c, cfg, cuda), use_8bit_adam=use_8bit)
+    spec = step_spec(c, cfg, cuda)
+    p = plan_step(spec, use_8bit_adam=use_8bit)
     if c["kind"] == "validation" or (c["kind"] == "transformer" and c["mode"] == "validation"):
         allocated = p.validation_peak_gib - p.validation_terms["allocator_overhead"] - p.validation_terms["cuda_context"]
         return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.validation_peak_gib, "fits_card": None}
     allocated = p.peak_gib - p.terms["allocator_overhead"] - p.terms["cuda_context"]
-    return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.peak_gib, "fits_card": None}
+    flops = step_flops(spec)  # per sample: the step's own (upstream's counts its per-step encoding too)
+    flops = {"flops_per_sample": flops["model"], "hardware_flops_per_sample": flops["hardware"], "dtype": spec.mixed_precision}
+    return {"predicted_allocated_gib": allocated, "predicted_peak_gib": p.peak_gib, "fits_card": None, **flops}
 
 
 def key(c: dict) -> str:
@@ -360,8 +364,9 @@ def predictions_for(todo: list[dict], known: dict, cfg, cuda: bool) -> dict:
     """Each configuration's prediction by its key: from the predictions file when it has it, else computed."""
     predictions = {}
     for c in todo:
-        k = key(c)
-        predictions[k] = known.get(k) or predict(c, cfg, cuda)
+        k, validation = key(c), c["kind"] == "validation" or c.get("mode") == "validation"
+        current = known.get(k) if known.get(k) and (validation or "flops_per_sample" in known[k]) else None
+        predictions[k] = current or predict(c, cfg, cuda)  # a file from before the FLOP count: counted now
     return predictions
 
 
@@ -418,10 +423,21 @@ def run_one(
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}, None
 
 
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def measured_row(c: dict, pred: dict, got: dict, t0: float) -> dict:
     """The configuration, its prediction and its measurements (with predicted/measured and
     reserved/allocated where a peak was measured), and its seconds since ``t0``."""
     row = {**c, **pred, **{k: v for k, v in got.items() if k not in c}, "seconds": time.perf_counter() - t0}
+    if row.get("flops_per_sample") and row.get("samples_per_s"):  # model FLOPs utilisation against the card's peak
+        from controlnet_recipe.planning.flops import mfu
+
+        row["tflops"] = row["samples_per_s"] * row["flops_per_sample"] / 1e12
+        row["mfu"] = mfu(row["samples_per_s"], row["flops_per_sample"], device_name(), row["dtype"])
     if "peak_allocated_gb" in row:
         row["predicted_over_measured"] = row["predicted_allocated_gib"] / row["peak_allocated_gb"]
         row["reserved_over_allocated"] = row["peak_reserved_gb"] / row["peak_allocated_gb"]

@@ -15,7 +15,7 @@ CONFIG_KEYS += ("per_step_encoding", "label", "family", "controlnet_layers")
 def table(rows: list[dict], dry: bool) -> str:
     """The rows side by side, then the ranges of predicted/measured and reserved/allocated, then
     the recipe's step against upstream's, tier by tier."""
-    cols = ("batch", "samples/s", "alloc GiB", "reserved", "predicted", "pred/meas")
+    cols = ("batch", "samples/s", "TFLOP/s", "MFU", "alloc GiB", "reserved", "predicted", "pred/meas")
     lines = [f"{'arch':<10} {'tier':<10} {'res':>4} {'mode':<24} " + " ".join(f"{c:>9}" for c in cols)]
     for r in rows:
         arch = ("tiny-flux" if dry else "flux1-dev") if r["kind"] == "flux" else r["arch"]
@@ -27,7 +27,8 @@ def table(rows: list[dict], dry: bool) -> str:
         if "skipped" in r or "error" in r:
             lines.append(f"{lead} {r.get('skipped') or r.get('error')}")
             continue
-        cells = [r.get("micro_batch", 1), r["samples_per_s"], r.get("peak_allocated_gb"), r.get("peak_reserved_gb")]
+        cells = [r.get("micro_batch", 1), r["samples_per_s"], r.get("tflops"), r.get("mfu")]
+        cells += [r.get("peak_allocated_gb"), r.get("peak_reserved_gb")]
         cells += [r["predicted_allocated_gib"], r.get("predicted_over_measured")]
         lines.append(
             lead
@@ -58,10 +59,14 @@ def table(rows: list[dict], dry: bool) -> str:
 
 def compare(files: list[Path], predict: Callable[[dict], dict]) -> None:
     """Rows measured on a GPU against the planner's predictions for them (``predict``: a
-    configuration's, computed now), as a table."""
+    configuration's, computed now), as a table, with each step's TFLOP/s and MFU on the card that
+    measured it (the FLOPs counted now)."""
+    from controlnet_recipe.planning.flops import mfu
+
     rows = []
     for f in files:
-        for r in json.loads(f.read_text())["rows"]:
+        measured = json.loads(f.read_text())
+        for r in measured["rows"]:
             if "peak_allocated_gb" not in r:
                 continue
             c = {k: r[k] for k in CONFIG_KEYS if k in r}
@@ -69,5 +74,8 @@ def compare(files: list[Path], predict: Callable[[dict], dict]) -> None:
                 c.setdefault("vae_slicing", False)
             p = predict(c)
             rows.append({**r, **p, "predicted_over_measured": p["predicted_allocated_gib"] / r["peak_allocated_gb"]})
+            if p.get("flops_per_sample") and r.get("samples_per_s"):  # MFU on the card that measured it
+                rows[-1]["tflops"] = r["samples_per_s"] * p["flops_per_sample"] / 1e12
+                rows[-1]["mfu"] = mfu(r["samples_per_s"], p["flops_per_sample"], measured["device"], p["dtype"])
             rows[-1]["reserved_over_allocated"] = r["peak_reserved_gb"] / r["peak_allocated_gb"]
     print(table(rows, dry=False))

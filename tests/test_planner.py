@@ -176,9 +176,8 @@ def test_plan_cli_prints_every_tier_and_json(capsys):
     assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["tier"] for r in rows] == ["24gb"]
-    assert {"tier", "adapter", "trainable_params", "micro_batch", "peak_gib", "validation_peak_gib", "terms", "fits"} <= set(
-        rows[0]
-    )
+    keys = {"tier", "adapter", "trainable_params", "micro_batch", "peak_gib", "validation_peak_gib", "terms", "fits"}
+    assert keys | {"flops_per_sample"} <= set(rows[0]) and rows[0]["flops_per_sample"]["model"] > 0
     assert cli_main(["plan", "--recipe", "demo", "--gpu", "24gb", "--adapter", "t2i_adapter", "--json"]) == 0
     light = json.loads(capsys.readouterr().out)
     assert light["adapter"] == "t2i_adapter" and light["trainable_params"] < rows[0]["trainable_params"] / 2
@@ -299,7 +298,7 @@ def test_plan_cli_prints_the_transformer_tiers(monkeypatch, capsys):
     cfg = load_config("params.yaml", {"recipe": "faces"})
     planned = []
 
-    def fake_plan(recipe, name, tier, arch):
+    def fake_plan(recipe, name, tier, arch, flops=False):
         planned.append((name, arch))
         return plan.TierPlan(name, tier.batch_size, 1, 24.0, 1.0, 1.0, {"allocator_overhead": 0.1, "cuda_context": 0.5}, {})
 
@@ -315,7 +314,8 @@ def test_plan_cli_prints_the_transformer_tiers(monkeypatch, capsys):
     assert "ControlNet 12 blocks" in out
 
 
-def test_plan_cli_prints_the_flux_24gb_plan(capsys):
+def test_plan_cli_prints_the_flux_24gb_plan(capsys, monkeypatch):
+    monkeypatch.setattr(plan, "step_flops", lambda spec: {"model": 10**13, "hardware": 10**13})  # memory alone here
     cfg = load_config("params.yaml", {"recipe": "faces"})
     flux = Config(recipe_name="flux", recipe=_transformer_recipe("flux", FLUX_DEV), gpu="flux-24gb", tiers=cfg.tiers)
     assert plan_cli.main(flux, []) == 0
@@ -375,7 +375,7 @@ def test_buckets_off_plan_the_square_step_as_before(capsys):
     assert plan_cli.main(cfg, []) == 0
     out = capsys.readouterr().out.splitlines()
     assert ", 64 px, effective batch" in out[0] and "bucket" not in "\n".join(out)
-    assert out[1].split()[:8] == ["tier", "adapter", "trained", "batch", "peak", "GiB", "val", "GiB"]
+    assert out[1].split()[:9] == ["tier", "adapter", "trained", "batch", "TFLOP/sample", "peak", "GiB", "val", "GiB"]
 
 
 def test_the_largest_bucket_is_planned_beside_the_square_step(capsys):
@@ -392,7 +392,7 @@ def test_the_largest_bucket_is_planned_beside_the_square_step(capsys):
     out = capsys.readouterr().out.splitlines()
     assert "64 px, largest bucket 96x80" in out[0] and "square GiB" in out[1]
     row = next(line for line in out if line.startswith("80gb "))
-    assert row.split()[4:6] == [f"{p.peak_gib:.2f}", f"{square.peak_gib:.2f}"]
+    assert row.split()[5:7] == [f"{p.peak_gib:.2f}", f"{square.peak_gib:.2f}"]
     assert plan_cli.main(bucketed, ["--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["bucket"] == "96x80" and row["peak_gib"] == round(p.peak_gib, 3)

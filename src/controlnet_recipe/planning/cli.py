@@ -2,7 +2,9 @@
 the recipe's training step and validation on every tier, without a GPU or any download. A
 transformer base (``sd3``, ``flux``) is planned on its family's tiers (``sd3-*``, ``flux-*``); the
 other bases on the rest. With aspect-ratio buckets on (``data.buckets``), each tier's step is planned
-at the largest bucket (the peak its fit is judged by), the square one at the resolution beside it."""
+at the largest bucket (the peak its fit is judged by), the square one at the resolution beside it.
+Each tier's step is also counted in FLOPs per sample on fake tensors (planning/flops.py): the
+model's, and where the tier checkpoints, with the recomputed forward."""
 
 from __future__ import annotations
 
@@ -55,6 +57,14 @@ def _terms(p: TierPlan) -> str:
     return ", ".join(parts)
 
 
+def _flops(p: TierPlan) -> str:
+    """The step's TFLOP per sample: the model's, and with recomputation (checkpointing) what the tier runs."""
+    if not p.flops_per_sample:
+        return "-"
+    model, hardware = (p.flops_per_sample[k] / 1e12 for k in ("model", "hardware"))
+    return f"{model:.3g}" if hardware == model else f"{model:.3g}/{hardware:.3g}"
+
+
 def _bucket(plans: list[TierPlan]) -> str | None:
     """The largest bucket's name (``WxH``) when the plans are at one, else None."""
     return next((bucket_name(p.bucket) for p in plans if p.bucket is not None), None)
@@ -75,7 +85,7 @@ def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
         f"recipe {cfg.recipe_name}: base {r.base.pretrained_model or 'the tiny demo base'} ({arch}), "
         f"{sizes}, effective batch {r.train.batch_size}{layers}, "
         f"validation {r.train.validation.num_images} image(s) per prompt",
-        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'peak GiB':>9} "
+        f"{'tier':<{width}} {'adapter':<{kind}} {'trained':>8} {'batch':>6} {'TFLOP/sample':>13} {'peak GiB':>9} "
         + ("" if bucket is None else f"{'square GiB':>10} ")
         + f"{'val GiB':>8} {'card GiB':>9} {'fits':<5} terms (GiB, at the training peak)",
     ]
@@ -85,7 +95,7 @@ def render(cfg: Config, arch: str, plans: list[TierPlan]) -> str:
         square = "" if bucket is None else f"{'-' if p.square_peak_gib is None else f'{p.square_peak_gib:.2f}':>10} "
         lines.append(
             f"{p.tier:<{width}} {p.adapter:<{kind}} {p.trainable_params / 1e6:>7.1f}M {p.micro_batch:>3}x{p.accumulation:<2} "
-            f"{p.peak_gib:>9.2f} {square}{p.validation_peak_gib:>8.2f} {budget:>9} {fits:<5} {_terms(p)}"
+            f"{_flops(p):>13} {p.peak_gib:>9.2f} {square}{p.validation_peak_gib:>8.2f} {budget:>9} {fits:<5} {_terms(p)}"
             + (f"  [{'; '.join(p.notes)}]" if p.notes else "")
         )
     lines.append(
@@ -123,7 +133,7 @@ def main(cfg: Config, argv: list[str]) -> int:
     for i, name in enumerate(names):
         if not args.json and sys.stderr.isatty():
             print(f"\rplan: measuring tier {name} ({i + 1}/{len(names)}) on fake tensors...", end="", file=sys.stderr, flush=True)
-        plans.append(plan_tier(cfg.recipe, name, cfg.tiers[name], arch))
+        plans.append(plan_tier(cfg.recipe, name, cfg.tiers[name], arch, flops=True))
     if not args.json and sys.stderr.isatty():
         print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
     if args.json:

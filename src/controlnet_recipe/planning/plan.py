@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from ..core.buckets import Bucket, largest
 from ..core.buckets import name as bucket_name
 from ..core.config import ConfigError, Recipe, Tier, accumulation_steps
+from .flops import step_flops
 from .measure import Measured, StepSpec, measure
 
 GIB = 1024**3
@@ -107,6 +108,7 @@ class TierPlan:
     trainable_params: int = 0
     bucket: Bucket | None = None  # the step's (width, height) when buckets are on; None: square at resolution
     square_peak_gib: float | None = None  # with a bucket: the same step's peak, square at resolution
+    flops_per_sample: dict[str, int] | None = None  # planning/flops.py: the step's model and hardware FLOPs per sample
 
     @property
     def fits(self) -> bool | None:
@@ -128,6 +130,7 @@ class TierPlan:
             "peak_gib": round(self.peak_gib, 3),
             "validation_peak_gib": round(self.validation_peak_gib, 3),
             **bucket,
+            **({"flops_per_sample": self.flops_per_sample} if self.flops_per_sample else {}),
             "fits": self.fits,
             "terms": {k: round(v, 4) for k, v in self.terms.items()},
             "validation_terms": {k: round(v, 4) for k, v in self.validation_terms.items()},
@@ -301,9 +304,10 @@ def plan_step(
     )
 
 
-def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) -> TierPlan:
+def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None, flops: bool = False) -> TierPlan:
     """``recipe``'s plan on ``tier``: with buckets on, at the largest bucket (what ``fits`` judges),
-    with the square step's peak beside it (``square_peak_gib``)."""
+    with the square step's peak beside it (``square_peak_gib``); ``flops``: and the step's FLOPs
+    per sample (planning/flops.py; a fake-tensor run more)."""
     spec = step_spec(recipe, tier, arch)
     processes = SHARDED_PROCESSES if tier.shard_frozen else 1
     kw = dict(use_8bit_adam=tier.use_8bit_adam, name=name, budget_gb=tier.memory_gb, processes=processes)
@@ -312,4 +316,6 @@ def plan_tier(recipe: Recipe, name: str, tier: Tier, arch: str | None = None) ->
     if spec.size is not None:  # the square step at the resolution, beside the bucket's (the same step if square)
         square = p if spec.size == (spec.resolution,) * 2 else plan_step(replace(spec, size=None), **kw)
         p.square_peak_gib = square.peak_gib
+    if flops:
+        p.flops_per_sample = step_flops(spec)
     return p
