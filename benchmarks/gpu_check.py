@@ -354,7 +354,8 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         nargs="+",
         default=None,
-        help="measured gpu_check JSON files: their rows against today's predictions",
+        help=f"measured gpu_check JSON files: their rows against the predictions ({PLAN_FILE.name}'s where it has them, "
+        "else computed now), with TFLOP/s and MFU on the card that measured them",
     )
     ap.add_argument("--time-budget", type=float, default=400.0, help="seconds; configurations past it are skipped")
     return ap.parse_args()
@@ -498,7 +499,8 @@ def main() -> None:
 
     if args.compare:
         cfg = load_config(ROOT / "params.yaml")
-        compare(args.compare, lambda c: predict(c, cfg, True))
+        known = json.loads(PLAN_FILE.read_text()) if PLAN_FILE.is_file() else {}
+        compare(args.compare, lambda c: predictions_for([c], known, cfg, True)[key(c)])
         return
     if args.predict_only and args.dry_run:
         sys.exit("gpu_check: --predict-only writes the device configurations' predictions: not with --dry-run")

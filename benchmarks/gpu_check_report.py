@@ -27,7 +27,8 @@ def table(rows: list[dict], dry: bool) -> str:
         if "skipped" in r or "error" in r:
             lines.append(f"{lead} {r.get('skipped') or r.get('error')}")
             continue
-        cells = [r.get("micro_batch", 1), r["samples_per_s"], r.get("tflops"), r.get("mfu")]
+        mfu = None if r.get("mfu") is None else f"{r['mfu']:.1%}"
+        cells = [r.get("micro_batch", 1), r["samples_per_s"], r.get("tflops"), mfu]
         cells += [r.get("peak_allocated_gb"), r.get("peak_reserved_gb")]
         cells += [r["predicted_allocated_gib"], r.get("predicted_over_measured")]
         lines.append(
