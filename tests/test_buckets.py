@@ -185,6 +185,7 @@ def bucket_project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bucket_project")  # one worker builds the project once
 def test_a_folder_of_mixed_aspects_trains_end_to_end(bucket_project: Path):
     data = read_json(bucket_project / "data/source/report.json")
     assert data["skipped"] == {B.SKIP_ASPECT: 1, B.SKIP_SMALL: 1}
@@ -198,6 +199,7 @@ def test_a_folder_of_mixed_aspects_trains_end_to_end(bucket_project: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bucket_project")  # one worker builds the project once
 def test_sigkill_and_resume_with_buckets_is_bitwise_exact(bucket_project: Path, tmp_path: Path):
     assert_kill_and_resume_is_exact(bucket_project, tmp_path, "demo")
 
@@ -219,6 +221,7 @@ assert not [m for m in sys.modules if m.startswith("controlnet_recipe")]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bucket_project")  # one worker builds the project once
 def test_a_client_that_imports_nothing_of_ours_generates_at_a_bucket(bucket_project: Path, tmp_path: Path):
     cond = next(r for r in _rows(load_dataset_dir(bucket_project / "data/captions")) if r["bucket"] == "128x32")
     cond["conditioning_image"].save(tmp_path / "cond.png")

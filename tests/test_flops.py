@@ -28,6 +28,7 @@ def test_a_small_model_is_counted_as_by_hand():
     assert count_flops(step) == forward + backward
 
 
+@pytest.mark.slow  # three tiers' plans: about 20 s
 def test_plan_gives_flops_per_sample_per_tier():
     cfg = load_config()
     rows = [plan_tier(cfg.recipe, name, cfg.tiers[name], flops=True).as_dict() for name in ("cpu", "16gb", "80gb")]

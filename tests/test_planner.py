@@ -410,6 +410,7 @@ def test_a_non_square_step_takes_its_width_and_height_apart():
     assert peak[(64, 64)] < peak[(96, 64)] == peak[(64, 96)] < peak[(96, 96)]
 
 
+@pytest.mark.slow  # full-size fake models: about 6 s each
 @pytest.mark.parametrize("arch", ["sdxl-base", "flux1-dev", "sd35-medium"])
 def test_a_non_square_step_runs_through_each_familys_fake_models(arch: str):
     """Full-size SDXL, Flux (2x2-packed latents) and SD3 (patches) take a W x H step: latents of
