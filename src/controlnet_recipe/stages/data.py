@@ -94,7 +94,7 @@ def materialize(
         img, lm, attrs = make_face(item.seed, item.size)
         row = {"id": f"synthetic-{item.seed}", "image": img, "conditioning_image": None, "caption": None}
         row = {**row, "landmarks": [lm.tolist()], "attributes": json.dumps(attrs.to_dict()), "problem": None}
-        return finish_row(row, bucketing)
+        return (*finish_row(row, bucketing), None)
     if item.skip is not None:  # the source met something that is no sample (a symlink loop, a FIFO, ...)
         return None, item.skip, None
     if item.caption_encoding in (UNDECODABLE, UNREADABLE) and undecodable_captions == "skip":
@@ -110,20 +110,20 @@ def materialize(
         problem = problem or (None if c.image is not None else f"conditioning_{c.reason}")
     landmarks = [np.asarray(item.landmarks, dtype=np.float32).tolist()] if item.landmarks is not None else []
     row = {"id": item.id, "image": decoded.image, "conditioning_image": cond, "caption": item.caption}
-    row, reason, _ = finish_row({**row, "landmarks": landmarks, "attributes": "", "problem": problem}, bucketing)
+    row, reason = finish_row({**row, "landmarks": landmarks, "attributes": "", "problem": problem}, bucketing)
     return row, reason, decoded.converted if row is not None else None
 
 
-def finish_row(row: dict, bucketing: Bucketing | None) -> tuple[dict | None, str | None, None]:
+def finish_row(row: dict, bucketing: Bucketing | None) -> tuple[dict | None, str | None]:
     """The row with its images cropped to its bucket (with ``bucketing``) and PNG-encoded, or why it is skipped."""
     if bucketing is not None:
         fitted, reason = to_bucket(row["image"], row["conditioning_image"], row["landmarks"], bucketing)
         if fitted is None:
-            return None, reason, None
+            return None, reason
         img, cond, landmarks, bucket = fitted
         row = {**row, "image": img, "conditioning_image": cond, "landmarks": landmarks, "bucket": bucket}
     cond = row["conditioning_image"]
-    return {**row, "image": _png(row["image"]), "conditioning_image": _png(cond) if cond is not None else None}, None, None
+    return {**row, "image": _png(row["image"]), "conditioning_image": _png(cond) if cond is not None else None}, None
 
 
 def in_validation(sample_id: str, seed: int) -> bool:

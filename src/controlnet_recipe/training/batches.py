@@ -4,6 +4,7 @@ in an order fixed by the seed, that can start at any position (exact resume).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 
 import torch
@@ -86,7 +87,7 @@ class BucketedPairs(torch.utils.data.Dataset):
         return sum(self.sizes)
 
     def __getitems__(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        k = max(j for j, o in enumerate(self.offsets) if o <= idx[0])
+        k = bisect_right(self.offsets, idx[0]) - 1
         local = [i - self.offsets[k] for i in idx]
         if min(local) < 0 or max(local) >= self.sizes[k]:
             raise IndexError(f"a micro-batch across aspect buckets: {idx}")
